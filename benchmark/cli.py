@@ -1,0 +1,225 @@
+"""`cfbench` command line: run, list, data check, metrics, compare, plot."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from .errors import CfbenchError
+
+
+def _quiet_imports() -> None:
+    warnings.filterwarnings("ignore", message=".*QP solver.*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _run_overrides(args) -> dict:
+    over: dict = {}
+    if args.strategy:
+        over["strategies"] = [s for item in args.strategy for s in item.split(",") if s]
+    if args.tasks:
+        from tasks import parse_task_list
+
+        over["tasks"] = list(parse_task_list(args.tasks))
+    if args.sequence:
+        over["sequence"], over["tasks"] = args.sequence, None
+    if args.eval_only is not None:
+        from tasks import parse_task_list
+
+        over["eval_only"] = list(parse_task_list(args.eval_only)) if args.eval_only else []
+    model = {k: v for k, v in (("name", args.model), ("pretrained", args.pretrained),
+                               ("image_size", args.image_size)) if v is not None}
+    if model:
+        over["model"] = model
+    if args.epochs is not None:
+        over["train"] = {"epochs": args.epochs}
+    for key in ("data_root", "out", "device", "seed", "threads"):
+        if getattr(args, key) is not None:
+            over[key] = getattr(args, key)
+    return over
+
+
+def cmd_run(args) -> int:
+    from .config import apply_overrides, load_config
+    from .report import compare_runs
+    from .runner import resolve_tasks, run_strategy
+
+    if args.resume:
+        return _resume(Path(args.resume))
+    cfg = apply_overrides(load_config(args.config), _run_overrides(args))
+    import strategies
+
+    for combo in cfg["strategies"]:
+        strategies.resolve_params(combo, cfg["strategy_params"])
+    trained, _ = resolve_tasks(cfg)
+    label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
+    invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    run_dirs = []
+    for combo in cfg["strategies"]:
+        run_dir = invocation / f"{combo}-s{cfg['seed']}"
+        print(f"[{combo}] training on {' -> '.join(trained)}; run directory {run_dir}", file=sys.stderr)
+        start = time.time()
+        run_dirs.append(run_strategy(cfg, combo, run_dir))
+        print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
+    table = compare_runs(run_dirs, invocation)
+    print(table)
+    print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
+    return 0
+
+
+def _resume(run_dir: Path) -> int:
+    from .config import load_config
+    from .runner import CHECKPOINT, run_strategy
+
+    if not (run_dir / "config.yaml").is_file():
+        raise CfbenchError(f"{run_dir}: no config.yaml, not a cfbench run directory")
+    progress = run_dir / "progress.json"
+    if progress.is_file() and json.loads(progress.read_text()).get("finished"):
+        print(f"{run_dir}: already finished; nothing to resume")
+        return 0
+    if not (run_dir / CHECKPOINT).is_file():
+        raise CfbenchError(f"{run_dir}: no checkpoint yet (no task finished); start the run again instead")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    run_strategy(cfg, cfg["strategies"][0], run_dir, resume=True)
+    print(f"finished {run_dir}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    if args.what == "tasks":
+        from tasks import TASKS
+
+        for t in TASKS.values():
+            print(f"{t.name:<15} {t.num_classes:>4} classes  {t.source}; {t.description}; licence: {t.license}")
+    elif args.what == "sequences":
+        from tasks import SEQUENCES
+
+        for s in SEQUENCES.values():
+            print(f"{s.name:<12} trained: {', '.join(s.tasks)}; eval-only: {', '.join(s.eval_only) or '-'}")
+            print(f"{'':<12} {s.description}")
+    elif args.what == "strategies":
+        import strategies
+
+        for spec in strategies.STRATEGIES.values():
+            params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "no parameters"
+            print(f"{spec.name:<8} {spec.description}\n{'':<8} {params}")
+        print("combine with +, e.g. --strategy ldifs+ewc")
+    else:
+        from .models import OFFLINE_MODELS
+
+        for name, desc in OFFLINE_MODELS.items():
+            print(f"{name:<20} {desc}")
+        import open_clip
+
+        print("open_clip models (pretrained: a tag, which downloads, or a local checkpoint path):")
+        print("  " + ", ".join(open_clip.list_models()))
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    from tasks import TASKS, parse_task_list, task_available
+
+    names = parse_task_list(args.tasks) if args.tasks else tuple(TASKS)
+    bad = 0
+    for name in names:
+        ok, detail = task_available(name, args.data_root)
+        bad += not ok
+        print(f"{name:<15} {'found' if ok else 'MISSING':<8} {detail}")
+    return 1 if bad else 0
+
+
+def cmd_metrics(args) -> int:
+    from .metrics import compute_metrics, metrics_table
+    from .store import Matrix
+
+    metrics = compute_metrics(Matrix.load(args.matrix))
+    print(json.dumps(metrics) if args.json else metrics_table(metrics))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .report import compare_runs
+
+    dirs = [Path(d) for d in args.run_dirs]
+    out = Path(args.out) if args.out else dirs[0].parent
+    print(compare_runs(dirs, out))
+    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_run
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "matrices").is_dir():
+        raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
+    for path in plot_run(run_dir):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cfbench", description="Continual fine-tuning benchmark for foundation "
+                                "image models: how much does fine-tuning forget, and which strategy prevents it?")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="fine-tune over a task sequence with one or more strategies")
+    r.add_argument("config", nargs="?", help="YAML config (default: the offline demo)")
+    r.add_argument("--strategy", action="append", help="strategy or combination (ft, ldifs, ldifs+ewc); repeatable")
+    r.add_argument("--tasks", help="comma-separated trained tasks, in order")
+    r.add_argument("--sequence", help="a named sequence (cfbench list sequences)")
+    r.add_argument("--eval-only", help="comma-separated never-trained eval datasets ('' for none)")
+    r.add_argument("--model", help="efficientnet_lite0 or an open_clip model name")
+    r.add_argument("--pretrained", help="'package' (efficientnet_lite0), an open_clip tag, or a checkpoint path")
+    r.add_argument("--image-size", type=int, help="input resolution in pixels")
+    r.add_argument("--epochs", type=int, help="training epochs per task")
+    r.add_argument("--data-root", help="folder holding user-provided datasets")
+    r.add_argument("--out", help="output folder (default results/)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    r.add_argument("--seed", type=int)
+    r.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished task")
+    r.set_defaults(func=cmd_run)
+    ls = sub.add_parser("list", help="list tasks, sequences, strategies or models")
+    ls.add_argument("what", choices=("tasks", "sequences", "strategies", "models"))
+    ls.set_defaults(func=cmd_list)
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="which tasks are usable, with split sizes")
+    dc.add_argument("--data-root")
+    dc.add_argument("--tasks", help="comma-separated task names (default: all)")
+    dc.set_defaults(func=cmd_data_check)
+    m = sub.add_parser("metrics", help="forgetting metrics of an accuracy-matrix CSV")
+    m.add_argument("matrix")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+    m.set_defaults(func=cmd_metrics)
+    c = sub.add_parser("compare", help="compare finished runs: Markdown + CSV table and a bar chart")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", help="where to write comparison.* (default: the first run's parent)")
+    c.set_defaults(func=cmd_compare)
+    pl = sub.add_parser("plot", help="redraw a run's heatmaps from its CSVs")
+    pl.add_argument("run_dir")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    _quiet_imports()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CfbenchError as err:
+        print(f"cfbench: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cfbench: interrupted; finished tasks are checkpointed, continue with --resume RUN_DIR",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""The foundation-model interface every strategy and evaluator relies on."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+
+class FoundationModel(nn.Module):
+    """An image encoder taking uint8 (or [0, 1] float) images and returning pooled features.
+
+    Subclasses set `feature_dim`, `image_size`, `slice_layout` ("nchw" for CNNs, "nlc" for
+    transformers) and implement `encode_image` on normalized float input and `slice_modules`,
+    the modules whose outputs are LDIFS's feature slices.
+    """
+
+    feature_dim: int
+    image_size: int
+    slice_layout: str = "nchw"
+    has_text: bool = False
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], freeze_bn: bool = True):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.freeze_bn = freeze_bn
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float on the model's device; normalization happens here, not per sample."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(self.normalize(x))
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def slice_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "FoundationModel":
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self

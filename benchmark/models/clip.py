@@ -1,0 +1,61 @@
+"""open_clip CLIP image towers (ViT or ModifiedResNet) behind the FoundationModel interface."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from benchmark.errors import CfbenchError
+
+from .base import FoundationModel
+
+
+class CLIPModel(FoundationModel):
+    has_text = True
+
+    def __init__(self, clip: nn.Module, tokenizer=None, freeze_bn: bool = True):
+        visual = clip.visual
+        cfg = getattr(visual, "preprocess_cfg", {}) or {}
+        super().__init__(mean=cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
+                         std=cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), freeze_bn=freeze_bn)
+        self.clip = clip
+        self.tokenizer = tokenizer
+        size = getattr(visual, "image_size", 224)
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
+        self.feature_dim = int(getattr(visual, "output_dim"))
+        self.slice_layout = "nlc" if hasattr(visual, "transformer") else "nchw"
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(x)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(tokens)
+
+    def slice_modules(self) -> list[nn.Module]:
+        """ViT: ln_pre output and the residual stream after blocks D/4, D/2, 3D/4, D (LDIFS's
+        five slices, for any depth). ModifiedResNet: stem output and each of the four stages."""
+        visual = self.clip.visual
+        if hasattr(visual, "transformer"):
+            blocks = visual.transformer.resblocks
+            depth = len(blocks)
+            picks = sorted({max(1, round(depth * k / 4)) for k in (1, 2, 3, 4)})
+            return [visual.ln_pre, *(blocks[i - 1] for i in picks)]
+        return [visual.avgpool, visual.layer1, visual.layer2, visual.layer3, visual.layer4]
+
+
+def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True) -> CLIPModel:
+    import open_clip
+
+    if name not in open_clip.list_models():
+        raise CfbenchError(f"unknown open_clip model {name!r}; see `cfbench list models`")
+    if pretrained and not os.path.exists(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise CfbenchError(f"{name}: pretrained must be a local checkpoint path or one of {tags}")
+    try:
+        clip = open_clip.create_model(name, pretrained=pretrained or None)
+    except Exception as err:  # hub download failures surface as many exception types
+        raise CfbenchError(f"could not load {name} weights {pretrained!r}: {err}") from None
+    return CLIPModel(clip, open_clip.get_tokenizer(name), freeze_bn=freeze_bn)

@@ -1,0 +1,48 @@
+"""Encoder + one head per task, as an Avalanche MultiTaskModule."""
+from __future__ import annotations
+
+import torch
+from avalanche.models import MultiTaskModule
+from torch import nn
+
+from .models.base import FoundationModel
+from .probe import LinearProbe
+
+
+class StandardizedLinear(nn.Module):
+    """A linear head on standardized features; mean and scale are fixed buffers."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(in_features))
+        self.register_buffer("scale", torch.ones(in_features))
+        self.linear = nn.Linear(in_features, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear((features - self.mean) / self.scale)
+
+    @torch.no_grad()
+    def load_probe(self, probe: LinearProbe) -> None:
+        for dst, src in ((self.mean, probe.mean), (self.scale, probe.scale),
+                         (self.linear.weight, probe.weight), (self.linear.bias, probe.bias)):
+            dst.copy_(src)
+
+
+class MultiHeadClassifier(MultiTaskModule):
+    def __init__(self, encoder: FoundationModel):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict()
+
+    def ensure_head(self, task_label: int, num_classes: int) -> StandardizedLinear:
+        """The task's head, created zero-initialised if missing."""
+        key = str(task_label)
+        if key not in self.heads:
+            device = next(self.encoder.parameters()).device
+            self.heads[key] = StandardizedLinear(self.encoder.feature_dim, num_classes).to(device)
+        return self.heads[key]
+
+    def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
+        return self.heads[str(int(task_label))](self.encoder(x))

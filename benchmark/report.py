@@ -1,0 +1,75 @@
+"""Finishing a run (metrics.json, heatmaps) and comparing finished runs."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import CfbenchError
+from .metrics import compute_metrics
+from .plots import comparison_chart, plot_run
+from .store import Matrix, atomic_write_json, atomic_write_text
+
+COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
+                   ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
+                   ("lp", "delta_untrained", "ΔLP untrained"), ("lp", "delta_all", "ΔLP all"),
+                   ("head", "avg", "Head Avg"), ("head", "last", "Head Last")]
+CHART_COLUMNS = ("LP Avg", "LP Last", "LP Transfer", "ΔLP untrained")
+
+
+def run_metrics(run_dir: Path) -> dict:
+    """Metrics of every matrix, computed from the CSVs exactly as `cfbench metrics` would."""
+    out = {}
+    for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
+        out[csv_path.stem] = compute_metrics(Matrix.load(csv_path))
+    return out
+
+
+def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool) -> None:
+    for kind, matrix in matrices.items():
+        matrix.save(run_dir / "matrices" / f"{kind}.csv")
+    metrics = run_metrics(run_dir)
+    if not model_has_text:
+        metrics["notes"] = [f"no zero-shot (zs) matrix: {run_cfg['model']['name']} has no text tower"]
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    plot_run(run_dir)
+    atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:], "finished": True})
+
+
+def _finished_run(run_dir: Path) -> tuple[dict, dict]:
+    progress = run_dir / "progress.json"
+    if not (run_dir / "metrics.json").is_file() or not progress.is_file() or \
+            not json.loads(progress.read_text()).get("finished"):
+        raise CfbenchError(f"{run_dir}: not a finished run (no metrics.json or progress.json says unfinished)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return cfg, json.loads((run_dir / "metrics.json").read_text())
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path) -> str:
+    """Writes comparison.md, comparison.csv and comparison.png; returns the Markdown table."""
+    if not run_dirs:
+        raise CfbenchError("compare needs at least one run directory")
+    header = ["run", "strategy", *(label for _, _, label in COMPARE_COLUMNS)]
+    rows: list[list] = []
+    for run_dir in run_dirs:
+        cfg, metrics = _finished_run(run_dir)
+        values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
+        rows.append([run_dir.name, cfg["strategies"][0], *values])
+    fmt = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    table = "\n".join(md) + "\n"
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[("" if v is None else v) for v in row] for row in rows])
+    atomic_write_text(out_dir / "comparison.md", table)
+    atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
+    chart = {label: [row[2 + i] for row in rows] for i, (_, _, label) in enumerate(COMPARE_COLUMNS)
+             if label in CHART_COLUMNS}
+    comparison_chart([row[1] for row in rows], chart, out_dir / "comparison.png")
+    return table

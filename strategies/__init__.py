@@ -1,0 +1,82 @@
+"""Strategy registry. A strategy is a list of Avalanche plugins built from named parameters;
+`a+b` composes strategies. To add one: copy a module here, register it below, copy its test."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from benchmark.errors import CfbenchError
+
+from .ewc import EWC
+from .l2sp import L2SPPlugin
+from .ldifs import LDIFSPlugin, ldifs_distance
+from .lwf import LwF
+from .wise_ft import WiSEFTPlugin
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    name: str
+    description: str
+    build: Callable[..., list]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    needs_text: bool = False
+
+
+STRATEGIES: dict[str, StrategySpec] = {}
+
+
+def register_strategy(spec: StrategySpec) -> StrategySpec:
+    STRATEGIES[spec.name] = spec
+    return spec
+
+
+register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda: []))
+register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
+                               lambda **kw: [LDIFSPlugin(**kw)],
+                               {"alpha": 10.0, "reference": "previous", "normalize": "official"}))
+register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
+                               lambda **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
+register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
+                               lambda **kw: [EWC(**kw)], {"ewc_lambda": 100.0, "mode": "separate"}))
+register_strategy(StrategySpec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
+                               lambda **kw: [LwF(**kw)], {"alpha": 1.0, "temperature": 2.0}))
+register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
+                               lambda **kw: [WiSEFTPlugin(**kw)], {"beta": 0.5}))
+
+
+def parse_strategy(combo: str) -> list[StrategySpec]:
+    names = [n.strip().lower() for n in combo.split("+") if n.strip()]
+    if not names:
+        raise CfbenchError("empty strategy name")
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown:
+        raise CfbenchError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)} (combine with +)")
+    return [STRATEGIES[n] for n in names]
+
+
+def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
+    """Each component's defaults updated by the config's `strategy_params[name]`."""
+    resolved = {}
+    for spec in parse_strategy(combo):
+        given = dict(overrides.get(spec.name) or {})
+        unknown = set(given) - set(spec.defaults)
+        if unknown:
+            raise CfbenchError(f"strategy {spec.name}: unknown parameter(s) {sorted(unknown)}; "
+                               f"accepted: {sorted(spec.defaults) or 'none'}")
+        resolved[spec.name] = {**spec.defaults, **given}
+    return resolved
+
+
+def build_plugins(combo: str, params: dict[str, dict]) -> list:
+    plugins = []
+    for spec in parse_strategy(combo):
+        try:
+            plugins += spec.build(**params.get(spec.name, {}))
+        except (TypeError, ValueError) as err:
+            raise CfbenchError(f"strategy {spec.name}: {err}") from None
+    return plugins
+
+
+__all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
+           "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ldifs_distance"]

@@ -1,0 +1,130 @@
+"""A real run on a tiny real subset with the packaged pretrained encoder, through the CLI."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from benchmark.cli import main
+from benchmark.config import load_config
+from benchmark.metrics import compute_metrics
+from benchmark.runner import run_strategy
+from benchmark.store import Matrix
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One invocation with two strategies, shared by the tests below."""
+    out = tmp_path_factory.mktemp("runs")
+    cfg_path = out / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft", "ldifs"],
+        "model": {"image_size": 32},
+        "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
+        "eval": {"probe_max_per_class": 12, "test_max_per_class": 10},
+        "out": str(out), "threads": 2}))
+    assert main(["run", str(cfg_path)]) == 0
+    (invocation,) = [p for p in out.iterdir() if p.is_dir()]
+    return invocation
+
+
+def test_run_directory_layout_and_matrices(finished):
+    for strategy in ("ft", "ldifs"):
+        run = finished / f"{strategy}-s0"
+        for name in ("config.yaml", "matrices/lp.csv", "matrices/head.csv", "metrics.json", "log.txt",
+                     "heatmap_lp.png", "heatmap_head.png", "heatmap_delta_lp.png", "checkpoints/state.pt"):
+            assert (run / name).is_file(), name
+        lp = Matrix.load(run / "matrices/lp.csv")
+        assert lp.rows == ["pretrained", "digits", "faces"]
+        assert lp.columns == ["digits", "faces", "photo_patches"]
+        values = lp.array()
+        assert values.shape == (3, 3) and np.all((values >= 0) & (values <= 100))
+        head = Matrix.load(run / "matrices/head.csv").array()
+        # defined only once the task has been trained: lower triangle of the trained block
+        assert np.isnan(head[0]).all() and np.isnan(head[1, 1]) and np.isnan(head[:, 2]).all()
+        assert not np.isnan(head[1, 0]) and not np.isnan(head[2, :2]).any()
+        assert json.loads((run / "progress.json").read_text())["finished"] is True
+
+
+def test_pretrained_row_shared_between_strategies(finished):
+    a = Matrix.load(finished / "ft-s0/matrices/lp.csv").values[0]
+    b = Matrix.load(finished / "ldifs-s0/matrices/lp.csv").values[0]
+    assert a == b
+
+
+def test_metrics_json_round_trips_through_cli(finished, capsys):
+    run = finished / "ldifs-s0"
+    stored = json.loads((run / "metrics.json").read_text())
+    assert main(["metrics", str(run / "matrices/lp.csv"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == stored["lp"]
+    assert "no zero-shot" in stored["notes"][0]
+
+
+def test_heatmaps_are_real_pictures(finished):
+    for png in (finished / "ft-s0").glob("heatmap_*.png"):
+        img = np.asarray(Image.open(png).convert("L"), dtype=float)
+        assert img.shape[0] > 150 and img.shape[1] > 300
+        assert img.std() > 10  # not blank
+
+
+def test_compare_table_has_one_row_per_run(finished, tmp_path, capsys):
+    assert main(["compare", str(finished / "ft-s0"), str(finished / "ldifs-s0"), "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "comparison.md").read_text().strip().splitlines()
+    assert len(lines) == 4 and "| ft-s0 | ft |" in lines[2] and "| ldifs-s0 | ldifs |" in lines[3]
+    csv_rows = (tmp_path / "comparison.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 3
+    assert (tmp_path / "comparison.png").stat().st_size > 5000
+
+
+def test_resolved_config_reruns_as_is(finished):
+    cfg = load_config(str(finished / "ft-s0/config.yaml"))
+    assert cfg["strategies"] == ["ft"] and cfg["tasks"] == ["digits", "faces"]
+    assert cfg["strategy_params"] == {"ft": {}}
+
+
+def test_plot_redraws_from_csvs(finished, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished / "ft-s0" / "matrices", run / "matrices")
+    assert main(["plot", str(run)]) == 0
+    assert (run / "heatmap_lp.png").is_file() and (run / "heatmap_delta_lp.png").is_file()
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_cfg, tmp_path):
+    cfg = {**tiny_cfg, "strategies": ["ldifs"]}
+    full = run_strategy(cfg, "ldifs", tmp_path / "full")
+    part = run_strategy(cfg, "ldifs", tmp_path / "part", stop_after=1)
+    progress = json.loads((part / "progress.json").read_text())
+    assert progress == {"completed_tasks": ["digits"], "finished": False}
+    assert not (part / "metrics.json").exists()  # nothing that looks complete
+    assert main(["run", "--resume", str(part)]) == 0
+    for kind in ("lp", "head", "lp_ece"):
+        assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text()
+    assert json.loads((part / "metrics.json").read_text()) == json.loads((full / "metrics.json").read_text())
+
+
+def test_cli_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
+    cases = [["run", "--strategy", "nope"], ["run", str(tmp_path / "missing.yaml")],
+             ["run", "--tasks", "mnist5k,unknown"], ["run", "--resume", str(tmp_path)]]
+    for args in cases:
+        proc = subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("cfbench: error:"), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_list_commands(capsys):
+    for what in ("tasks", "sequences", "strategies"):
+        assert main(["list", what]) == 0
+    out = capsys.readouterr().out
+    assert "photo_patches" in out and "demo" in out and "ldifs" in out and "alpha=10.0" in out

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+
+from strategies.ldifs import capture_slices, ldifs_distance
+from tests.helpers import tiny_clip_rn, tiny_clip_vit
+
+
+def official_formula(cur, ref, axis_norm):
+    """Loop-level transcription: per sample, per slice, normalize along `axis_norm` of (L, C),
+    squared difference, mean over C then over L; mean over slices, then over the batch."""
+    n = cur[0].shape[0]
+    total = 0.0
+    for i in range(n):
+        per_slice = []
+        for c, r in zip(cur, ref):
+            a, b = c[i].double().numpy(), r[i].double().numpy()
+            a = a / (np.linalg.norm(a, axis=axis_norm, keepdims=True) + 1e-10)
+            b = b / (np.linalg.norm(b, axis=axis_norm, keepdims=True) + 1e-10)
+            per_slice.append(((a - b) ** 2).mean(axis=1).mean(axis=0))
+        total += np.mean(per_slice)
+    return total / n
+
+
+@pytest.mark.parametrize("normalize,axis", [("official", 0), ("channel", 1)])
+def test_ldifs_nlc_matches_loop_formula(normalize, axis):
+    g = torch.Generator().manual_seed(0)
+    cur = [torch.randn(3, 5, 7, generator=g) for _ in range(4)]
+    ref = [torch.randn(3, 5, 7, generator=g) for _ in range(4)]
+    got = ldifs_distance(cur, ref, "nlc", normalize).item()
+    assert got == pytest.approx(official_formula(cur, ref, axis), rel=1e-5)
+
+
+def test_ldifs_nchw_normalizes_channels_and_averages_c_h_w():
+    g = torch.Generator().manual_seed(1)
+    cur = [torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 6, 2, 2, generator=g)]
+    ref = [torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 6, 2, 2, generator=g)]
+    expected = 0.0
+    for i in range(2):
+        vals = []
+        for c, r in zip(cur, ref):
+            a, b = c[i].double().numpy(), r[i].double().numpy()
+            a = a / (np.linalg.norm(a, axis=0, keepdims=True) + 1e-10)
+            b = b / (np.linalg.norm(b, axis=0, keepdims=True) + 1e-10)
+            vals.append(((a - b) ** 2).mean())
+        expected += np.mean(vals) / 2
+    assert ldifs_distance(cur, ref, "nchw").item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_vit_slices_are_ln_pre_and_blocks_at_quarters():
+    model = tiny_clip_vit(layers=12).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), capture_slices(model.slice_modules()) as slices:
+        model.encode_image(x)
+        visual = model.clip.visual
+        ln_pre = visual._embeds(x)
+        out = visual.forward_intermediates(x, indices=[2, 5, 8, 11], output_fmt="NLC", output_extra_tokens=True,
+                                           intermediates_only=True)
+    blocks = [torch.cat([p, t], dim=1) for p, t in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+    assert len(slices) == 5 and model.slice_layout == "nlc"
+    for got, want in zip(slices, [ln_pre, *blocks]):
+        assert got.shape == (2, 17, 32)  # (N, L, C), batch first
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("layers,expected", [(12, 5), (24, 5), (2, 3)])
+def test_vit_slice_count_for_any_depth(layers, expected):
+    blocks = tiny_clip_vit(layers=layers).slice_modules()[1:]
+    assert len(blocks) == expected - 1
+
+
+def test_resnet_slices_are_stem_and_stages():
+    model = tiny_clip_rn().eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), capture_slices(model.slice_modules()) as slices:
+        model.encode_image(x)
+    assert model.slice_layout == "nchw" and len(slices) == 5
+    assert [s.ndim for s in slices] == [4] * 5
+    loss = ldifs_distance(slices, [s + 0.1 * torch.randn_like(s) for s in slices], "nchw")
+    assert loss.item() > 0

@@ -1,0 +1,124 @@
+"""Each plugin inside a stock avalanche.training.Naive on a two-experience tiny benchmark."""
+import copy
+
+import pytest
+import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+
+from benchmark.multihead import MultiHeadClassifier
+from strategies import L2SPPlugin, LDIFSPlugin, WiSEFTPlugin, build_plugins
+from strategies.ldifs import capture_slices, ldifs_distance
+from strategies.wise_ft import interpolate_state
+from tests.helpers import tiny_clip_vit
+
+
+def tiny_benchmark():
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for t in range(2):
+        x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+        y = torch.arange(12) % 3
+        sets.append(_make_taskaware_tensor_classification_dataset(x, y, task_labels=t, targets=y))
+    return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=sets)))
+
+
+class Recorder(SupervisedPlugin):
+    """Captures, for the first batch of the second experience, what an independent computation needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def before_backward(self, strategy, **kwargs):  # runs after the plugins listed before it
+        self.records.append({"x": strategy.mb_x.clone(), "loss": strategy.loss.detach().clone(),
+                             "ce": strategy._criterion(strategy.mb_output, strategy.mb_y).detach(),
+                             "state": copy.deepcopy(strategy.model.encoder.state_dict()),
+                             "exp": strategy.experience.current_experience})
+
+
+def train(plugins):
+    torch.manual_seed(0)
+    model = MultiHeadClassifier(tiny_clip_vit(layers=4))
+    for t in range(2):
+        model.ensure_head(t, 3)
+    recorder = Recorder()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1,
+                     plugins=[*plugins, recorder])
+    encoders = []
+    for exp in tiny_benchmark().train_stream:
+        encoders.append(copy.deepcopy(model.encoder.state_dict()))
+        strategy.train(exp, eval_streams=[])
+    return model, recorder.records, encoders
+
+
+def test_ldifs_contribution_equals_independent_computation():
+    plugin = LDIFSPlugin(alpha=10.0)
+    model, records, encoders = train([plugin])
+    rec = next(r for r in records if r["exp"] == 1)
+    reference = tiny_clip_vit(layers=4).eval()
+    reference.load_state_dict(encoders[1])  # "previous": the encoder before experience 1
+    current = tiny_clip_vit(layers=4)
+    current.load_state_dict(rec["state"])
+    with torch.no_grad(), capture_slices(reference.slice_modules()) as ref_slices:
+        reference(rec["x"])
+    with torch.no_grad(), capture_slices(current.slice_modules()) as cur_slices:
+        current(rec["x"])
+    expected = 10.0 * ldifs_distance(cur_slices, ref_slices, "nlc", "official")
+    assert (rec["loss"] - rec["ce"]).item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-7)
+    assert expected.item() > 0
+
+
+def test_l2sp_contribution_equals_weight_distance():
+    model, records, encoders = train([L2SPPlugin(alpha=0.5)])
+    rec = next(r for r in records if r["exp"] == 1)
+    expected = 0.5 * sum(((rec["state"][k] - encoders[1][k]) ** 2).sum()
+                         for k, _ in tiny_clip_vit(layers=4).named_parameters())
+    assert (rec["loss"] - rec["ce"]).item() == pytest.approx(expected.item(), rel=1e-4)
+    assert expected.item() > 0
+
+
+class Snapshot(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.after = []
+
+    def after_training_exp(self, strategy, **kwargs):  # listed before WiSE-FT: sees the raw trained weights
+        self.after.append(copy.deepcopy(strategy.model.state_dict()))
+
+
+def test_wise_ft_interpolation_is_exact():
+    snap = Snapshot()
+    torch.manual_seed(0)
+    model = MultiHeadClassifier(tiny_clip_vit(layers=2))
+    for t in range(2):
+        model.ensure_head(t, 3)
+    before = copy.deepcopy(model.state_dict())
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1,
+                     plugins=[snap, WiSEFTPlugin(beta=0.25)])
+    strategy.train(tiny_benchmark().train_stream[0], eval_streams=[])
+    final = model.state_dict()
+    changed = 0
+    for k, v in final.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.75 * before[k] + 0.25 * snap.after[0][k])
+            changed += int(not torch.equal(before[k], snap.after[0][k]))
+    assert changed > 0
+    assert interpolate_state({"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}, 0.25)["w"].item() == 1.0
+
+
+def test_plugins_compose_in_one_strategy():
+    plugins = build_plugins("ldifs+l2sp", {"ldifs": {"alpha": 1.0}, "l2sp": {"alpha": 0.1}})
+    model, records, _ = train(plugins)
+    assert isinstance(plugins[0], LDIFSPlugin) and isinstance(plugins[1], L2SPPlugin)
+    rec = next(r for r in records if r["exp"] == 1)
+    expected = 1.0 * plugins[0].last_penalty + 0.1 * plugins[1].last_penalty
+    # the recorder saw the last batch's sum; last_penalty is the last batch's too
+    last = records[-1]
+    assert (last["loss"] - last["ce"]).item() == pytest.approx(expected.item(), rel=1e-4)

@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from benchmark.probe import accuracy, expected_calibration_error, fit_probe
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_probe_matches_direct_sklearn_fit(num_classes):
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % num_classes
+    x = (rng.normal(size=(200, 16)) + y[:, None] * 0.3).astype(np.float32)
+    test = (rng.normal(size=(80, 16)) + (np.arange(80) % num_classes)[:, None] * 0.3).astype(np.float32)
+    probe = fit_probe(torch.from_numpy(x), torch.from_numpy(y), num_classes)
+    scaler = StandardScaler().fit(x.astype(np.float64))
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=0).fit(scaler.transform(x.astype(np.float64)), y)
+    expected = clf.predict_proba(scaler.transform(test.astype(np.float64)))
+    got = probe.logits(torch.from_numpy(test)).double().softmax(1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_probe_never_predicts_a_class_absent_from_its_fit():
+    x = torch.randn(40, 8)
+    y = torch.arange(40) % 3  # classes 0..2 of 5
+    probe = fit_probe(x, y, num_classes=5)
+    assert set(probe.logits(torch.randn(100, 8)).argmax(1).tolist()) <= {0, 1, 2}
+
+
+def test_ece_by_hand():
+    # confidences 0.9 (correct), 0.9 (wrong), 0.6 (correct): bins (0.8,0.867]? use 15 bins:
+    # 0.9 falls in (0.8667, 0.9333], 0.6 in (0.5333, 0.6]
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
+    labels = torch.tensor([0, 1, 1])
+    logits = probs.log()
+    expected = 100 * ((2 / 3) * abs(0.9 - 0.5) + (1 / 3) * abs(0.6 - 1.0))
+    assert expected_calibration_error(logits, labels) == pytest.approx(expected, abs=1e-6)
+    assert accuracy(logits, labels) == pytest.approx(200 / 3)

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from benchmark.errors import CfbenchError
+from tasks import get_task, load_split, resolve_sequence, task_available
+
+
+@pytest.mark.parametrize("name,n_classes", [("mnist5k", 10), ("digits", 10), ("photo_patches", 14), ("faces", 2)])
+def test_offline_tasks_load_real_data(name, n_classes):
+    train, val, test = (load_split(name, s, 32) for s in ("train", "val", "test"))
+    assert get_task(name).num_classes == n_classes
+    for split in (train, val, test):
+        assert split.x.dtype == torch.uint8 and split.x.shape[1:] == (3, 32, 32)
+        assert set(split.y.unique().tolist()) == set(range(n_classes))
+    # validation is 10 % of the source train split, disjoint from train
+    assert abs(len(val) - 0.1 * (len(train) + len(val))) <= 1
+    assert split.x.float().std() > 10  # real images, not constant
+
+
+def test_mnist5k_sizes_and_cap():
+    assert len(load_split("mnist5k", "test", 32)) == 1000
+    assert len(load_split("mnist5k", "train", 32)) + len(load_split("mnist5k", "val", 32)) == 4000
+    capped = load_split("mnist5k", "train", 32, max_per_class=7)
+    assert torch.equal(capped.y.bincount(), torch.full((10,), 7))
+
+
+def test_photo_patches_train_and_test_come_from_different_rows():
+    from tasks.offline import _load_photo_patches
+
+    raw = _load_photo_patches(None)
+    assert len(raw["train"].labels) == 14 * 80 and len(raw["test"].labels) == 14 * 40
+    # no test patch equals a train patch
+    train = {p.tobytes() for p in raw["train"].images}
+    assert not any(p.tobytes() in train for p in raw["test"].images)
+
+
+def test_unknown_task_and_missing_data_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(CfbenchError, match="unknown task 'nope'"):
+        get_task("nope")
+    import tasks.offline as offline
+
+    monkeypatch.setattr(offline, "FASHION_DIR", str(tmp_path / "absent"))
+    ok, why = task_available("fashion_mnist", str(tmp_path))
+    assert not ok and "fashion-mnist" in why and "t10k-images-idx3-ubyte.gz" in why
+
+
+def test_demo_sequence_falls_back_without_fashion(tmp_path, monkeypatch):
+    import tasks.offline as offline
+
+    monkeypatch.setattr(offline, "FASHION_DIR", str(tmp_path / "absent"))
+    assert resolve_sequence("demo", str(tmp_path)).tasks == ("mnist5k", "digits")
