@@ -15,7 +15,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_only": None,           # never-trained eval datasets; None = the sequence's own
     "strategies": ["ft", "ldifs"],
     "strategy_params": {},       # {strategy: {param: value}}, see `cfbench list strategies`
-    "model": {"name": "efficientnet_lite0", "pretrained": "package", "image_size": 64, "freeze_bn": True},
+    "model": {"name": "efficientnet_lite0", "pretrained": "package", "image_size": None,
+              "freeze_bn": True},  # image_size None: the model's default (efficientnet_lite0: 64)
     "train": {"optimizer": "adamw", "lr": 3.0e-4, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
               "max_train_per_class": 450, "head_init": "lp",
               "warmup_steps": 20},
@@ -75,11 +76,14 @@ def validate(cfg: dict) -> None:
         if value not in allowed:
             raise CfbenchError(f"config: {'.'.join(keys)} must be one of {allowed}, not {value!r}")
     positive = [("train", "lr"), ("train", "batch_size"), ("train", "epochs"), ("eval", "batch_size"),
-                ("eval", "probe_C"), ("model", "image_size")]
+                ("eval", "probe_C")]
     for section, key in positive:
         value = cfg[section][key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise CfbenchError(f"config: {section}.{key} must be a positive number, not {value!r}")
+    size = cfg["model"]["image_size"]
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 8):
+        raise CfbenchError(f"config: model.image_size must be an integer >= 8 or null, not {size!r}")
     if not isinstance(cfg["strategies"], list) or not cfg["strategies"]:
         raise CfbenchError("config: strategies must be a non-empty list")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):

@@ -16,7 +16,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from .store import Matrix, atomic_write_bytes  # noqa: E402
 
 TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
-          "lp_ece": "linear-probe calibration error (%)"}
+          "lp_ece": "linear-probe calibration error (%)", "zs_ece": "zero-shot calibration error (%)"}
 
 
 def _save(fig, path: Path) -> None:

@@ -24,7 +24,7 @@ import tasks as task_registry
 
 from .config import dump_config
 from .errors import CfbenchError
-from .evaluate import EvalDataset, RoundResult, evaluate_round
+from .evaluate import EvalDataset, RoundResult, evaluate_round, matrix_kinds
 from .models import create_model
 from .multihead import MultiHeadClassifier
 from .progress import ProgressPlugin
@@ -32,7 +32,6 @@ from .schedule import WarmupCosinePlugin
 from .report import finalize_run
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
 
-MATRIX_KINDS = ("lp", "head", "lp_ece")
 CHECKPOINT = "checkpoints/state.pt"
 log = logging.getLogger("cfbench")
 _PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
@@ -81,7 +80,7 @@ def _load_splits(cfg: dict, trained: tuple[str, ...], eval_names: tuple[str, ...
     size, root, seed = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"]
     train_splits = [task_registry.load_split(n, "train", size, root, cfg["train"]["max_train_per_class"], seed)
                     for n in trained]
-    eval_sets = [EvalDataset(n, task_registry.get_task(n).num_classes,
+    eval_sets = [EvalDataset(n, task_registry.get_task(n).classes, task_registry.get_task(n).templates,
                              task_registry.load_split(n, "train", size, root, cfg["eval"]["probe_max_per_class"], seed),
                              task_registry.load_split(n, "test", size, root, cfg["eval"]["test_max_per_class"], seed))
                  for n in eval_names]
@@ -115,9 +114,8 @@ def _pretrained_key(cfg: dict, eval_names) -> str:
 
 
 def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> None:
-    matrices["lp"].add_row(label, result.lp)
-    matrices["head"].add_row(label, result.head)
-    matrices["lp_ece"].add_row(label, result.lp_ece)
+    for kind, matrix in matrices.items():
+        matrix.add_row(label, result.cells[kind])
 
 
 def _save_checkpoint(run_dir: Path, model, plugins, matrices, probes, completed: int) -> None:
@@ -150,8 +148,14 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
     trained, eval_only = resolve_tasks(cfg)
     eval_names = trained + eval_only
     params = strategies.resolve_params(strategy, cfg["strategy_params"])
-    if any(s.needs_text for s in strategies.parse_strategy(strategy)) and cfg["model"]["name"] == "efficientnet_lite0":
-        raise CfbenchError(f"strategy {strategy} needs a text tower; efficientnet_lite0 has none")
+    device = select_device(cfg["device"])
+    threads = set_threads(cfg["threads"])
+    seed_everything(cfg["seed"])
+    encoder = create_model(cfg["model"]["name"], cfg["model"]["pretrained"], cfg["model"]["image_size"],
+                           cfg["model"]["freeze_bn"])
+    if any(s.needs_text for s in strategies.parse_strategy(strategy)) and not encoder.has_text:
+        raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg['model']['name']} has none")
+    cfg = {**cfg, "model": {**cfg["model"], "image_size": encoder.image_size}}
     run_cfg = {**cfg, "strategies": [strategy], "tasks": list(trained), "eval_only": list(eval_only),
                "strategy_params": params}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -159,13 +163,8 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
         atomic_write_text(run_dir / "config.yaml", dump_config(run_cfg))
     handler = _setup_logging(run_dir)
     try:
-        device = select_device(cfg["device"])
-        threads = set_threads(cfg["threads"])
         log.info("strategy %s, tasks %s, eval-only %s, device %s, %d threads", strategy, trained, eval_only,
                  device, threads)
-        seed_everything(cfg["seed"])
-        encoder = create_model(cfg["model"]["name"], cfg["model"]["pretrained"], cfg["model"]["image_size"],
-                               cfg["model"]["freeze_bn"])
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
         bench = _benchmark(train_splits)
@@ -175,7 +174,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
                       eval_mb_size=cfg["eval"]["batch_size"], device=device,
                       plugins=[*plugins, WarmupCosinePlugin(cfg["train"]["lr"], cfg["train"]["warmup_steps"]),
                                ProgressPlugin(trained)], evaluator=_silent_evaluator())
-        matrices = {k: Matrix(columns=list(eval_names)) for k in MATRIX_KINDS}
+        matrices = {k: Matrix(columns=list(eval_names)) for k in matrix_kinds(encoder.has_text)}
         start = 0
         if resume:
             state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
@@ -215,7 +214,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
             _add_rows(matrices, name, result)
             probes = result.probes
             _save_checkpoint(run_dir, model, plugins, matrices, probes, t + 1)
-            log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.lp.items()})
+            log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
         finalize_run(run_dir, matrices, run_cfg, model_has_text=encoder.has_text)
         return run_dir
     finally:

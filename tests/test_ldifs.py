@@ -52,7 +52,8 @@ def test_vit_slices_are_ln_pre_and_blocks_at_quarters():
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad(), capture_slices(model.slice_modules()) as slices:
         model.encode_image(x)
-        visual = model.clip.visual
+    visual = model.clip.visual
+    with torch.no_grad():
         ln_pre = visual._embeds(x)
         out = visual.forward_intermediates(x, indices=[2, 5, 8, 11], output_fmt="NLC", output_extra_tokens=True,
                                            intermediates_only=True)

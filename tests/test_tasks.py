@@ -25,14 +25,17 @@ def test_mnist5k_sizes_and_cap():
     assert torch.equal(capped.y.bincount(), torch.full((10,), 7))
 
 
-def test_photo_patches_train_and_test_come_from_different_rows():
-    from tasks.offline import _load_photo_patches
+def test_photo_patches_train_and_test_come_from_different_rows(monkeypatch):
+    import tasks.offline as offline
 
-    raw = _load_photo_patches(None)
+    raw = offline._load_photo_patches(None)
     assert len(raw["train"].labels) == 14 * 80 and len(raw["test"].labels) == 14 * 40
-    # no test patch equals a train patch
-    train = {p.tobytes() for p in raw["train"].images}
-    assert not any(p.tobytes() in train for p in raw["test"].images)
+    assert raw["train"].images.shape[1:] == (32, 32, 3)
+    # with an image whose pixels hold their row index, train rows < 60 % <= test rows
+    rows = np.repeat(np.arange(200, dtype=np.uint8)[:, None, None], 3, axis=2).repeat(150, axis=1)
+    monkeypatch.setattr(offline, "_photo", lambda name: rows)
+    fake = offline._load_photo_patches(None)
+    assert fake["train"].images.max() < 120 and fake["test"].images.min() >= 120
 
 
 def test_unknown_task_and_missing_data_are_clear(tmp_path, monkeypatch):
