@@ -56,6 +56,7 @@ def cmd_run(args) -> int:
 
     for combo in cfg["strategies"]:
         strategies.resolve_params(combo, cfg["strategy_params"])
+    _check_text_tower(cfg)
     trained, _ = resolve_tasks(cfg)
     label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
     invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
@@ -70,6 +71,19 @@ def cmd_run(args) -> int:
     print(table)
     print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
     return 0
+
+
+def _check_text_tower(cfg: dict) -> None:
+    """Fail before any training when a strategy needs a text tower the model lacks."""
+    import strategies
+
+    needy = [c for c in cfg["strategies"] if any(s.needs_text for s in strategies.parse_strategy(c))]
+    if needy:
+        from .models import create_model
+
+        m = cfg["model"]
+        if not create_model(m["name"], m["pretrained"], m["image_size"]).has_text:
+            raise CfbenchError(f"strategy {needy[0]} needs a text tower; {m['name']} has none")
 
 
 def _resume(run_dir: Path) -> int:

@@ -9,6 +9,9 @@ from .models.base import FoundationModel
 from .probe import LinearProbe
 
 
+PAD_LOGIT = -1e4
+
+
 class StandardizedLinear(nn.Module):
     """A linear head on standardized features; mean and scale are fixed buffers."""
 
@@ -43,6 +46,23 @@ class MultiHeadClassifier(MultiTaskModule):
             device = next(self.encoder.parameters()).device
             self.heads[key] = StandardizedLinear(self.encoder.feature_dim, num_classes).to(device)
         return self.heads[key]
+
+    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
+        """Unlike Avalanche's MultiTaskModule.forward, a single-task batch gets exactly its head's
+        classes (no zero-padding to the widest head, which would add fake classes to the loss)."""
+        if task_labels is None:
+            return self.forward_all_tasks(x)
+        if isinstance(task_labels, int):
+            return self.forward_single_task(x, task_labels)
+        tasks = torch.unique(task_labels)
+        if len(tasks) == 1:
+            return self.forward_single_task(x, int(tasks.item()))
+        outputs = {int(t): self.forward_single_task(x[task_labels == t], int(t)) for t in tasks}
+        width = max(o.shape[1] for o in outputs.values())
+        out = x.new_full((x.shape[0], width), PAD_LOGIT, dtype=torch.float32)
+        for t, o in outputs.items():  # padded classes get (numerically) zero probability
+            out[task_labels == t, : o.shape[1]] = o.float()
+        return out
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         return self.heads[str(int(task_label))](self.encoder(x))

@@ -88,7 +88,9 @@ def _load_splits(cfg: dict, trained: tuple[str, ...], eval_names: tuple[str, ...
 
 
 def _benchmark(train_splits):
-    datasets = [_make_taskaware_tensor_classification_dataset(s.x, s.y, task_labels=i, targets=s.y)
+    # (x, y, sample index, task): the index lets plugins cache per-sample work (LDIFS's reference)
+    datasets = [_make_taskaware_tensor_classification_dataset(s.x, s.y, torch.arange(len(s)), task_labels=i,
+                                                              targets=s.y)
                 for i, s in enumerate(train_splits)]
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=datasets)))
 
@@ -168,7 +170,8 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
         bench = _benchmark(train_splits)
-        plugins = strategies.build_plugins(strategy, params)
+        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg["data_root"],
+                                                             "image_size": encoder.image_size, "seed": cfg["seed"]})
         naive = Naive(model=model, optimizer=_optimizer(cfg, model), criterion=torch.nn.CrossEntropyLoss(),
                       train_mb_size=cfg["train"]["batch_size"], train_epochs=cfg["train"]["epochs"],
                       eval_mb_size=cfg["eval"]["batch_size"], device=device,

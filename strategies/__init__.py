@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from benchmark.errors import CfbenchError
 
@@ -12,10 +12,13 @@ from .l2sp import L2SPPlugin
 from .ldifs import LDIFSPlugin, ldifs_distance
 from .lwf import LwF
 from .wise_ft import WiSEFTPlugin
+from .zscl import ZSCLPlugin
 
 
 @dataclass(frozen=True)
 class StrategySpec:
+    """build(context, **params) -> plugins; context: {"data_root", "image_size", "seed"}."""
+
     name: str
     description: str
     build: Callable[..., list]
@@ -31,18 +34,36 @@ def register_strategy(spec: StrategySpec) -> StrategySpec:
     return spec
 
 
-register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda: []))
+register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda ctx: []))
 register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
-                               lambda **kw: [LDIFSPlugin(**kw)],
-                               {"alpha": 10.0, "reference": "previous", "normalize": "official"}))
+                               lambda ctx, **kw: [LDIFSPlugin(**kw)],
+                               {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
+                                "cache_budget_mb": 4096.0, "cache_dtype": "float32"}))
 register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
-                               lambda **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
+                               lambda ctx, **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
 register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
-                               lambda **kw: [EWC(**kw)], {"ewc_lambda": 100.0, "mode": "separate"}))
+                               lambda ctx, **kw: [EWC(**kw)], {"ewc_lambda": 100.0, "mode": "separate"}))
 register_strategy(StrategySpec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
-                               lambda **kw: [LwF(**kw)], {"alpha": 1.0, "temperature": 2.0}))
+                               lambda ctx, **kw: [LwF(**kw)], {"alpha": 1.0, "temperature": 2.0}))
 register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
-                               lambda **kw: [WiSEFTPlugin(**kw)], {"beta": 0.5}))
+                               lambda ctx, **kw: [WiSEFTPlugin(**kw)], {"beta": 0.5}))
+
+
+
+def _build_zscl(ctx: dict, reference_task: str, **kw) -> list:
+    """Reference images: the task's train split; reference texts: its class prompts."""
+    from tasks import get_task, load_split
+
+    task = get_task(reference_task)
+    images = load_split(reference_task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0)).x
+    texts = [template.format(c) for c in task.classes for template in task.templates[:1]]
+    return [ZSCLPlugin(reference_images=images, reference_texts=texts, seed=ctx.get("seed", 0), **kw)]
+
+
+register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set + weight ensembling (text tower)",
+                               _build_zscl, {"reference_task": "photo_patches", "temperature": 2.0, "weight": 1.0,
+                                             "text_loss": False, "avg_freq": 100, "ref_batch_size": 64,
+                                             "weight_ensemble": True}, needs_text=True))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:
@@ -68,15 +89,16 @@ def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
     return resolved
 
 
-def build_plugins(combo: str, params: dict[str, dict]) -> list:
+def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] = None) -> list:
     plugins = []
     for spec in parse_strategy(combo):
         try:
-            plugins += spec.build(**params.get(spec.name, {}))
+            plugins += spec.build(context or {}, **params.get(spec.name, {}))
         except (TypeError, ValueError) as err:
             raise CfbenchError(f"strategy {spec.name}: {err}") from None
     return plugins
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ldifs_distance"]
+           "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "ldifs_distance"]

@@ -15,7 +15,7 @@ def tiny_cfg(tmp_path):
 
     return apply_overrides(DEFAULTS, {
         "tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft"],
-        "model": {"image_size": 32},
+        "model": {"image_size": 64},
         "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
         "eval": {"probe_max_per_class": 12, "test_max_per_class": 10, "batch_size": 128},
         "out": str(tmp_path / "results"), "threads": 2,

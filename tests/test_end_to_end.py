@@ -24,7 +24,7 @@ def finished(tmp_path_factory):
     cfg_path = out / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft", "ldifs"],
-        "model": {"image_size": 32},
+        "model": {"image_size": 64},
         "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
         "eval": {"probe_max_per_class": 12, "test_max_per_class": 10},
         "out": str(out), "threads": 2}))
@@ -44,6 +44,7 @@ def test_run_directory_layout_and_matrices(finished):
         assert lp.columns == ["digits", "faces", "photo_patches"]
         values = lp.array()
         assert values.shape == (3, 3) and np.all((values >= 0) & (values <= 100))
+        assert values[0, 0] > 40  # the pretrained encoder really separates 10 digit classes
         head = Matrix.load(run / "matrices/head.csv").array()
         # defined only once the task has been trained: lower triangle of the trained block
         assert np.isnan(head[0]).all() and np.isnan(head[1, 1]) and np.isnan(head[:, 2]).all()
@@ -112,7 +113,8 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_cfg, tmp_path):
 
 def test_cli_bad_input_gives_one_line_and_nonzero_exit(tmp_path):
     cases = [["run", "--strategy", "nope"], ["run", str(tmp_path / "missing.yaml")],
-             ["run", "--tasks", "mnist5k,unknown"], ["run", "--resume", str(tmp_path)]]
+             ["run", "--tasks", "mnist5k,unknown"], ["run", "--resume", str(tmp_path)],
+             ["run", "--strategy", "zscl", "--out", str(tmp_path / "results")]]  # needs a text tower
     for args in cases:
         proc = subprocess.run([sys.executable, "-m", "benchmark", *args], capture_output=True, text=True,
                               timeout=120)

@@ -17,13 +17,14 @@ from strategies.wise_ft import interpolate_state
 from tests.helpers import tiny_clip_vit
 
 
-def tiny_benchmark():
+def tiny_benchmark(with_index=False):
     g = torch.Generator().manual_seed(0)
     sets = []
     for t in range(2):
         x = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
         y = torch.arange(12) % 3
-        sets.append(_make_taskaware_tensor_classification_dataset(x, y, task_labels=t, targets=y))
+        tensors = (x, y, torch.arange(12)) if with_index else (x, y)
+        sets.append(_make_taskaware_tensor_classification_dataset(*tensors, task_labels=t, targets=y))
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=sets)))
 
 
@@ -49,14 +50,14 @@ def model_with_heads(layers):
     return model
 
 
-def train(plugins):
+def train(plugins, with_index=False, epochs=1):
     model = model_with_heads(4)
     recorder = Recorder()
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1,
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=epochs,
                      plugins=[*plugins, recorder])
     encoders = []
-    for exp in tiny_benchmark().train_stream:
+    for exp in tiny_benchmark(with_index).train_stream:
         encoders.append(copy.deepcopy(model.encoder.state_dict()))
         strategy.train(exp, eval_streams=[])
     return model, recorder.records, encoders
@@ -124,3 +125,32 @@ def test_plugins_compose_in_one_strategy():
     # the recorder saw the last batch's sum; last_penalty is the last batch's too
     last = records[-1]
     assert (last["loss"] - last["ce"]).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [("float32", 1e-5, 1e-9), ("bfloat16", 2e-2, 1e-4)])
+def test_ldifs_reference_cache_gives_same_losses_without_frozen_forwards(dtype, rtol, atol):
+    cached = LDIFSPlugin(alpha=10.0, cache=True, cache_dtype=dtype)
+    _, with_cache, _ = train([cached], with_index=True, epochs=2)
+    plain = LDIFSPlugin(alpha=10.0, cache=False)
+    _, without, _ = train([plain], with_index=True, epochs=2)
+    assert cached.reference_forwards == 0 and plain.reference_forwards == len(without) == 8
+    for a, b in zip(with_cache, without):
+        assert (a["loss"] - a["ce"]).item() == pytest.approx((b["loss"] - b["ce"]).item(), rel=rtol, abs=atol)
+    assert (with_cache[-1]["loss"] - with_cache[-1]["ce"]).item() > 0
+
+
+def test_ldifs_cache_over_budget_falls_back_to_on_the_fly():
+    plugin = LDIFSPlugin(alpha=10.0, cache=True, cache_budget_mb=1e-6)
+    train([plugin], with_index=True)
+    assert plugin.reference_forwards == 4
+
+
+def test_multihead_forward_returns_each_heads_own_classes():
+    model = MultiHeadClassifier(tiny_clip_vit(layers=2)).eval()
+    model.ensure_head(0, 10)
+    torch.nn.init.normal_(model.ensure_head(1, 2).linear.weight)
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert model(x, torch.ones(4, dtype=torch.long)).shape == (4, 2)
+    mixed = model(x, torch.tensor([0, 1, 0, 1]))
+    assert mixed.shape == (4, 10)
+    assert torch.all(mixed[1, 2:] == -1e4) and torch.allclose(mixed[1, :2], model(x[1:2], 1)[0])

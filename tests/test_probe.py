@@ -37,3 +37,23 @@ def test_ece_by_hand():
     expected = 100 * ((2 / 3) * abs(0.9 - 0.5) + (1 / 3) * abs(0.6 - 1.0))
     assert expected_calibration_error(logits, labels) == pytest.approx(expected, abs=1e-6)
     assert accuracy(logits, labels) == pytest.approx(200 / 3)
+
+
+def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
+    from benchmark.evaluate import EvalDataset, evaluate_round, extract_features
+    from benchmark.models import create_model
+    from benchmark.multihead import MultiHeadClassifier
+    from tasks import load_split
+
+    train = load_split("digits", "train", 64, max_per_class=20, seed=3)
+    test = load_split("digits", "test", 64)
+    model = MultiHeadClassifier(create_model("efficientnet_lite0", "package", 64))
+    ds = EvalDataset("digits", [str(i) for i in range(10)], ("{}",), train, test)
+    result = evaluate_round(model, [ds], {}, seed=3)
+    f_train = extract_features(model.encoder, train.x).double().numpy()
+    f_test = extract_features(model.encoder, test.x).double().numpy()
+    scaler = StandardScaler().fit(f_train)
+    clf = LogisticRegression(C=1.0, max_iter=1000, random_state=3).fit(scaler.transform(f_train), train.y.numpy())
+    direct = 100.0 * (clf.predict(scaler.transform(f_test)) == test.y.numpy()).mean()
+    assert result.cells["lp"]["digits"] == pytest.approx(direct, abs=1e-9)
+    assert 50 < direct <= 100

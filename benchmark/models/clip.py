@@ -21,6 +21,10 @@ class CLIPModel(FoundationModel):
         super().__init__(mean=cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)),
                          std=cfg.get("std", (0.26862954, 0.26130258, 0.27577711)), freeze_bn=freeze_bn)
         self.clip = clip
+        if tokenizer is None:
+            import open_clip
+
+            tokenizer = open_clip.tokenize  # open_clip's default BPE tokenizer, context length 77
         self.tokenizer = tokenizer
         size = getattr(visual, "image_size", 224)
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)

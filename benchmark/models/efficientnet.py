@@ -43,7 +43,8 @@ class EfficientNetLite0(FoundationModel):
 
     def __init__(self, pretrained: Optional[str] = "package", image_size: int = 64, freeze_bn: bool = True):
         super().__init__(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), freeze_bn=freeze_bn)
-        net = timm.create_model("efficientnet_lite0", pretrained=False)
+        # no dropout on the pooled features: the encoder is a feature extractor under study
+        net = timm.create_model("efficientnet_lite0", pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
         if pretrained:
             load_packaged_state(net, packaged_weights_path() if pretrained == "package" else pretrained)
         for m in net.modules():  # the source port trained with TF's BatchNorm epsilon
