@@ -177,6 +177,15 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_perf(args) -> int:
+    from .perf import run_perf
+    from .runner import select_device, set_threads
+
+    set_threads(args.threads)
+    print(run_perf(args.model, args.repeats, select_device(args.device), args.samples, args.batch_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cfbench", description="Continual fine-tuning benchmark for foundation "
                                 "image models: how much does fine-tuning forget, and which strategy prevents it?")
@@ -218,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="redraw a run's heatmaps from its CSVs")
     pl.add_argument("run_dir")
     pl.set_defaults(func=cmd_plot)
+    pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md)")
+    pf.add_argument("--model", default="efficientnet_lite0",
+                    help="efficientnet_lite0 (packaged weights) or an open_clip name (random weights)")
+    pf.add_argument("--repeats", type=int, default=3, help="rounds of alternated variants (median)")
+    pf.add_argument("--samples", type=int, default=640, help="training samples per epoch")
+    pf.add_argument("--batch-size", type=int, default=64)
+    pf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pf.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    pf.set_defaults(func=cmd_perf)
     return p
 
 

@@ -60,10 +60,10 @@ def _decorate(ax, rows: Sequence[str], columns: Sequence[str], pretrained_first:
 def heatmap(matrix: Matrix, path: Path, title: str) -> None:
     values = matrix.array()
     fig, ax = _figure(matrix)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto",
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=plt.get_cmap("viridis").with_extremes(bad="0.92"),
+                      aspect="auto",
                       vmin=np.nanmin(values) if np.isfinite(values).any() else 0,
                       vmax=np.nanmax(values) if np.isfinite(values).any() else 100)
-    image.cmap.set_bad("0.92")
     _annotate(ax, values, image, ".1f")
     _decorate(ax, matrix.rows, matrix.columns, matrix.has_pretrained, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -77,9 +77,8 @@ def delta_heatmap(matrix: Matrix, path: Path, title: str) -> None:
     rows = matrix.rows[1:]
     limit = max(1.0, float(np.nanmax(np.abs(delta)))) if np.isfinite(delta).any() else 1.0
     fig, ax = _figure(Matrix(rows, matrix.columns, delta.tolist()))
-    image = ax.imshow(np.ma.masked_invalid(delta), cmap="RdBu", aspect="auto",
+    image = ax.imshow(np.ma.masked_invalid(delta), cmap=plt.get_cmap("RdBu").with_extremes(bad="0.92"), aspect="auto",
                       norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit))
-    image.cmap.set_bad("0.92")
     _annotate(ax, delta, image, "+.1f")
     _decorate(ax, rows, matrix.columns, False, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="points vs pretrained")

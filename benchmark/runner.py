@@ -208,7 +208,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
             seed_everything(cfg["seed"] * 1000 + t)  # per-task seeding makes --resume exact
             num_classes = task_registry.get_task(name).num_classes
             head = model.ensure_head(t, num_classes)
-            if cfg["train"]["head_init"] == "lp":
+            if strategies.head_init(strategy, cfg["train"]["head_init"]) == "lp":
                 head.load_probe(probes[name])
             naive.train(bench.train_stream[t], eval_streams=[], reset_optimizer_state=True)
             result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, device,

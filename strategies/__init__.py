@@ -24,6 +24,7 @@ class StrategySpec:
     build: Callable[..., list]
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_text: bool = False
+    head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
@@ -35,6 +36,8 @@ def register_strategy(spec: StrategySpec) -> StrategySpec:
 
 
 register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda ctx: []))
+register_strategy(StrategySpec("lpft", "LP-FT: head fitted on frozen-encoder features (LP-init), then FT",
+                               lambda ctx: [], head_init="lp"))
 register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
                                lambda ctx, **kw: [LDIFSPlugin(**kw)],
                                {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
@@ -89,6 +92,14 @@ def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
     return resolved
 
 
+def head_init(combo: str, default: str) -> str:
+    """The head initialisation a strategy (or combination) trains with."""
+    forced = {spec.head_init for spec in parse_strategy(combo) if spec.head_init}
+    if len(forced) > 1:
+        raise CfbenchError(f"{combo}: components force different head initialisations {sorted(forced)}")
+    return forced.pop() if forced else default
+
+
 def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] = None) -> list:
     plugins = []
     for spec in parse_strategy(combo):
@@ -100,5 +111,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] =
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

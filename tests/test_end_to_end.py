@@ -130,3 +130,14 @@ def test_list_commands(capsys):
         assert main(["list", what]) == 0
     out = capsys.readouterr().out
     assert "photo_patches" in out and "demo" in out and "ldifs" in out and "alpha=10.0" in out
+
+
+@pytest.mark.parametrize("strategy", ["lpft", "l2sp", "ewc", "lwf", "wise-ft", "ldifs+ewc"])
+def test_every_image_only_strategy_runs_on_the_offline_tasks(tiny_cfg, tmp_path, strategy):
+    cfg = {**tiny_cfg, "train": {**tiny_cfg["train"], "max_train_per_class": 8},
+           "eval": {**tiny_cfg["eval"], "probe_max_per_class": 6, "test_max_per_class": 5}}
+    run = run_strategy(cfg, strategy, tmp_path / strategy)
+    lp = Matrix.load(run / "matrices/lp.csv")
+    assert lp.rows == ["pretrained", "digits", "faces"]
+    assert np.all((lp.array() >= 0) & (lp.array() <= 100))
+    assert json.loads((run / "progress.json").read_text())["finished"]

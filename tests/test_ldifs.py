@@ -79,3 +79,38 @@ def test_resnet_slices_are_stem_and_stages():
     assert [s.ndim for s in slices] == [4] * 5
     loss = ldifs_distance(slices, [s + 0.1 * torch.randn_like(s) for s in slices], "nchw")
     assert loss.item() > 0
+
+
+def test_ldifs_on_tiny_resnet_against_explicit_stage_outputs():
+    """Slices of open_clip's ModifiedResNet: stem output and layer1..4, taken by hand."""
+    torch.manual_seed(0)
+    a, b = tiny_clip_rn().eval(), tiny_clip_rn().eval()
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(3, 3, 32, 32)
+
+    def by_hand(model):
+        v = model.clip.visual
+        h = v.stem(model.normalize(x))
+        outs = [h]
+        for layer in (v.layer1, v.layer2, v.layer3, v.layer4):
+            h = layer(h)
+            outs.append(h)
+        return outs
+
+    with torch.no_grad():
+        sa, sb = by_hand(a), by_hand(b)
+        with capture_slices(a.slice_modules()) as ha:
+            a(x)
+        with capture_slices(b.slice_modules()) as hb:
+            b(x)
+    expected = 0.0
+    for i in range(3):
+        vals = []
+        for u, w in zip(sb, sa):
+            un, wn = u[i] / (u[i].norm(dim=0, keepdim=True) + 1e-10), w[i] / (w[i].norm(dim=0, keepdim=True) + 1e-10)
+            vals.append(((un - wn) ** 2).mean().item())
+        expected += np.mean(vals) / 3
+    assert ldifs_distance(hb, ha, "nchw").item() == pytest.approx(expected, rel=1e-5)
+    assert expected > 0

@@ -154,3 +154,79 @@ def test_multihead_forward_returns_each_heads_own_classes():
     mixed = model(x, torch.tensor([0, 1, 0, 1]))
     assert mixed.shape == (4, 10)
     assert torch.all(mixed[1, 2:] == -1e4) and torch.allclose(mixed[1, :2], model(x[1:2], 1)[0])
+
+
+class StateAtExpEnd(SupervisedPlugin):
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.states.append(copy.deepcopy(strategy.model.state_dict()))
+
+
+def _train_with(plugins, snap):
+    model = model_with_heads(4)
+    recorder = Recorder()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1,
+                     plugins=[snap, *plugins, recorder])
+    bench = tiny_benchmark()
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+    return bench, recorder.records
+
+
+def test_ewc_contribution_equals_fisher_weighted_distance():
+    from strategies import EWC
+
+    snap = StateAtExpEnd()
+    bench, records = _train_with([EWC(ewc_lambda=3.0)], snap)
+    # independent Fisher diagonal: mean over the exp-0 batches (in order) of squared CE gradients
+    model = model_with_heads(4)
+    model.load_state_dict(snap.states[0])
+    model.train()
+    fisher = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    loader = torch.utils.data.DataLoader(bench.train_stream[0].dataset, batch_size=6)
+    for x, y, t in loader:
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x, t), y).backward()
+        for k, p in model.named_parameters():
+            if p.grad is not None:
+                fisher[k] += p.grad.detach() ** 2
+    rec = [r for r in records if r["exp"] == 1][-1]
+    current = {**{f"encoder.{k}": v for k, v in rec["state"].items()}}
+    expected = sum((fisher[k] / len(loader) * (current[k] - snap.states[0][k]) ** 2).sum()
+                   for k in fisher if k in current)
+    assert (rec["loss"] - rec["ce"]).item() == pytest.approx(3.0 * expected.item(), rel=1e-3)
+    assert expected.item() > 0
+
+
+def test_lwf_contribution_equals_distillation_of_previous_head():
+    from strategies import LwF
+
+    snap = StateAtExpEnd()
+
+    class FullState(Recorder):
+        def before_backward(self, strategy, **kwargs):
+            super().before_backward(strategy, **kwargs)
+            self.records[-1]["model"] = copy.deepcopy(strategy.model.state_dict())
+
+    model = model_with_heads(4)
+    recorder = FullState()
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1,
+                     plugins=[snap, LwF(alpha=2.0, temperature=2.0), recorder])
+    for exp in tiny_benchmark().train_stream:
+        strategy.train(exp, eval_streams=[])
+    rec = [r for r in recorder.records if r["exp"] == 1][-1]
+    prev, cur = model_with_heads(4), model_with_heads(4)
+    prev.load_state_dict(snap.states[0])
+    cur.load_state_dict(rec["model"])
+    prev.train(), cur.train()
+    with torch.no_grad():
+        p = torch.softmax(prev(rec["x"], 0) / 2.0, dim=1)
+        log_q = torch.log_softmax(cur(rec["x"], 0) / 2.0, dim=1)
+        kl = (p * (p.log() - log_q)).sum(dim=1).mean()
+    assert (rec["loss"] - rec["ce"]).item() == pytest.approx(2.0 * kl.item(), rel=1e-3)
+    assert kl.item() > 0

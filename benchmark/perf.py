@@ -1,0 +1,208 @@
+"""`cfbench perf`: speed of the suite against bare PyTorch, measured in one process with the
+variants alternated (machine drift cancels) and reported as median ratios."""
+from __future__ import annotations
+
+import copy
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import psutil
+import torch
+
+from tasks import TensorSplit
+
+from .evaluate import EvalDataset, evaluate_round
+from .multihead import MultiHeadClassifier
+from .runner import _benchmark, _silent_evaluator
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: list[float]
+    peak_mb: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+class PeakMemory:
+    """Peak resident memory above the start (CPU, sampled) or peak CUDA allocation."""
+
+    def __init__(self, device: str):
+        self.device, self.peak, self._stop = device, 0, threading.Event()
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.proc = psutil.Process()
+            self.base = self.proc.memory_info().rss
+            self.thread = threading.Thread(target=self._sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.proc.memory_info().rss - self.base)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self.thread.join()
+        self.mb = self.peak / 2**20
+
+
+def alternate(variants: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, Timing]:
+    """Run each variant once as warm-up, then `repeats` rounds of all variants in turn."""
+    results = {name: Timing(name, [], []) for name in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            with PeakMemory(device) as mem:
+                start = time.perf_counter()
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                results[name].seconds.append(time.perf_counter() - start)
+            results[name].peak_mb.append(mem.mb)
+    return results
+
+
+def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
+               autocast: bool = False) -> Callable[[], None]:
+    """The reference: a plain PyTorch loop over the same uint8 tensors, model and optimizer."""
+    def run():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        model.train()
+        order = torch.randperm(len(data))
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=autocast):
+                loss = torch.nn.functional.cross_entropy(model(x, 0), y)
+            loss.backward()
+            optimizer.step()
+    return run
+
+
+def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
+                plugins_factory: Callable[[], list]) -> Callable[[], None]:
+    """One epoch through Avalanche's Naive with the suite's plugins, as `cfbench run` trains."""
+    from avalanche.training import Naive
+
+    from .schedule import WarmupCosinePlugin
+
+    bench = _benchmark([data])
+
+    def run():
+        strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1),
+                         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=1,
+                         device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
+                         evaluator=_silent_evaluator())
+        strategy.train(bench.train_stream[0], eval_streams=[])
+    return run
+
+
+def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: int, device: str,
+                         ldifs_alpha: float = 10.0) -> dict[str, Timing]:
+    from strategies import LDIFSPlugin
+
+    model = MultiHeadClassifier(encoder).to(device)
+    model.ensure_head(0, int(data.y.max()) + 1)
+    snapshot = copy.deepcopy(model.state_dict())
+
+    def fresh(fn):  # every variant starts from the same weights
+        def run():
+            model.load_state_dict(snapshot)
+            fn()
+        return run
+
+    variants = {
+        "bare FT epoch": fresh(bare_epoch(model, data, batch_size, 1e-5, device)),
+        "suite FT epoch": fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [])),
+        "suite LDIFS epoch (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
+                                                       lambda: [LDIFSPlugin(ldifs_alpha, cache=True)])),
+        "suite LDIFS epoch (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
+                                                          lambda: [LDIFSPlugin(ldifs_alpha, cache=False)])),
+    }
+    return alternate(variants, repeats, device)
+
+
+def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: int, device: str,
+                          probe_cap: int = 100, test_cap: Optional[int] = None) -> dict[str, Timing]:
+    """A full evaluation round from the preprocessed uint8 tensors vs decoding the sources again."""
+    import tasks
+    from tasks import registry
+
+    model = MultiHeadClassifier(encoder).to(device)
+
+    def datasets():
+        return [EvalDataset(n, tasks.get_task(n).classes, tasks.get_task(n).templates,
+                            tasks.load_split(n, "train", image_size, max_per_class=probe_cap),
+                            tasks.load_split(n, "test", image_size, max_per_class=test_cap)) for n in names]
+
+    cached = datasets()
+
+    def from_cache():
+        evaluate_round(model, cached, {}, device, desc="eval (cache)")
+
+    def decoding():
+        registry._CACHE.clear()
+        registry._RAW.clear()
+        evaluate_round(model, datasets(), {}, device, desc="eval (decode)")
+
+    return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
+
+
+def report(title: str, timings: dict[str, Timing], baseline: str) -> list[str]:
+    base = timings[baseline].median
+    lines = [f"## {title}"]
+    for name, t in timings.items():
+        ratio = "" if name == baseline else f"  = {t.median / base:.2f} x {baseline}"
+        lines.append(f"{name:<32} median {t.median:8.3f} s  peak +{statistics.median(t.peak_mb):7.0f} MB{ratio}")
+    return lines
+
+
+def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_size: int) -> str:
+    """The comparisons of BENCHMARKS.md for one model; returns the printed report."""
+    import platform
+
+    import tasks
+
+    from .models import create_model
+
+    if model_name == "efficientnet_lite0":
+        encoder, size = create_model("efficientnet_lite0", "package", 64), 64
+    else:  # random weights: only the cost matters here, never the accuracy
+        import open_clip
+
+        from .models.clip import CLIPModel
+
+        encoder = CLIPModel(open_clip.create_model(model_name, pretrained=None))
+        size = encoder.image_size
+    data = tasks.load_split("mnist5k", "train", size, max_per_class=max(1, samples // 10))
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name() if device == "cuda" else None
+    lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples, batch {batch_size}, "
+             f"{repeats} repeats, device {device} ({gpu or cpu}), {torch.get_num_threads()} threads"]
+    train = training_comparisons(encoder.to(device), data, batch_size, repeats, device)
+    lines += report("training epoch", train, "suite FT epoch")
+    lines.append(f"suite FT epoch / bare FT epoch = "
+                 f"{train['suite FT epoch'].median / train['bare FT epoch'].median:.2f}")
+    if model_name == "efficientnet_lite0":
+        names = list(tasks.resolve_sequence("demo").tasks + tasks.resolve_sequence("demo").eval_only)
+        ev = evaluation_comparison(encoder, names, size, repeats, device, test_cap=300)
+        lines += report("evaluation round (" + ", ".join(names) + ")", ev, "eval round from cache")
+        lines.append(f"decoding / cache = {ev['eval round decoding'].median / ev['eval round from cache'].median:.2f}")
+    return "\n".join(lines)
