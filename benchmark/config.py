@@ -41,9 +41,11 @@ def _merge(base: dict, update: dict, path: str = "") -> dict:
         where = f"{path}{key}"
         if key not in base:
             raise CfbenchError(f"config: unknown key {where!r}; known: {', '.join(base)}")
-        if isinstance(base[key], dict) and key != "strategy_params":
-            if not isinstance(value, dict):
-                raise CfbenchError(f"config: {where!r} must be a mapping")
+        if isinstance(base[key], dict) and not isinstance(value, dict):
+            raise CfbenchError(f"config: {where!r} must be a mapping")
+        if key == "strategy_params":  # any strategy name; each one's parameters replace the default's
+            out[key] = {**base[key], **copy.deepcopy(value)}
+        elif isinstance(base[key], dict):
             out[key] = _merge(base[key], value, where + ".")
         else:
             out[key] = copy.deepcopy(value)

@@ -77,3 +77,19 @@ def test_clip_run_fills_zero_shot_matrices(tiny_checkpoint, tmp_path):
     assert np.all((zs.array() >= 0) & (zs.array() <= 100))
     assert (run / "matrices/zs_ece.csv").is_file() and (run / "heatmap_zs.png").is_file()
     assert "zs" in json.loads((run / "metrics.json").read_text())
+
+
+def test_zscl_runs_through_the_cli_on_a_tiny_clip(tiny_checkpoint, tmp_path):
+    import benchmark.config as config
+
+    path, _ = tiny_checkpoint
+    cfg_path = tmp_path / "zscl.yaml"
+    cfg_path.write_text(config.dump_config({
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path}, "tasks": ["digits", "faces"], "eval_only": [],
+        "strategies": ["zscl"], "out": str(tmp_path), "threads": 2,
+        "strategy_params": {"zscl": {"reference_task": "photo_patches", "ref_batch_size": 8, "avg_freq": 1}},
+        "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
+        "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}))
+    assert main(["run", str(cfg_path)]) == 0
+    (run,) = tmp_path.glob("*/zscl-s0")
+    assert Matrix.load(run / "matrices/zs.csv").rows == ["pretrained", "digits", "faces"]

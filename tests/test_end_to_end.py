@@ -84,9 +84,15 @@ def test_compare_table_has_one_row_per_run(finished, tmp_path, capsys):
 
 
 def test_resolved_config_reruns_as_is(finished):
-    cfg = load_config(str(finished / "ft-s0/config.yaml"))
-    assert cfg["strategies"] == ["ft"] and cfg["tasks"] == ["digits", "faces"]
-    assert cfg["strategy_params"] == {"ft": {}}
+    import strategies
+
+    for name in ("ft", "ldifs"):
+        written = yaml.safe_load((finished / f"{name}-s0/config.yaml").read_text())
+        cfg = load_config(str(finished / f"{name}-s0/config.yaml"))
+        assert cfg["strategies"] == [name] and cfg["tasks"] == ["digits", "faces"]
+        assert cfg["model"]["image_size"] == 64 and cfg["eval_only"] == ["photo_patches"]
+        assert strategies.resolve_params(name, cfg["strategy_params"]) == written["strategy_params"]
+    assert written["strategy_params"]["ldifs"]["alpha"] == 10000.0
 
 
 def test_plot_redraws_from_csvs(finished, tmp_path):

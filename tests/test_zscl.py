@@ -97,3 +97,24 @@ def test_zscl_refuses_image_only_models():
                      plugins=[ZSCLPlugin(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), TEXTS)])
     with pytest.raises(ValueError, match="text tower"):
         strategy.train(tiny_benchmark().train_stream[0], eval_streams=[])
+
+
+def test_zscl_text_side_term_on_transposed_logits():
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=5, text_loss=True, weight_ensemble=False)
+    _, initial, rows = _train(plugin)
+    teacher, student = tiny_clip_vit(4).eval(), tiny_clip_vit(4)
+    teacher.load_state_dict(initial)
+    row = rows[-1]
+    student.load_state_dict(row["state"])
+    with torch.no_grad():
+        tokens = teacher.tokenizer(TEXTS)
+        t_text = F.normalize(teacher.encode_text(tokens), dim=-1)
+        s_text = F.normalize(student.encode_text(tokens), dim=-1)
+        scale = teacher.clip.logit_scale.exp()
+        t_img = F.normalize(teacher(row["ref"]), dim=-1)
+        s_img = F.normalize(student(row["ref"]), dim=-1)
+        image_term = soft_cross_entropy(scale * s_img @ t_text.T, scale * t_img @ t_text.T, 2.0)
+        text_term = soft_cross_entropy(scale * s_text @ t_img.T, scale * t_text @ t_img.T, 2.0)
+    assert (row["loss"] - row["ce"]).item() == pytest.approx((image_term + text_term).item(), rel=1e-4)
+    assert text_term.item() > 0
