@@ -79,12 +79,12 @@ def alternate(variants: dict[str, Callable[[], None]], repeats: int, device: str
 
 
 def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
-               autocast: bool = False) -> Callable[[], None]:
+               epochs: int = 1, autocast: bool = False) -> Callable[[], None]:
     """The reference: a plain PyTorch loop over the same uint8 tensors, model and optimizer."""
     def run():
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
         model.train()
-        order = torch.randperm(len(data))
+        order = torch.cat([torch.randperm(len(data)) for _ in range(epochs)])
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             x, y = data.x[idx].to(device, non_blocking=True), data.y[idx].to(device, non_blocking=True)
@@ -97,7 +97,7 @@ def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, l
 
 
 def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
-                plugins_factory: Callable[[], list]) -> Callable[[], None]:
+                plugins_factory: Callable[[], list], epochs: int = 1) -> Callable[[], None]:
     """One epoch through Avalanche's Naive with the suite's plugins, as `cfbench run` trains."""
     from avalanche.training import Naive
 
@@ -107,7 +107,7 @@ def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, 
 
     def run():
         strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1),
-                         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=1,
+                         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=epochs,
                          device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
                          evaluator=_silent_evaluator())
         strategy.train(bench.train_stream[0], eval_streams=[])
@@ -115,7 +115,8 @@ def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, 
 
 
 def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: int, device: str,
-                         ldifs_alpha: float = 10.0) -> dict[str, Timing]:
+                         epochs: int = 3, ldifs_alpha: float = 10.0) -> dict[str, Timing]:
+    """One task of `epochs` epochs per variant (the LDIFS cache is built once per task)."""
     from strategies import LDIFSPlugin
 
     model = MultiHeadClassifier(encoder).to(device)
@@ -129,12 +130,12 @@ def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: i
         return run
 
     variants = {
-        "bare FT epoch": fresh(bare_epoch(model, data, batch_size, 1e-5, device)),
-        "suite FT epoch": fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [])),
-        "suite LDIFS epoch (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
-                                                       lambda: [LDIFSPlugin(ldifs_alpha, cache=True)])),
-        "suite LDIFS epoch (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
-                                                          lambda: [LDIFSPlugin(ldifs_alpha, cache=False)])),
+        "bare FT task": fresh(bare_epoch(model, data, batch_size, 1e-5, device, epochs)),
+        "suite FT task": fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [], epochs)),
+        "suite LDIFS task (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
+                                                      lambda: [LDIFSPlugin(ldifs_alpha, cache=True)], epochs)),
+        "suite LDIFS task (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
+                                                         lambda: [LDIFSPlugin(ldifs_alpha, cache=False)], epochs)),
     }
     return alternate(variants, repeats, device)
 
@@ -174,7 +175,8 @@ def report(title: str, timings: dict[str, Timing], baseline: str) -> list[str]:
     return lines
 
 
-def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_size: int) -> str:
+def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_size: int, epochs: int = 3,
+             evaluation: bool = True) -> str:
     """The comparisons of BENCHMARKS.md for one model; returns the printed report."""
     import platform
 
@@ -194,13 +196,12 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
     data = tasks.load_split("mnist5k", "train", size, max_per_class=max(1, samples // 10))
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
-    lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples, batch {batch_size}, "
+    lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples x {epochs} epochs, batch {batch_size}, "
              f"{repeats} repeats, device {device} ({gpu or cpu}), {torch.get_num_threads()} threads"]
-    train = training_comparisons(encoder.to(device), data, batch_size, repeats, device)
-    lines += report("training epoch", train, "suite FT epoch")
-    lines.append(f"suite FT epoch / bare FT epoch = "
-                 f"{train['suite FT epoch'].median / train['bare FT epoch'].median:.2f}")
-    if model_name == "efficientnet_lite0":
+    train = training_comparisons(encoder.to(device), data, batch_size, repeats, device, epochs)
+    lines += report(f"training one task ({epochs} epochs)", train, "suite FT task")
+    lines.append(f"suite FT / bare FT = {train['suite FT task'].median / train['bare FT task'].median:.2f}")
+    if evaluation and model_name == "efficientnet_lite0":
         names = list(tasks.resolve_sequence("demo").tasks + tasks.resolve_sequence("demo").eval_only)
         ev = evaluation_comparison(encoder, names, size, repeats, device, test_cap=300)
         lines += report("evaluation round (" + ", ".join(names) + ")", ev, "eval round from cache")
