@@ -110,9 +110,9 @@ def _silent_evaluator() -> EvaluationPlugin:
 
 
 def _pretrained_key(cfg: dict, eval_names) -> str:
+    """Everything the pretrained evaluation round depends on (strategies never do)."""
     keys = ("model", "eval", "data_root", "seed")
-    return json.dumps({"cfg": {k: cfg[k] for k in keys}, "eval": list(eval_names),
-                       "max_train": cfg["train"]["max_train_per_class"]}, sort_keys=True)
+    return json.dumps({"cfg": {k: cfg[k] for k in keys}, "eval": list(eval_names)}, sort_keys=True)
 
 
 def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> None:

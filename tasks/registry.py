@@ -1,7 +1,6 @@
 """Task registry and preprocessed split loading."""
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import numpy as np
@@ -15,7 +14,6 @@ from .offline import OFFLINE_TASKS, TaskUnavailable
 TASKS: dict[str, Task] = {}
 _CACHE: dict[tuple, TensorSplit] = {}
 _RAW: dict[tuple, dict] = {}
-_LOCK = threading.Lock()
 
 
 def register_task(task: Task) -> Task:
@@ -64,17 +62,15 @@ def load_split(name: str, split: str, image_size: int, data_root: Optional[str] 
     if split not in ("train", "val", "test"):
         raise CfbenchError(f"unknown split {split!r}; use train, val or test")
     key = (name, split, image_size, data_root, max_per_class, seed)
-    with _LOCK:
-        if key in _CACHE:
-            return _CACHE[key]
-        raw = _raw(get_task(name), data_root)
-        src = raw["test" if split == "test" else "train"]
-        idx = np.arange(len(src.labels))
-        if split != "test":
-            train_idx, val_idx = validation_split(src.labels, fraction=0.1, seed=0)
-            idx = train_idx if split == "train" else val_idx
-        idx = idx[cap_per_class(src.labels[idx], max_per_class, seed=seed)]
-        result = TensorSplit(to_model_tensor(src.images[idx], image_size),
-                             torch.from_numpy(src.labels[idx].astype(np.int64)))
-        _CACHE[key] = result
-        return result
+    if key in _CACHE:
+        return _CACHE[key]
+    raw = _raw(get_task(name), data_root)
+    src = raw["test" if split == "test" else "train"]
+    idx = np.arange(len(src.labels))
+    if split != "test":
+        train_idx, val_idx = validation_split(src.labels, fraction=0.1, seed=0)
+        idx = train_idx if split == "train" else val_idx
+    idx = idx[cap_per_class(src.labels[idx], max_per_class, seed=seed)]
+    _CACHE[key] = TensorSplit(to_model_tensor(src.images[idx], image_size),
+                              torch.from_numpy(src.labels[idx].astype(np.int64)))
+    return _CACHE[key]

@@ -27,13 +27,22 @@ SEQUENCES: dict[str, Sequence] = {
 }
 
 
+_NOTICES: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(message, file=sys.stderr)
+
+
 def resolve_sequence(name: str, data_root: Optional[str] = None) -> Sequence:
     if name not in SEQUENCES:
         raise CfbenchError(f"unknown sequence {name!r}; known sequences: {', '.join(sorted(SEQUENCES))}")
     seq = SEQUENCES[name]
     if name == "demo" and not fashion_mnist_present(data_root):
-        print("notice: Fashion-MNIST is not installed (Debian package dataset-fashion-mnist); "
-              "the demo runs the 'demo-small' sequence instead", file=sys.stderr)
+        _notice_once("notice: Fashion-MNIST is not installed (Debian package dataset-fashion-mnist); "
+                     "the demo runs the 'demo-small' sequence instead")
         seq = SEQUENCES["demo-small"]
     for task in seq.tasks + seq.eval_only:
         get_task(task)

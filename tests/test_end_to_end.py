@@ -1,9 +1,7 @@
 """A real run on a tiny real subset with the packaged pretrained encoder, through the CLI."""
 import json
-import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from PIL import Image
 
 from benchmark.cli import main
 from benchmark.config import load_config
-from benchmark.metrics import compute_metrics
 from benchmark.runner import run_strategy
 from benchmark.store import Matrix
 
