@@ -122,6 +122,11 @@ def cmd_list(args) -> int:
         for spec in strategies.STRATEGIES.values():
             params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "no parameters"
             print(f"{spec.name:<8} {spec.description}\n{'':<8} {params}")
+        from .config import DEFAULTS
+
+        for name, params in DEFAULTS["strategy_params"].items():
+            print(f"the default config (the offline demo) sets {name}: "
+                  + ", ".join(f"{k}={v}" for k, v in params.items()))
         print("combine with +, e.g. --strategy ldifs+ewc")
     else:
         from .models import OFFLINE_MODELS
@@ -250,6 +255,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except CfbenchError as err:
         print(f"cfbench: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("cfbench: interrupted; finished tasks are checkpointed, continue with --resume RUN_DIR",
               file=sys.stderr)

@@ -49,7 +49,10 @@ def task_available(name: str, data_root: Optional[str] = None) -> tuple[bool, st
         raw = _raw(get_task(name), data_root)
     except CfbenchError as err:
         return False, str(err)
-    return True, f"train {len(raw['train'].labels)}, test {len(raw['test'].labels)}"
+    n_source = len(raw["train"].labels)
+    n_val = len(validation_split(raw["train"].labels, fraction=0.1, seed=0)[1])
+    return True, (f"train {n_source - n_val}, val {n_val}, test {len(raw['test'].labels)}, "
+                  f"{get_task(name).num_classes} classes")
 
 
 def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
