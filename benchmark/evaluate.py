@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tasks import TensorSplit
 
 from .multihead import MultiHeadClassifier
-from .probe import LinearProbe, accuracy, expected_calibration_error, fit_probe
+from .probe import accuracy, expected_calibration_error, fit_probe
 
 IMAGE_KINDS = ("lp", "head", "lp_ece")
 TEXT_KINDS = ("zs", "zs_ece")
@@ -37,10 +37,9 @@ class EvalDataset:
 
 @dataclass
 class RoundResult:
-    """cells[kind][dataset] = value (None where undefined); probes for LP-init of the next head."""
+    """cells[kind][dataset] = value (None where undefined)."""
 
     cells: dict[str, dict[str, Optional[float]]] = field(default_factory=lambda: defaultdict(dict))
-    probes: dict[str, LinearProbe] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -79,9 +78,7 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
     for ds in tqdm(datasets, desc=desc, leave=False, unit="dataset"):
         train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
-        probe = fit_probe(train_f, ds.probe_train.y, ds.num_classes, C=lp_C, seed=seed)
-        result.probes[ds.name] = probe
-        logits = probe.logits(test_f)
+        logits = fit_probe(train_f, ds.probe_train.y, ds.num_classes, C=lp_C, seed=seed).logits(test_f)
         result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
         result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
         if encoder.has_text:
@@ -92,6 +89,6 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
         if ds.name in trained:
             head = model.heads[str(trained[ds.name])]
             with torch.no_grad():
-                head_logits = head(test_f.to(head.mean.device)).cpu()
+                head_logits = head(test_f.to(head.linear.weight.device)).cpu()
             result.cells["head"][ds.name] = accuracy(head_logits, ds.test.y)
     return result

@@ -3,34 +3,31 @@ from __future__ import annotations
 
 import torch
 from avalanche.models import MultiTaskModule
+import torch.nn.functional as F
 from torch import nn
 
 from .models.base import FoundationModel
-from .probe import LinearProbe
 
 
 PAD_LOGIT = -1e4
 
 
-class StandardizedLinear(nn.Module):
-    """A linear head on standardized features; mean and scale are fixed buffers."""
+class NormalizedLinear(nn.Module):
+    """A linear head on L2-normalized features (the official LDIFS code's ClassificationHead)."""
 
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(in_features))
-        self.register_buffer("scale", torch.ones(in_features))
         self.linear = nn.Linear(in_features, num_classes)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear((features - self.mean) / self.scale)
+        return self.linear(F.normalize(features, dim=-1))
 
     @torch.no_grad()
-    def load_probe(self, probe: LinearProbe) -> None:
-        for dst, src in ((self.mean, probe.mean), (self.scale, probe.scale),
-                         (self.linear.weight, probe.weight), (self.linear.bias, probe.bias)):
-            dst.copy_(src)
+    def load(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        self.linear.weight.copy_(weight)
+        self.linear.bias.copy_(bias)
 
 
 class MultiHeadClassifier(MultiTaskModule):
@@ -39,12 +36,12 @@ class MultiHeadClassifier(MultiTaskModule):
         self.encoder = encoder
         self.heads = nn.ModuleDict()
 
-    def ensure_head(self, task_label: int, num_classes: int) -> StandardizedLinear:
+    def ensure_head(self, task_label: int, num_classes: int) -> NormalizedLinear:
         """The task's head, created zero-initialised if missing."""
         key = str(task_label)
         if key not in self.heads:
             device = next(self.encoder.parameters()).device
-            self.heads[key] = StandardizedLinear(self.encoder.feature_dim, num_classes).to(device)
+            self.heads[key] = NormalizedLinear(self.encoder.feature_dim, num_classes).to(device)
         return self.heads[key]
 
     def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:

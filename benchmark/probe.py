@@ -43,6 +43,32 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, C:
     return LinearProbe(as_t(scaler.mean_), as_t(scaler.scale_), as_t(weight), as_t(bias))
 
 
+HEAD_CS = (1e-2, 1.0, 1e2, 1e4, 1e6)
+
+
+def fit_normalized_head(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                        num_classes: int, Cs=HEAD_CS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LP-init as the official LDIFS code: logistic regression on L2-normalized features, C chosen
+    on the validation split. Returns (weight, bias, C) for logits = W f/||f|| + b."""
+    def unit(f: torch.Tensor) -> np.ndarray:
+        return torch.nn.functional.normalize(f.double(), dim=1).numpy()
+
+    x, xv, y, yv = unit(train_f), unit(val_f), train_y.numpy(), val_y.numpy()
+    best = None
+    for C in Cs:
+        clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(x, y)
+        score = clf.score(xv, yv)
+        if best is None or score > best[0]:
+            best = (score, C, clf)
+    _, C, clf = best
+    coef, intercept = clf.coef_, clf.intercept_
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+    weight, bias = np.zeros((num_classes, x.shape[1])), np.full(num_classes, -1e4)
+    weight[clf.classes_], bias[clf.classes_] = coef, intercept
+    return torch.from_numpy(weight).float(), torch.from_numpy(bias).float(), C
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * (logits.argmax(dim=1) == labels).double().mean().item()

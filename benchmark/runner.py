@@ -24,9 +24,10 @@ import tasks as task_registry
 
 from .config import dump_config
 from .errors import CfbenchError
-from .evaluate import EvalDataset, RoundResult, evaluate_round, matrix_kinds
+from .evaluate import EvalDataset, RoundResult, evaluate_round, extract_features, matrix_kinds
 from .models import create_model
 from .multihead import MultiHeadClassifier
+from .probe import fit_normalized_head
 from .progress import ProgressPlugin
 from .schedule import WarmupCosinePlugin
 from .report import finalize_run
@@ -120,9 +121,21 @@ def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> N
         matrix.add_row(label, result.cells[kind])
 
 
-def _save_checkpoint(run_dir: Path, model, plugins, matrices, probes, completed: int) -> None:
+def _lp_init_head(model: MultiHeadClassifier, cfg: dict, task: int, name: str, device: str) -> None:
+    """Fit the task's head on the current encoder's features (train split, C chosen on val)."""
+    size, root, seed, cap = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"], cfg["eval"]["probe_max_per_class"]
+    train = task_registry.load_split(name, "train", size, root, cap, seed)
+    val = task_registry.load_split(name, "val", size, root, cap, seed)
+    batch = cfg["eval"]["batch_size"]
+    weight, bias, C = fit_normalized_head(extract_features(model.encoder, train.x, batch, device), train.y,
+                                          extract_features(model.encoder, val.x, batch, device), val.y,
+                                          task_registry.get_task(name).num_classes, seed=seed)
+    model.ensure_head(task, len(bias)).load(weight, bias)
+    log.info("LP-init head for %s: C=%g", name, C)
+
+
+def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) -> None:
     state = {"completed": completed, "model": model.state_dict(),
-             "probes": {k: vars(p) for k, p in probes.items()},
              "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
              "plugins": [{a: getattr(p, a) for a in getattr(p, "checkpoint_attrs", ())} for p in plugins]}
     buf = io.BytesIO()
@@ -145,8 +158,6 @@ def _setup_logging(run_dir: Path) -> logging.Handler:
 def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
                  stop_after: Optional[int] = None) -> Path:
     """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
-    from .probe import LinearProbe
-
     trained, eval_only = resolve_tasks(cfg)
     eval_names = trained + eval_only
     params = strategies.resolve_params(strategy, cfg["strategy_params"])
@@ -185,7 +196,6 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
             for t in range(start):
                 model.ensure_head(t, task_registry.get_task(trained[t]).num_classes)
             model.load_state_dict(state["model"])
-            probes = {k: LinearProbe(**p) for k, p in state["probes"].items()}
             for k, (rows, cols, values) in state["matrices"].items():
                 matrices[k] = Matrix(rows, cols, values)
             for plugin, attrs in zip(plugins, state["plugins"]):
@@ -200,23 +210,21 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
                                                          cfg["eval"]["probe_C"], cfg["seed"], desc="eval pretrained")
             first = _PRETRAINED_ROUNDS[key]
             _add_rows(matrices, PRETRAINED, first)
-            probes = first.probes
         for t in range(start, len(trained)):
             if stop_after is not None and t >= stop_after:
                 return run_dir
             name = trained[t]
             seed_everything(cfg["seed"] * 1000 + t)  # per-task seeding makes --resume exact
             num_classes = task_registry.get_task(name).num_classes
-            head = model.ensure_head(t, num_classes)
+            model.ensure_head(t, num_classes)
             if strategies.head_init(strategy, cfg["train"]["head_init"]) == "lp":
-                head.load_probe(probes[name])
+                _lp_init_head(model, cfg, t, name, device)
             naive.train(bench.train_stream[t], eval_streams=[], reset_optimizer_state=True)
             result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, device,
                                     cfg["eval"]["batch_size"], cfg["eval"]["probe_C"], cfg["seed"],
                                     desc=f"eval after {name}")
             _add_rows(matrices, name, result)
-            probes = result.probes
-            _save_checkpoint(run_dir, model, plugins, matrices, probes, t + 1)
+            _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
             log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
         finalize_run(run_dir, matrices, run_cfg, model_has_text=encoder.has_text)
         return run_dir

@@ -46,7 +46,7 @@ def model_with_heads(layers):
     torch.manual_seed(0)
     model = MultiHeadClassifier(tiny_clip_vit(layers=layers))
     for t in range(2):  # random heads, so that the encoder gets gradients from the first batch
-        torch.nn.init.normal_(model.ensure_head(t, 3).linear.weight)
+        torch.nn.init.normal_(model.ensure_head(t, 3).linear.weight, std=3.0)
     return model
 
 

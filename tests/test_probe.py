@@ -57,3 +57,27 @@ def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     direct = 100.0 * (clf.predict(scaler.transform(f_test)) == test.y.numpy()).mean()
     assert result.cells["lp"]["digits"] == pytest.approx(direct, abs=1e-9)
     assert 50 < direct <= 100
+
+
+def test_lp_init_head_is_logistic_regression_on_unit_features_with_c_chosen_on_val():
+    from benchmark.probe import fit_normalized_head
+
+    rng = np.random.default_rng(1)
+    y, yv = np.arange(120) % 3, np.arange(60) % 3
+    x = rng.normal(size=(120, 12)) + 2.0 * np.eye(3, 12)[y]
+    xv = rng.normal(size=(60, 12)) + 2.0 * np.eye(3, 12)[yv]
+    weight, bias, C = fit_normalized_head(torch.tensor(x), torch.tensor(y), torch.tensor(xv), torch.tensor(yv), 3,
+                                          Cs=(1e-3, 10.0))
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    scores = {c: LogisticRegression(C=c, max_iter=1000, random_state=0).fit(unit(x), y).score(unit(xv), yv)
+              for c in (1e-3, 10.0)}
+    assert C == max(scores, key=scores.get)
+    clf = LogisticRegression(C=C, max_iter=1000, random_state=0).fit(unit(x), y)
+    np.testing.assert_allclose(weight.numpy(), clf.coef_, rtol=1e-5, atol=1e-6)
+    # the head scores raw features by normalizing them itself
+    from benchmark.multihead import NormalizedLinear
+
+    head = NormalizedLinear(12, 3)
+    head.load(weight, bias)
+    got = head(torch.tensor(xv, dtype=torch.float32)).argmax(1).numpy()
+    assert (got == clf.predict(unit(xv))).mean() == 1.0
