@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "strategy_params": {"ldifs": {"alpha": 10000.0}},
     "model": {"name": "efficientnet_lite0", "pretrained": "package", "image_size": None,
               "freeze_bn": True},  # image_size None: the model's default (efficientnet_lite0: 64)
-    "train": {"optimizer": "adamw", "lr": 3.0e-4, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
+    "train": {"optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
               "max_train_per_class": 450, "head_init": "lp",
               "warmup_steps": 20},
     "eval": {"probe_max_per_class": 100, "test_max_per_class": None, "probe_C": 1.0, "batch_size": 256},
