@@ -31,16 +31,22 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, C:
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
     clf.fit(scaler.transform(x), y)
+    weight, bias = _softmax_parameters(clf, num_classes)
+    as_t = lambda a: torch.from_numpy(np.asarray(a)).float()  # noqa: E731
+    return LinearProbe(as_t(scaler.mean_), as_t(scaler.scale_), weight, bias)
+
+
+def _softmax_parameters(clf: LogisticRegression, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(num_classes, D) weights and biases of a fitted sklearn model as one softmax layer."""
     coef, intercept = clf.coef_, clf.intercept_
     if coef.shape[0] == 1:  # binary: sklearn returns one row; softmax over [0, z] is the same model
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.array([0.0, intercept[0]])
-    weight = np.zeros((num_classes, x.shape[1]))
+    weight = np.zeros((num_classes, coef.shape[1]))
     bias = np.full(num_classes, -1e4)  # a class absent from the fit is never predicted
     weight[clf.classes_] = coef
     bias[clf.classes_] = intercept
-    as_t = lambda a: torch.from_numpy(np.asarray(a)).float()  # noqa: E731
-    return LinearProbe(as_t(scaler.mean_), as_t(scaler.scale_), as_t(weight), as_t(bias))
+    return torch.from_numpy(weight).float(), torch.from_numpy(bias).float()
 
 
 HEAD_CS = (1e-2, 1.0, 1e2, 1e4, 1e6)
@@ -61,12 +67,7 @@ def fit_normalized_head(train_f: torch.Tensor, train_y: torch.Tensor, val_f: tor
         if best is None or score > best[0]:
             best = (score, C, clf)
     _, C, clf = best
-    coef, intercept = clf.coef_, clf.intercept_
-    if coef.shape[0] == 1:
-        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
-    weight, bias = np.zeros((num_classes, x.shape[1])), np.full(num_classes, -1e4)
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    return torch.from_numpy(weight).float(), torch.from_numpy(bias).float(), C
+    return (*_softmax_parameters(clf, num_classes), C)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
