@@ -77,7 +77,7 @@ def _check_text_tower(cfg: dict) -> None:
     """Fail before any training when a strategy needs a text tower the model lacks."""
     import strategies
 
-    needy = [c for c in cfg["strategies"] if any(s.needs_text for s in strategies.parse_strategy(c))]
+    needy = [c for c in cfg["strategies"] if strategies.needs_text(c)]
     if needy:
         from .models import create_model
 

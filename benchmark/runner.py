@@ -166,7 +166,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
     seed_everything(cfg["seed"])
     encoder = create_model(cfg["model"]["name"], cfg["model"]["pretrained"], cfg["model"]["image_size"],
                            cfg["model"]["freeze_bn"])
-    if any(s.needs_text for s in strategies.parse_strategy(strategy)) and not encoder.has_text:
+    if strategies.needs_text(strategy) and not encoder.has_text:
         raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg['model']['name']} has none")
     cfg = {**cfg, "model": {**cfg["model"], "image_size": encoder.image_size}}
     run_cfg = {**cfg, "strategies": [strategy], "tasks": list(trained), "eval_only": list(eval_only),

@@ -92,6 +92,11 @@ def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
     return resolved
 
 
+def needs_text(combo: str) -> bool:
+    """Whether any component of the strategy needs a model with a text tower."""
+    return any(spec.needs_text for spec in parse_strategy(combo))
+
+
 def head_init(combo: str, default: str) -> str:
     """The head initialisation a strategy (or combination) trains with."""
     forced = {spec.head_init for spec in parse_strategy(combo) if spec.head_init}
@@ -111,5 +116,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] =
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]
