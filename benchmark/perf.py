@@ -144,24 +144,33 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
                           probe_cap: int = 100, test_cap: Optional[int] = None) -> dict[str, Timing]:
     """A full evaluation round from the preprocessed uint8 tensors vs decoding the sources again."""
     import tasks
-    from tasks import registry
+    from tasks.cache import decode
+    from tasks.registry import split_indices
 
     model = MultiHeadClassifier(encoder).to(device)
 
-    def datasets():
-        return [EvalDataset(n, tasks.get_task(n).classes, tasks.get_task(n).templates,
-                            tasks.load_split(n, "train", image_size, max_per_class=probe_cap),
-                            tasks.load_split(n, "test", image_size, max_per_class=test_cap)) for n in names]
+    def split(name: str, which: str, cap: Optional[int], from_cache: bool) -> TensorSplit:
+        if from_cache:
+            return tasks.load_split(name, which, image_size, max_per_class=cap)
+        found = tasks.loaded_task(name)
+        source, idx = split_indices(found, which, cap)
+        src = found.splits[source]
+        return TensorSplit(torch.from_numpy(decode(src, idx, image_size)), torch.from_numpy(src.labels[idx]))
 
-    cached = datasets()
+    def eval_round(from_cache: bool) -> None:
+        tasks.clear_memory()  # each round re-reads: the cache's memory maps, or the sources themselves
+        sets = [EvalDataset(n, tasks.task_classes(n), tasks.get_task(n).templates,
+                            split(n, "train", probe_cap, from_cache), split(n, "test", test_cap, from_cache))
+                for n in names]
+        evaluate_round(model, sets, {}, device, desc="eval")
+
+    eval_round(True)  # builds the cache once, outside the timings
 
     def from_cache():
-        evaluate_round(model, cached, {}, device, desc="eval (cache)")
+        eval_round(True)
 
     def decoding():
-        registry._CACHE.clear()
-        registry._RAW.clear()
-        evaluate_round(model, datasets(), {}, device, desc="eval (decode)")
+        eval_round(False)
 
     return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
 

@@ -79,11 +79,14 @@ def seed_everything(seed: int) -> None:
 
 def _load_splits(cfg: dict, trained: tuple[str, ...], eval_names: tuple[str, ...]):
     size, root, seed = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"]
-    train_splits = [task_registry.load_split(n, "train", size, root, cfg["train"]["max_train_per_class"], seed)
+    cache = cfg["cache_dir"]
+    train_splits = [task_registry.load_split(n, "train", size, root, cfg["train"]["max_train_per_class"], seed, cache)
                     for n in trained]
-    eval_sets = [EvalDataset(n, task_registry.get_task(n).classes, task_registry.get_task(n).templates,
-                             task_registry.load_split(n, "train", size, root, cfg["eval"]["probe_max_per_class"], seed),
-                             task_registry.load_split(n, "test", size, root, cfg["eval"]["test_max_per_class"], seed))
+    eval_sets = [EvalDataset(n, task_registry.task_classes(n, root), task_registry.get_task(n).templates,
+                             task_registry.load_split(n, "train", size, root, cfg["eval"]["probe_max_per_class"], seed,
+                                                      cache),
+                             task_registry.load_split(n, "test", size, root, cfg["eval"]["test_max_per_class"], seed,
+                                                      cache))
                  for n in eval_names]
     return train_splits, eval_sets
 
@@ -124,8 +127,8 @@ def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> N
 def _lp_init_head(model: MultiHeadClassifier, cfg: dict, task: int, name: str, device: str) -> None:
     """Fit the task's head on the current encoder's features (train split, C chosen on val)."""
     size, root, seed, cap = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"], cfg["eval"]["probe_max_per_class"]
-    train = task_registry.load_split(name, "train", size, root, cap, seed)
-    val = task_registry.load_split(name, "val", size, root, cap, seed)
+    train = task_registry.load_split(name, "train", size, root, cap, seed, cfg["cache_dir"])
+    val = task_registry.load_split(name, "val", size, root, cap, seed, cfg["cache_dir"])
     batch = cfg["eval"]["batch_size"]
     weight, bias, C = fit_normalized_head(extract_features(model.encoder, train.x, batch, device), train.y,
                                           extract_features(model.encoder, val.x, batch, device), val.y,
@@ -181,7 +184,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
         bench = _benchmark(train_splits)
-        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg["data_root"],
+        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg["data_root"], "cache_dir": cfg["cache_dir"],
                                                              "image_size": encoder.image_size, "seed": cfg["seed"]})
         naive = Naive(model=model, optimizer=_optimizer(cfg, model), criterion=torch.nn.CrossEntropyLoss(),
                       train_mb_size=cfg["train"]["batch_size"], train_epochs=cfg["train"]["epochs"],

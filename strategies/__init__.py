@@ -55,11 +55,12 @@ register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: 
 
 def _build_zscl(ctx: dict, reference_task: str, **kw) -> list:
     """Reference images: the task's train split; reference texts: its class prompts."""
-    from tasks import get_task, load_split
+    from tasks import get_task, load_split, task_classes
 
-    task = get_task(reference_task)
-    images = load_split(reference_task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0)).x
-    texts = [template.format(c) for c in task.classes for template in task.templates[:1]]
+    images = load_split(reference_task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
+                        cache_dir=ctx.get("cache_dir")).x
+    template = get_task(reference_task).templates[0]
+    texts = [template.format(c) for c in task_classes(reference_task, ctx.get("data_root"))]
     return [ZSCLPlugin(reference_images=images, reference_texts=texts, seed=ctx.get("seed", 0), **kw)]
 
 

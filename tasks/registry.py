@@ -1,6 +1,8 @@
-"""Task registry and preprocessed split loading."""
+"""Task registry, availability checks and preprocessed split loading."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -8,22 +10,28 @@ import torch
 
 from benchmark.errors import CfbenchError
 
-from .base import Task, TensorSplit, cap_per_class, to_model_tensor, validation_split
-from .offline import OFFLINE_TASKS, TaskUnavailable
+from .base import CorruptImage, LoadedTask, Task, TaskIncomplete, TaskUnavailable, TensorSplit, cap_per_class, validation_split
+from .cache import cached_images
+from .offline import OFFLINE_TASKS
+from .vision import ANCHORS, MTIL_TASKS, PAPER_TASKS
 
+DATA_ENV_VAR = "CFBENCH_DATA"
 TASKS: dict[str, Task] = {}
-_CACHE: dict[tuple, TensorSplit] = {}
-_RAW: dict[tuple, dict] = {}
+_LOADED: dict[tuple, LoadedTask] = {}
+_SPLITS: dict[tuple, TensorSplit] = {}
 
 
-def register_task(task: Task) -> Task:
+def register_task(task: Task, anchors: tuple[str, ...] = ()) -> Task:
+    """Add a task; `anchors` are paths under the data root whose presence marks the task as there."""
     if task.name in TASKS:
         raise ValueError(f"task {task.name!r} registered twice")
     TASKS[task.name] = task
+    if anchors:
+        ANCHORS[task.name] = anchors
     return task
 
 
-for _task in OFFLINE_TASKS:
+for _task in PAPER_TASKS + MTIL_TASKS + OFFLINE_TASKS:
     register_task(_task)
 
 
@@ -34,46 +42,102 @@ def get_task(name: str) -> Task:
         raise CfbenchError(f"unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
-def _raw(task: Task, data_root: Optional[str]) -> dict:
-    key = (task.name, data_root)
-    if key not in _RAW:
-        try:
-            _RAW[key] = task.loader(data_root)
-        except TaskUnavailable as err:
-            raise CfbenchError(str(err)) from None
-    return _RAW[key]
+class DataUnavailable(CfbenchError):
+    """A task's data is missing or incomplete: one line naming the task, the path and the layout."""
+
+    def __init__(self, task: str, status: str, detail: str):
+        super().__init__(f"{task}: {status}: {detail}")
+        self.status, self.detail = status, detail
 
 
-def task_available(name: str, data_root: Optional[str] = None) -> tuple[bool, str]:
+def resolve_data_root(given: Optional[str] = None) -> Path:
+    """--data-root, else $CFBENCH_DATA, else ~/data."""
+    return Path(given or os.environ.get(DATA_ENV_VAR) or Path.home() / "data").expanduser()
+
+
+def _missing_anchors(task: Task, root: Path) -> list[str]:
+    return [a for a in ANCHORS.get(task.name, ()) if not (root / a).exists()]
+
+
+def _expected(task: Task, root: Path) -> str:
+    return f"expected layout: {task.layout}"
+
+
+def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
+    """The task's class names and source splits (listing only: no image is decoded here)."""
+    task, root = get_task(name), resolve_data_root(given_root)
+    key = (name, str(root))
+    if key in _LOADED:
+        return _LOADED[key]
+    missing = _missing_anchors(task, root)
+    if missing and len(missing) == len(ANCHORS[name]):
+        raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task, root)}")
+    if missing:
+        raise DataUnavailable(name, "incomplete", f"missing {', '.join(str(root / m) for m in missing)}; "
+                              + _expected(task, root))
     try:
-        raw = _raw(get_task(name), data_root)
-    except CfbenchError as err:
-        return False, str(err)
-    n_source = len(raw["train"].labels)
-    n_val = len(validation_split(raw["train"].labels, fraction=0.1, seed=0)[1])
-    return True, (f"train {n_source - n_val}, val {n_val}, test {len(raw['test'].labels)}, "
-                  f"{get_task(name).num_classes} classes")
+        found = task.loader(root)
+    except TaskIncomplete as err:
+        raise DataUnavailable(name, "incomplete", f"{err}; " + _expected(task, root)) from None
+    except TaskUnavailable as err:
+        raise DataUnavailable(name, "missing", str(err)) from None
+    if len(found.classes) != task.num_classes:
+        raise DataUnavailable(name, "incomplete", f"{len(found.classes)} class names for {task.num_classes} classes")
+    _LOADED[key] = found
+    return found
 
 
-def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
-               max_per_class: Optional[int] = None, seed: int = 0) -> TensorSplit:
-    """A split as uint8 (N, 3, S, S) tensors, decoded and resized once per process.
+def task_classes(name: str, given_root: Optional[str] = None) -> tuple[str, ...]:
+    return loaded_task(name, given_root).classes
 
-    split: "train" (source train minus the seeded 10 % validation split), "val", or "test".
+
+def split_indices(found: LoadedTask, split: str, max_per_class: Optional[int] = None,
+                  seed: int = 0) -> tuple[str, np.ndarray]:
+    """(source split, indices) of "train", "val" or "test" under the task's split convention.
+
+    Without a source "val" split, validation is the official LDIFS code's hold-out from train.
     max_per_class caps the split per class with a seeded choice (quick runs, linear probes).
     """
     if split not in ("train", "val", "test"):
         raise CfbenchError(f"unknown split {split!r}; use train, val or test")
-    key = (name, split, image_size, data_root, max_per_class, seed)
-    if key in _CACHE:
-        return _CACHE[key]
-    raw = _raw(get_task(name), data_root)
-    src = raw["test" if split == "test" else "train"]
-    idx = np.arange(len(src.labels))
-    if split != "test":
-        train_idx, val_idx = validation_split(src.labels, fraction=0.1, seed=0)
-        idx = train_idx if split == "train" else val_idx
-    idx = idx[cap_per_class(src.labels[idx], max_per_class, seed=seed)]
-    _CACHE[key] = TensorSplit(to_model_tensor(src.images[idx], image_size),
-                              torch.from_numpy(src.labels[idx].astype(np.int64)))
-    return _CACHE[key]
+    if split == "test" or "val" in found.splits:
+        source = split
+        idx = np.arange(len(found.splits[source]))
+    else:
+        source = "train"
+        train, val = validation_split(len(found.splits["train"]))
+        idx = train if split == "train" else val
+    labels = found.splits[source].labels
+    return source, idx[cap_per_class(labels[idx], max_per_class, seed=seed)]
+
+
+def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
+               max_per_class: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> TensorSplit:
+    """A split as uint8 (N, 3, S, S) tensors, from the on-disk preprocessed cache (built on first use)."""
+    key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir)
+    if key in _SPLITS:
+        return _SPLITS[key]
+    found = loaded_task(name, data_root)
+    source_name, idx = split_indices(found, split, max_per_class, seed)
+    source = found.splits[source_name]
+    try:
+        x = cached_images(name, source_name, source, idx, image_size, cache_dir)
+    except CorruptImage as err:
+        raise CfbenchError(f"{name}: {err}") from None
+    _SPLITS[key] = TensorSplit(x, torch.from_numpy(source.labels[idx].copy()))
+    return _SPLITS[key]
+
+
+def task_status(name: str, given_root: Optional[str] = None) -> tuple[str, str, dict[str, int]]:
+    """("found" | "missing" | "incomplete", what is wrong, split sizes) for `cfbench data check`."""
+    try:
+        found = loaded_task(name, given_root)
+    except DataUnavailable as err:
+        return err.status, err.detail, {}
+    return "found", "", {s: len(split_indices(found, s)[1]) for s in ("train", "val", "test")}
+
+
+def clear_memory() -> None:
+    """Forget in-process listings and splits (the on-disk cache stays)."""
+    _LOADED.clear()
+    _SPLITS.clear()

@@ -8,7 +8,7 @@ from typing import Optional
 from benchmark.errors import CfbenchError
 
 from .offline import fashion_mnist_present
-from .registry import get_task
+from .registry import get_task, resolve_data_root
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,16 @@ SEQUENCES: dict[str, Sequence] = {
                      "offline: MNIST-5k -> Fashion-MNIST; never trained: digits, photo patches, faces"),
     "demo-small": Sequence("demo-small", ("mnist5k", "digits"), ("photo_patches", "faces"),
                            "offline, package data only: MNIST-5k -> sklearn digits"),
+    "ldifs10": Sequence("ldifs10", ("cars", "cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45",
+                                    "svhn", "imagenet"), (),
+                        "the LDIFS paper's ten datasets, in the paper's listing order (needs --data-root)"),
+    # ZSCL (Zheng et al. 2023) multi-domain task-incremental learning, orders I and II.
+    "mtil-order1": Sequence("mtil-order1", ("aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers",
+                                            "food101", "mnist", "pets", "cars", "sun397"), (),
+                            "ZSCL's MTIL order I (needs --data-root)"),
+    "mtil-order2": Sequence("mtil-order2", ("cars", "food101", "mnist", "pets", "flowers", "sun397", "aircraft",
+                                            "caltech101", "dtd", "eurosat", "cifar100"), (),
+                            "ZSCL's MTIL order II (needs --data-root)"),
 }
 
 
@@ -40,7 +50,7 @@ def resolve_sequence(name: str, data_root: Optional[str] = None) -> Sequence:
     if name not in SEQUENCES:
         raise CfbenchError(f"unknown sequence {name!r}; known sequences: {', '.join(sorted(SEQUENCES))}")
     seq = SEQUENCES[name]
-    if name == "demo" and not fashion_mnist_present(data_root):
+    if name == "demo" and not fashion_mnist_present(resolve_data_root(data_root)):
         _notice_once("notice: Fashion-MNIST is not installed (Debian package dataset-fashion-mnist); "
                      "the demo runs the 'demo-small' sequence instead")
         seq = SEQUENCES["demo-small"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from benchmark.errors import CfbenchError
-from tasks import get_task, load_split, resolve_sequence, task_available
+from tasks import get_task, load_split, resolve_sequence, task_status
 
 
 @pytest.mark.parametrize("name,n_classes", [("mnist5k", 10), ("digits", 10), ("photo_patches", 14), ("faces", 2)])
@@ -13,8 +13,8 @@ def test_offline_tasks_load_real_data(name, n_classes):
     for split in (train, val, test):
         assert split.x.dtype == torch.uint8 and split.x.shape[1:] == (3, 32, 32)
         assert set(split.y.unique().tolist()) == set(range(n_classes))
-    # validation is 10 % of the source train split, disjoint from train
-    assert abs(len(val) - 0.1 * (len(train) + len(val))) <= 1
+    # validation is int(10 %) of the source train split (the official code's hold-out)
+    assert len(val) == int(0.1 * (len(train) + len(val)))
     assert split.x.float().std() > 10  # real images, not constant
 
 
@@ -28,13 +28,13 @@ def test_mnist5k_sizes_and_cap():
 def test_photo_patches_train_and_test_come_from_different_rows(monkeypatch):
     import tasks.offline as offline
 
-    raw = offline._load_photo_patches(None)
+    raw = offline._load_photo_patches(None).splits
     assert len(raw["train"].labels) == 14 * 80 and len(raw["test"].labels) == 14 * 40
     assert raw["train"].images.shape[1:] == (32, 32, 3)
     # with an image whose pixels hold their row index, train rows < 60 % <= test rows
     rows = np.repeat(np.arange(200, dtype=np.uint8)[:, None, None], 3, axis=2).repeat(150, axis=1)
     monkeypatch.setattr(offline, "_photo", lambda name: rows)
-    fake = offline._load_photo_patches(None)
+    fake = offline._load_photo_patches(None).splits
     assert fake["train"].images.max() < 120 and fake["test"].images.min() >= 120
 
 
@@ -44,8 +44,8 @@ def test_unknown_task_and_missing_data_are_clear(tmp_path, monkeypatch):
     import tasks.offline as offline
 
     monkeypatch.setattr(offline, "FASHION_DIR", str(tmp_path / "absent"))
-    ok, why = task_available("fashion_mnist", str(tmp_path))
-    assert not ok and "fashion-mnist" in why and "t10k-images-idx3-ubyte.gz" in why
+    status, why, _ = task_status("fashion_mnist", str(tmp_path))
+    assert status == "missing" and "fashion-mnist" in why and "t10k-images-idx3-ubyte.gz" in why
 
 
 def test_demo_sequence_falls_back_without_fashion(tmp_path, monkeypatch):

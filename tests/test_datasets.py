@@ -1,0 +1,176 @@
+"""The paper's ten datasets read from fixtures in their real on-disk formats."""
+import os
+
+import pytest
+import torch
+
+import tasks
+from benchmark.cli import main
+from benchmark.errors import CfbenchError
+from tasks import metadata
+from tasks.base import random_split_indices, validation_split
+
+from . import dataset_fixtures as fx
+
+PAPER_TEN = ("cars", "cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn", "imagenet")
+
+
+@pytest.fixture(autouse=True)
+def no_md5(monkeypatch):
+    """Fixture files cannot match the real archives' md5 sums that torchvision checks for CIFAR and SVHN."""
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.svhn as svhn
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)
+    tasks.clear_memory()
+    yield
+    tasks.clear_memory()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    truth = {"cifar10": fx.cifar(root, 10), "cifar100": fx.cifar(root, 100), "mnist": fx.mnist(root),
+             "svhn": fx.svhn(root), "eurosat": fx.eurosat(root), "gtsrb": fx.gtsrb(root), "dtd": fx.dtd(root),
+             "resisc45": fx.resisc45(root), "cars": fx.stanford_cars(root),
+             "imagenet": fx.imagenet(root, metadata.imagenet_wnids())}
+    return root, truth
+
+
+def _expected_split(truth: dict, split: str) -> list[int]:
+    """Labels of our train/val split: the source's val where it has one, else the official hold-out."""
+    if split == "test" or "val" in truth:
+        return truth[split]
+    train, val = validation_split(len(truth["train"]))
+    return [truth["train"][i] for i in (train if split == "train" else val)]
+
+
+@pytest.mark.parametrize("name", PAPER_TEN)
+def test_loader_counts_labels_pixels_and_class_names(name, data_root):
+    root, truth = data_root
+    truth = truth[name]
+    for split in ("train", "val", "test"):
+        s = tasks.load_split(name, split, 16, str(root))
+        expected = _expected_split(truth, split)
+        assert s.x.dtype == torch.uint8 and s.x.shape == (len(expected), 3, 16, 16)
+        assert s.y.tolist() == expected
+        # each decoded image still carries the colour of its own label (MNIST is grey)
+        got = (fx.gray_labels if name == "mnist" else fx.labels_from_pixels)(s.x.numpy())
+        assert (got == s.y.numpy()).all()
+    classes = tasks.task_classes(name, str(root))
+    assert len(classes) == tasks.get_task(name).num_classes
+    if "names" in truth:  # names taken from the dataset itself, made readable
+        assert list(classes) == [n.replace("_", " ") for n in truth["names"]]
+
+
+def test_curated_names_and_templates_come_from_packages(data_root):
+    root, _ = data_root
+    import open_clip
+
+    assert tasks.task_classes("imagenet", str(root)) == tuple(open_clip.IMAGENET_CLASSNAMES)
+    assert tasks.task_classes("eurosat", str(root))[2] == "brushland or shrubland"  # HerbaceousVegetation
+    assert tasks.task_classes("svhn", str(root))[:2] == ("zero", "one")
+    assert tasks.task_classes("gtsrb", str(root))[0] == "red and white circle 20 kph speed limit"
+    assert tasks.get_task("gtsrb").templates[0] == 'a zoomed in photo of a "{}" traffic sign.'
+    assert len(tasks.get_task("imagenet").templates) == 80 and all("{}" in t for t in tasks.get_task("dtd").templates)
+
+
+def test_validation_split_is_the_official_codes():
+    # the official code asserts its MNISTVal train split starts at index 36044 (torch seed 0)
+    train, val = random_split_indices(60000, 54000, seed=0)
+    assert train[0] == 36044
+    tr, va = validation_split(60000)
+    assert len(va) == 6000 and set(tr) | set(va) == set(range(60000)) and tr[0] == 0
+    assert len(validation_split(1_281_167)[1]) == 20000  # capped at 20,000
+
+
+def test_data_check_reports_every_fixture_found(data_root, capsys):
+    root, _ = data_root
+    assert main(["data", "check", "--data-root", str(root), "--tasks", ",".join(PAPER_TEN)]) == 0
+    out = capsys.readouterr().out
+    for name in PAPER_TEN:
+        line = next(l for l in out.splitlines() if l.startswith(name + " "))
+        assert line.split()[1] == "found", line
+    assert "10 of 10 tasks usable" in out
+    cifar = next(l for l in out.splitlines() if l.startswith("cifar10 ")).split()
+    assert cifar[2:5] == ["18", "2", "10"]  # 20 train images: int(10 %) = 2 held out
+
+
+def test_missing_data_is_one_line_with_path_and_layout(tmp_path, capsys):
+    assert main(["data", "check", "--data-root", str(tmp_path), "--tasks", "cifar10"]) == 1
+    out = capsys.readouterr().out
+    assert "cifar10" in out and "missing" in out and str(tmp_path) in out and "cifar-10-batches-py" in out
+    assert main(["run", "--tasks", "cifar10", "--eval-only", "", "--data-root", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cifar10: missing" in err[0] and "cifar-10-batches-py" in err[0]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("metrics.json"))
+
+
+def test_incomplete_data_names_what_is_missing(data_root, tmp_path):
+    import shutil
+
+    root, _ = data_root
+    shutil.copytree(root / "eurosat", tmp_path / "eurosat")
+    (tmp_path / "eurosat" / "eurosat-val.txt").unlink()
+    status, detail, _ = tasks.task_status("eurosat", str(tmp_path))
+    assert status == "incomplete" and str(tmp_path / "eurosat" / "eurosat-val.txt") in detail
+    shutil.rmtree(tmp_path / "eurosat" / "2750" / "Forest")
+    (tmp_path / "eurosat" / "eurosat-val.txt").write_text("")
+    tasks.clear_memory()
+    status, detail, _ = tasks.task_status("eurosat", str(tmp_path))
+    assert status == "incomplete" and "9 classes, expected 10" in detail
+
+
+def test_sequences_name_the_papers_tasks():
+    assert tasks.SEQUENCES["ldifs10"].tasks == PAPER_TEN
+    assert tasks.SEQUENCES["mtil-order1"].tasks[:3] == ("aircraft", "caltech101", "cifar100")
+    assert tasks.SEQUENCES["mtil-order2"].tasks[:3] == ("cars", "food101", "mnist")
+    assert sorted(tasks.SEQUENCES["mtil-order1"].tasks) == sorted(tasks.SEQUENCES["mtil-order2"].tasks)
+    for seq in tasks.SEQUENCES.values():
+        for name in seq.tasks + seq.eval_only:
+            tasks.get_task(name)
+
+
+def _eurosat_copy(data_root, tmp_path):
+    import shutil
+
+    shutil.copytree(data_root[0] / "eurosat", tmp_path / "data" / "eurosat")
+    return str(tmp_path / "data")
+
+
+def test_cache_is_reused_without_decoding_and_rebuilt_when_the_source_changes(data_root, tmp_path, monkeypatch):
+    import tasks.cache as cache
+
+    root, cache_dir = _eurosat_copy(data_root, tmp_path), str(tmp_path / "cache")
+    first = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    assert len(list((tmp_path / "cache" / "eurosat").glob("*.npy"))) == 1
+    tasks.clear_memory()
+    calls = []
+    real = cache.to_square_uint8
+    monkeypatch.setattr(cache, "to_square_uint8", lambda *a: calls.append(1) or real(*a))
+    again = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    assert calls == [] and torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    # touching one source image invalidates the entry: everything is decoded again
+    path = tasks.loaded_task("eurosat", root).splits["train"].paths[3]
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    tasks.clear_memory()
+    rebuilt = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    assert len(calls) == len(first) and torch.equal(rebuilt.x, first.x)
+
+
+def test_corrupt_image_names_the_file_and_leaves_no_trusted_cache(data_root, tmp_path, capsys):
+    root, cache_dir = _eurosat_copy(data_root, tmp_path), tmp_path / "cache"
+    bad = sorted((tmp_path / "data" / "eurosat" / "2750" / "River").glob("*.jpg"))[0]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    with pytest.raises(CfbenchError, match=f"eurosat: cannot decode image {bad}"):
+        tasks.load_split("eurosat", "train", 24, root, cache_dir=str(cache_dir))
+    assert not list(cache_dir.rglob("*.json")) and not list(cache_dir.rglob("*.tmp"))
+    tasks.clear_memory()
+    # through the CLI: one line, exit 2
+    assert main(["run", "--tasks", "eurosat", "--eval-only", "", "--data-root", root, "--cache-dir", str(cache_dir),
+                 "--out", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if "Error" in l or "error" in l]
+    assert len(err) == 1 and str(bad) in err[0]
