@@ -171,7 +171,7 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_data_download(args) -> int:
-    from tasks import get_task, parse_task_list, resolve_data_root
+    from tasks import clear_memory, get_task, parse_task_list, resolve_data_root, task_status
 
     root = resolve_data_root(args.data_root)
     for name in parse_task_list(args.tasks):
@@ -183,6 +183,11 @@ def cmd_data_download(args) -> int:
             task.download(root)
         except Exception as err:  # network and archive errors of every kind end up here
             raise CfbenchError(f"{name}: download failed: {err}") from None
+        clear_memory()
+        status, detail, _ = task_status(name, args.data_root)
+        print(f"{name}: {status}" + (f"; {detail}" if detail else ""))
+        if status != "found":
+            return 1
     return 0
 
 

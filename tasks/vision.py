@@ -181,7 +181,8 @@ def _load_pets(root: Path) -> LoadedTask:
 
 def _load_sun397(root: Path) -> LoadedTask:
     ds = _tv(tvd.SUN397, str(root))
-    return _loaded(_names(ds.classes, expected=397), **_zscl_split(FileSource(ds._image_files, ds._labels)))
+    samples = sorted(zip(map(str, ds._image_files), ds._labels))  # torchvision lists in filesystem order
+    return _loaded(_names(ds.classes, expected=397), **_zscl_split(_files(samples)))
 
 
 # --- downloads (users with a network; torchvision fetches and checks the archives) -------------
@@ -207,7 +208,7 @@ def _rs_split_download(name: str, splits: tuple[str, ...], then: Optional[Callab
 TV = "torchvision.datasets"
 RS = "split files of the remote-sensing representations benchmark (Neumann et al. 2019): " + RS_SPLITS.format("<name>", "<split>")
 VAL = "train minus the official code's seeded 10 % validation hold-out (torch seed 0, at most 20,000)"
-ZSCL = "ZSCL's split: random_split 80/20 with torch seed 42 (no official split); then " + VAL
+ZSCL = "ZSCL's split: random_split 80/20 with torch seed 42 over files sorted by path (no official split); then " + VAL
 
 PAPER_TASKS = (
     Task("cars", 196, _load_cars, f"Stanford Cars via {TV}.StanfordCars (manual layout; the original download is gone)",

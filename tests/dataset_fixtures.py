@@ -187,3 +187,86 @@ def imagenet(root: Path, wnids: tuple[str, ...]) -> dict:
             _save(solid(y), root / "imagenet" / folder / w / f"{w}_{split}.JPEG")
         out[split] = list(range(len(wnids)))
     return out
+
+
+# --- ZSCL's MTIL additions ---------------------------------------------------------------------
+
+def aircraft(root: Path) -> dict:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    variants = [f"Variant-{i:03d}" for i in range(100)]
+    data.mkdir(parents=True)
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    out, n = {}, 1000000
+    for split in ("train", "test"):
+        lines = []
+        for y, v in enumerate(variants):
+            n += 1
+            _save(solid(y), data / "images" / f"{n}.jpg")
+            lines.append(f"{n} {v}")
+        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+        out[split] = list(range(100))
+    return {**out, "names": variants}
+
+
+def caltech101(root: Path) -> dict:
+    base = root / "caltech101" / "101_ObjectCategories"
+    categories = sorted(["Faces", "Faces_easy", "Leopards", "Motorbikes"] + [f"object_{i:02d}" for i in range(97)])
+    for y, c in enumerate(categories):
+        for k in range(1, 6):
+            _save(solid(y), base / c / f"image_{k:04d}.jpg")
+    _save(solid(0), base / "BACKGROUND_Google" / "image_0001.jpg")  # torchvision drops this folder
+    return {"n": 101 * 5}
+
+
+def flowers(root: Path) -> dict:
+    base = root / "flowers-102"
+    labels = [i % 102 for i in range(306)]
+    for i, y in enumerate(labels, 1):
+        _save(solid(y), base / "jpg" / f"image_{i:05d}.jpg")
+    sio.savemat(base / "imagelabels.mat", {"labels": np.array(labels) + 1})
+    ids = np.arange(1, 307)
+    sio.savemat(base / "setid.mat", {"trnid": ids[:102], "valid": ids[102:204], "tstid": ids[204:]})
+    return {"train": labels[:102], "test": labels[204:]}
+
+
+def food101(root: Path) -> dict:
+    import json
+
+    base = root / "food-101"
+    classes = [f"dish_{i:03d}" for i in range(101)]
+    out = {}
+    for split in ("train", "test"):
+        meta = {}
+        for y, c in enumerate(classes):
+            _save(solid(y), base / "images" / c / f"{split}{y}.jpg")
+            meta[c] = [f"{c}/{split}{y}"]
+        (base / "meta").mkdir(parents=True, exist_ok=True)
+        (base / "meta" / f"{split}.json").write_text(json.dumps(meta))
+        out[split] = list(range(101))
+    return {**out, "names": [c.replace("_", " ") for c in classes]}
+
+
+def pets(root: Path) -> dict:
+    base = root / "oxford-iiit-pet"
+    breeds = [f"breed_{i:02d}" for i in range(37)]
+    (base / "annotations").mkdir(parents=True)
+    out = {}
+    for split, start in (("trainval", 1), ("test", 50)):
+        lines = []
+        for y, b in enumerate(breeds):
+            _save(solid(y), base / "images" / f"{b}_{start}.jpg")
+            lines.append(f"{b}_{start} {y + 1} {1 + y % 2} 1")
+        (base / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+        out["train" if split == "trainval" else "test"] = list(range(37))
+    return out
+
+
+def sun397(root: Path) -> dict:
+    base = root / "SUN397"
+    classes = [f"/{c}/{c}place_{i:03d}" for i in range(397) for c in "ab"[i % 2]]
+    base.mkdir(parents=True)
+    (base / "ClassName.txt").write_text("\n".join(classes) + "\n")
+    for y, c in enumerate(classes):
+        for k in range(3):
+            _save(solid(y), base / c.strip("/") / f"sun_{y:03d}{k}.jpg")
+    return {"n": 397 * 3, "names": [c[3:].replace("_", " ") for c in classes]}

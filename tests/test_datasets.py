@@ -174,3 +174,64 @@ def test_corrupt_image_names_the_file_and_leaves_no_trusted_cache(data_root, tmp
                  "--out", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32"]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if "Error" in l or "error" in l]
     assert len(err) == 1 and str(bad) in err[0]
+
+
+MTIL_EXTRA = ("aircraft", "caltech101", "flowers", "food101", "pets", "sun397")
+
+
+def test_mtil_loaders_read_their_formats(tmp_path, monkeypatch):
+    import torchvision.datasets.flowers102 as flowers102
+
+    monkeypatch.setattr(flowers102, "check_integrity", lambda *a, **k: True)  # md5 of the real .mat files
+    truth = {name: getattr(fx, name)(tmp_path) for name in MTIL_EXTRA}
+    for name in MTIL_EXTRA:
+        found = tasks.loaded_task(name, str(tmp_path))
+        assert len(found.classes) == tasks.get_task(name).num_classes
+        for split, source in found.splits.items():
+            x = tasks.load_split(name, split, 8, str(tmp_path)).x.numpy() if split == "test" else None
+            if x is not None:
+                assert (fx.labels_from_pixels(x) == source.labels).all(), name
+            if split in truth[name]:
+                assert source.labels.tolist() == truth[name][split], (name, split)
+        if "n" in truth[name]:  # ZSCL's 80/20 split of a source without one
+            n = truth[name]["n"]
+            assert len(found.splits["train"]) == int(0.8 * n) and len(found.splits["test"]) == n - int(0.8 * n)
+        if "names" in truth[name]:
+            assert list(found.classes) == truth[name]["names"], name
+    assert tasks.task_classes("caltech101", str(tmp_path))[:2] == ("off-center face", "centered face")
+    assert tasks.task_classes("pets", str(tmp_path))[0] == "Abyssinian"
+    assert tasks.task_classes("flowers", str(tmp_path))[0] == "pink primrose"
+
+
+def test_download_goes_through_torchvision_and_fails_cleanly_offline(tmp_path, monkeypatch, capsys):
+    import urllib.error
+
+    import torchvision.datasets.cifar as cifar
+
+    def offline(url, *a, **k):
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    assert main(["data", "download", "--tasks", "cifar10", "--data-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cifar10: download failed" in err[0] and "cifar-10-python.tar.gz" in err[0]
+
+    urls = []
+    monkeypatch.setattr(cifar, "download_and_extract_archive",
+                        lambda url, download_root, **k: urls.append(url) or fx.cifar(tmp_path, 10))
+    assert main(["data", "download", "--tasks", "cifar10", "--data-root", str(tmp_path)]) == 0
+    assert urls == [cifar.CIFAR10.url] and "cifar10: found" in capsys.readouterr().out
+    assert main(["data", "download", "--tasks", "imagenet", "--data-root", str(tmp_path)]) == 2
+    assert "no automatic download" in capsys.readouterr().err
+
+
+def test_list_tasks_and_sequences_show_sizes_sources_and_orders(capsys):
+    assert main(["list", "tasks"]) == 0
+    out = capsys.readouterr().out
+    for name in PAPER_TEN + MTIL_EXTRA + ("mnist5k", "fashion_mnist", "foolbox_imagenet"):
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert "50,000 train / 10,000 test" in out and "licence: CC BY-SA 3.0" in out and "DTD partition 1" not in out
+    assert main(["list", "sequences"]) == 0
+    out = capsys.readouterr().out
+    assert "ldifs10" in out and "aircraft, caltech101, cifar100, dtd, eurosat, flowers" in out
