@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
               "freeze_bn": True},  # image_size None: the model's default (efficientnet_lite0: 64)
     "train": {"optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
               "max_train_per_class": 450, "head_init": "lp",
-              "warmup_steps": 20},
+              "warmup_steps": 20, "precision": "auto"},  # precision auto: bf16 autocast on CUDA
     "eval": {"probe_max_per_class": 100, "test_max_per_class": None, "probe_C": 1.0, "batch_size": 256},
     "data_root": None,           # datasets of the paper / MTIL; None = $CFBENCH_DATA or ~/data
     "cache_dir": None,           # preprocessed uint8 cache; None = $CFBENCH_CACHE or ~/.cache/cfbench
@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES = {("train", "optimizer"): ("adamw", "sgd"), ("train", "head_init"): ("lp", "zero"),
+           ("train", "precision"): ("auto", "fp32", "bf16"),
            ("device",): ("auto", "cpu", "cuda")}
 
 

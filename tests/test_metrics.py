@@ -53,10 +53,16 @@ def test_head_matrix_blanks_are_ignored():
     assert m["delta_all"] is None
 
 
+def test_single_task_matrix_has_the_metrics_one_row_defines():
+    m = compute_metrics(Matrix.from_csv_text("after,a,b\npretrained,50,60\na,90,55\n"))
+    assert m["avg"] == m["last"] == 90 and m["delta_untrained"] == -5 and m["delta_all"] == pytest.approx(17.5)
+    assert m["bwt"] is None and m["forgetting"] is None and m["transfer"] is None
+
+
 @pytest.mark.parametrize("text,needle", [
     ("after,a,b\na,1,2\nb,3\n", "cells"),
     ("after,a,b\na,1,x\nb,3,4\n", "not a number"),
-    ("after,a,b\npretrained,1,2\na,1,2\n", "at least two"),
+    ("after,a,b\npretrained,1,2\n", "at least one trained-task row"),
 ])
 def test_malformed_csv_is_rejected(text, needle):
     with pytest.raises(CfbenchError, match=needle):

@@ -1,7 +1,7 @@
 """The foundation-model interface every strategy and evaluator relies on."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,10 @@ class FoundationModel(nn.Module):
     image_size: int
     slice_layout: str = "nchw"
     has_text: bool = False
+    # Set by the runner for the device: bf16 autocast inside the encoder (features come out fp32),
+    # and channels_last inputs for CNNs on CUDA.
+    autocast_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], freeze_bn: bool = True):
         super().__init__()
@@ -30,10 +34,14 @@ class FoundationModel(nn.Module):
         """uint8 -> float on the model's device; normalization happens here, not per sample."""
         if x.dtype == torch.uint8:
             x = x.float().div_(255.0)
-        return (x - self.mean) / self.std
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encode_image(self.normalize(x))
+        if self.autocast_dtype is None:
+            return self.encode_image(self.normalize(x))
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            return self.encode_image(self.normalize(x)).float()
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,61 @@
+"""The training loop's fast path: Avalanche's Naive, fed whole minibatches from uint8 tensors.
+
+Avalanche's default loader calls a Python __getitem__ per sample and collates; here one
+indexing operation gathers a shuffled minibatch from the task's (memory-mapped) uint8 tensor,
+pinned for asynchronous copies when training on CUDA. Batches keep the suite's layout
+(x, y, sample index, task label), so every plugin works unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+from avalanche.training import Naive
+
+from tasks import TensorSplit
+
+
+class TensorBatches:
+    """Shuffled minibatches [x, y, index, task] of one split, one gather per batch."""
+
+    def __init__(self, split: TensorSplit, task: int, batch_size: int, shuffle: bool = True, pin: bool = False):
+        self.split, self.task, self.batch_size, self.shuffle, self.pin = split, task, batch_size, shuffle, pin
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        n = len(self.split)
+        order = torch.randperm(n) if self.shuffle else torch.arange(n)  # global RNG: seeded per task
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = [self.split.x[idx], self.split.y[idx], idx, torch.full((len(idx),), self.task)]
+            yield [b.pin_memory() for b in batch] if self.pin else batch
+
+
+class FastNaive(Naive):
+    """Naive fine-tuning whose training minibatches come from `TensorBatches`.
+
+    train_splits[t] must be the tensors behind experience t of the stream being trained.
+    """
+
+    def __init__(self, *args, train_splits: list[TensorSplit], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_splits = train_splits
+
+    def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
+        t = self.experience.current_experience
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin)
+
+
+def configure_for_device(encoder, device: str, precision: str) -> None:
+    """bf16 autocast where asked (auto: on CUDA), channels_last inputs for CNNs on CUDA."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+    bf16 = precision == "bf16" or (precision == "auto" and device == "cuda")
+    encoder.autocast_dtype = torch.bfloat16 if bf16 else None
+    if device == "cuda" and encoder.slice_layout == "nchw":
+        encoder.channels_last = True
+        encoder.to(memory_format=torch.channels_last)
