@@ -3,10 +3,12 @@ variants alternated (machine drift cancels) and reported as median ratios."""
 from __future__ import annotations
 
 import copy
+import tempfile
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
@@ -17,6 +19,7 @@ from tasks import TensorSplit
 from .evaluate import EvalDataset, evaluate_round
 from .multihead import MultiHeadClassifier
 from .runner import _benchmark, _silent_evaluator, make_optimizer
+from .training import configure_for_device
 
 
 @dataclass
@@ -24,10 +27,15 @@ class Timing:
     name: str
     seconds: list[float]
     peak_mb: list[float]
+    excluded: list[float] = field(default_factory=list)  # once-per-task setup inside `seconds`
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def median_without_setup(self) -> float:
+        return statistics.median([s - e for s, e in zip(self.seconds, self.excluded or [0.0] * len(self.seconds))])
 
 
 class PeakMemory:
@@ -61,8 +69,9 @@ class PeakMemory:
         self.mb = self.peak / 2**20
 
 
-def alternate(variants: dict[str, Callable[[], None]], repeats: int, device: str) -> dict[str, Timing]:
-    """Run each variant once as warm-up, then `repeats` rounds of all variants in turn."""
+def alternate(variants: dict[str, Callable[[], Optional[float]]], repeats: int, device: str) -> dict[str, Timing]:
+    """Run each variant once as warm-up, then `repeats` rounds of all variants in turn.
+    A variant may return seconds of once-per-task setup it spent (reported apart)."""
     results = {name: Timing(name, [], []) for name in variants}
     for fn in variants.values():
         fn()
@@ -70,10 +79,11 @@ def alternate(variants: dict[str, Callable[[], None]], repeats: int, device: str
         for name, fn in variants.items():
             with PeakMemory(device) as mem:
                 start = time.perf_counter()
-                fn()
+                setup = fn()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 results[name].seconds.append(time.perf_counter() - start)
+                results[name].excluded.append(setup or 0.0)
             results[name].peak_mb.append(mem.mb)
     return results
 
@@ -123,20 +133,33 @@ def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: i
     model.ensure_head(0, int(data.y.max()) + 1)
     snapshot = copy.deepcopy(model.state_dict())
 
-    def fresh(fn):  # every variant starts from the same weights
-        def run():
+    def fresh(fn, plugins: Optional[list] = None):  # every variant starts from the same weights
+        def run() -> float:
             model.load_state_dict(snapshot)
+            if plugins is not None:
+                plugins.clear()
             fn()
+            return sum(getattr(p, "cache_seconds", 0.0) for p in plugins or [])
         return run
+
+    made: dict[str, list] = {"cache": [], "no cache": []}
+
+    def ldifs(cache: bool):
+        key = "cache" if cache else "no cache"
+        return lambda: made[key].append(LDIFSPlugin(ldifs_alpha, cache=cache)) or made[key][-1:]
 
     variants = {
         "bare FT task": fresh(bare_epoch(model, data, batch_size, 1e-5, device, epochs)),
         "suite FT task": fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [], epochs)),
-        "suite LDIFS task (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
-                                                      lambda: [LDIFSPlugin(ldifs_alpha, cache=True)], epochs)),
-        "suite LDIFS task (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device,
-                                                         lambda: [LDIFSPlugin(ldifs_alpha, cache=False)], epochs)),
+        "suite LDIFS task (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(True), epochs),
+                                          made["cache"]),
+        "suite LDIFS task (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(False), epochs),
+                                             made["no cache"]),
     }
+    if device == "cuda":  # the ceiling: images already on the GPU, no loader at all
+        resident = TensorSplit(data.x.to(device), data.y.to(device))
+        variants["model-only FT task (GPU-resident)"] = fresh(bare_epoch(model, resident, batch_size, 1e-5, device,
+                                                                         epochs))
     return alternate(variants, repeats, device)
 
 
@@ -175,6 +198,52 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
     return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
 
 
+def photo_files(folder, copies: int = 20):
+    """A file-backed source of real photographs: scikit-image's photos as JPEGs at their own size."""
+    from PIL import Image
+
+    from tasks.base import FileSource
+    from tasks.offline import PHOTOS, _photo
+
+    paths, labels = [], []
+    for label, name in enumerate(PHOTOS):
+        img = Image.fromarray(_photo(name))
+        for k in range(copies):
+            path = folder / f"{name}_{k}.jpg"
+            img.save(path, "JPEG", quality=80 + k % 15)
+            paths.append(path)
+            labels.append(label)
+    return FileSource(paths, labels)
+
+
+def data_path_comparison(names: list[str], image_size: int, repeats: int, photos) -> dict[str, Timing]:
+    """Only the data path of an evaluation round: every split read from the cache vs decoded."""
+    import numpy as np
+
+    import tasks
+    from tasks.cache import cached_images, decode
+    from tasks.registry import split_indices
+
+    splits = []
+    for name in names:
+        found = tasks.loaded_task(name)
+        for which in ("train", "test"):
+            source, idx = split_indices(found, which)
+            splits.append((name, source, found.splits[source], idx))
+    photo_idx = np.arange(len(photos))
+
+    def read(from_cache: bool, jpeg: bool) -> None:
+        for name, split, src, idx in ([("photos_jpeg", "test", photos, photo_idx)] if jpeg else splits):
+            x = cached_images(name, split, src, idx, image_size) if from_cache else decode(src, idx, image_size)
+            int(torch.as_tensor(x).max())  # touch every byte (max: no widened copy)
+
+    read(True, False), read(True, True)  # build the caches once, outside the timings
+    return alternate({"demo splits from cache": lambda: read(True, False),
+                      "demo splits decoded": lambda: read(False, False),
+                      "JPEG photos from cache": lambda: read(True, True),
+                      "JPEG photos decoded": lambda: read(False, True)}, repeats, "cpu")
+
+
 def report(title: str, timings: dict[str, Timing], baseline: str) -> list[str]:
     base = timings[baseline].median
     lines = [f"## {title}"]
@@ -207,12 +276,30 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples x {epochs} epochs, batch {batch_size}, "
              f"{repeats} repeats, device {device} ({gpu or cpu}), {torch.get_num_threads()} threads"]
+    configure_for_device(encoder, device, "auto")
     train = training_comparisons(encoder.to(device), data, batch_size, repeats, device, epochs)
     lines += report(f"training one task ({epochs} epochs)", train, "suite FT task")
-    lines.append(f"suite FT / bare FT = {train['suite FT task'].median / train['bare FT task'].median:.2f}")
+    ft, cached = train["suite FT task"], train["suite LDIFS task (cache)"]
+    images = len(data) * epochs
+    lines.append(f"suite FT / bare FT = {ft.median / train['bare FT task'].median:.2f}")
+    lines.append(f"LDIFS (cache) / FT per task = {cached.median / ft.median:.2f}; per step, without the "
+                 f"once-per-task reference pass ({statistics.median(cached.excluded):.2f} s) = "
+                 f"{cached.median_without_setup / ft.median:.2f}")
+    lines.append(f"LDIFS (no cache) / FT = {train['suite LDIFS task (no cache)'].median / ft.median:.2f}")
+    lines.append("throughput: " + ", ".join(f"{name} {images / t.median:.1f} img/s" for name, t in train.items()))
+    if "model-only FT task (GPU-resident)" in train:
+        lines.append(f"end-to-end FT / model-only throughput = "
+                     f"{train['model-only FT task (GPU-resident)'].median / ft.median:.2f}")
     if evaluation and model_name == "efficientnet_lite0":
         names = list(tasks.resolve_sequence("demo").tasks + tasks.resolve_sequence("demo").eval_only)
         ev = evaluation_comparison(encoder, names, size, repeats, device, test_cap=300)
         lines += report("evaluation round (" + ", ".join(names) + ")", ev, "eval round from cache")
         lines.append(f"decoding / cache = {ev['eval round decoding'].median / ev['eval round from cache'].median:.2f}")
+        with tempfile.TemporaryDirectory() as folder:
+            photos = photo_files(Path(folder))
+            dp = data_path_comparison(names, size, repeats, photos)
+        lines += report(f"data path only: every demo split, and {len(photos)} JPEG photos (native size) "
+                        f"at {size} px", dp, "demo splits from cache")
+        lines.append(f"demo splits: decoding / cache = {dp['demo splits decoded'].median / dp['demo splits from cache'].median:.1f}; "
+                     f"JPEG photos: decoding / cache = {dp['JPEG photos decoded'].median / dp['JPEG photos from cache'].median:.1f}")
     return "\n".join(lines)
