@@ -41,7 +41,7 @@ register_strategy(StrategySpec("lpft", "LP-FT: head fitted on frozen-encoder fea
 register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
                                lambda ctx, **kw: [LDIFSPlugin(**kw)],
                                {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
-                                "cache_budget_mb": 4096.0, "cache_dtype": "float32"}))
+                                "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0}))
 register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
                                lambda ctx, **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
 register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",

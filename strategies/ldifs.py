@@ -22,6 +22,8 @@ from avalanche.core import SupervisedPlugin
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import slice_store
+
 EPS = 1e-10
 log = logging.getLogger("cfbench")
 
@@ -123,23 +125,26 @@ class LDIFSPlugin(SupervisedPlugin):
     The model must expose `.encoder`, a FoundationModel (slice_modules, slice_layout).
     reference: "previous" = the encoder as it was before the current task (official code's
     choice in sequences), "pretrained" = the encoder before the first task.
-    cache: reuse per-sample reference slices (needs sample indices in the batch) within
-    cache_budget_mb, stored as cache_dtype; otherwise the reference runs on every batch.
+    cache: reuse per-sample reference slices (needs sample indices in the batch), in RAM within
+    cache_budget_mb (cache_dtype auto: float32, else float16), else memory-mapped float16 within
+    cache_disk_mb; beyond both the reference runs on every batch (under the encoder's autocast).
     """
 
     checkpoint_attrs = ("reference_encoder",)  # what --resume restores
 
     def __init__(self, alpha: float = 10.0, reference: str = "previous", normalize: str = "official",
-                 cache: bool = True, cache_budget_mb: float = 4096.0, cache_dtype: str = "float32"):
+                 cache: bool = True, cache_budget_mb: float = 4096.0, cache_dtype: str = "auto",
+                 cache_disk_mb: float = 32768.0):
         super().__init__()
         if reference not in ("previous", "pretrained"):
             raise ValueError(f"reference must be previous or pretrained, not {reference!r}")
         if normalize not in ("official", "channel"):
             raise ValueError(f"normalize must be official or channel, not {normalize!r}")
-        if cache_dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"cache_dtype must be float32, float16 or bfloat16, not {cache_dtype!r}")
+        if cache_dtype not in slice_store.DTYPES:
+            raise ValueError(f"cache_dtype must be one of {', '.join(slice_store.DTYPES)}, not {cache_dtype!r}")
         self.alpha, self.reference, self.normalize = float(alpha), reference, normalize
-        self.cache, self.cache_budget_mb, self.cache_dtype = cache, float(cache_budget_mb), getattr(torch, cache_dtype)
+        self.cache, self.cache_budget_mb, self.cache_dtype = cache, float(cache_budget_mb), cache_dtype
+        self.cache_disk_mb = float(cache_disk_mb)
         self.reference_encoder: Optional[nn.Module] = None
         self.last_penalty: Optional[torch.Tensor] = None
         self.reference_forwards = 0  # frozen-encoder calls made inside training steps
@@ -171,14 +176,11 @@ class LDIFSPlugin(SupervisedPlugin):
             return None, None  # batches carry no sample index: compute on the fly
         layout = strategy.model.encoder.slice_layout
         x0 = dataset[0][0].unsqueeze(0).to(strategy.device)
-        shapes = [s.shape[1:] for s in self._reference_slices(x0)]
-        itemsize = torch.finfo(self.cache_dtype).bits // 8
-        need_mb = len(dataset) * sum(s.numel() for s in shapes) * itemsize / 2**20
-        if need_mb > self.cache_budget_mb:
-            log.info("LDIFS reference cache needs %.0f MB > budget %.0f MB: computing on the fly",
-                     need_mb, self.cache_budget_mb)
+        probe = self._reference_slices(x0)
+        cache = slice_store.allocate(len(dataset), probe, self.cache_dtype, self.cache_budget_mb, self.cache_disk_mb)
+        if cache is None:
             return None, None
-        cache = [torch.empty((len(dataset), *s), dtype=self.cache_dtype) for s in shapes]
+        shapes = [s.shape[1:] for s in probe]
         sq = [torch.empty((len(dataset), *self._sq_shape(s, layout)), dtype=torch.float32) for s in shapes]
         # a private generator: building the cache must not shift the training shuffle's RNG
         loader = DataLoader(dataset, batch_size=max(256, strategy.train_mb_size), shuffle=False,
@@ -186,7 +188,7 @@ class LDIFSPlugin(SupervisedPlugin):
         for batch in loader:
             x, index = batch[0].to(strategy.device), batch[2]
             for store, store_sq, ref in zip(cache, sq, self._reference_slices(x)):
-                stored = normalize_slice(ref, layout, self.normalize).to("cpu", self.cache_dtype)
+                stored = normalize_slice(ref, layout, self.normalize).to("cpu", store.dtype)
                 store[index] = stored
                 store_sq[index] = squared_norms(stored, layout, self.normalize)  # of what steps will read
         return cache, sq

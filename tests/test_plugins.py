@@ -127,9 +127,10 @@ def test_plugins_compose_in_one_strategy():
     assert (last["loss"] - last["ce"]).item() == pytest.approx(expected.item(), rel=1e-4)
 
 
-@pytest.mark.parametrize("dtype,rtol,atol", [("float32", 1e-5, 1e-9), ("bfloat16", 2e-2, 1e-4)])
-def test_ldifs_reference_cache_gives_same_losses_without_frozen_forwards(dtype, rtol, atol):
-    cached = LDIFSPlugin(alpha=10.0, cache=True, cache_dtype=dtype)
+@pytest.mark.parametrize("dtype,ram_mb,rtol,atol", [("float32", 4096, 1e-5, 1e-9), ("bfloat16", 4096, 2e-2, 1e-4),
+                                                    ("auto", 0.0, 2e-3, 1e-5)])  # auto, 0 RAM: memory-mapped fp16
+def test_ldifs_reference_cache_gives_same_losses_without_frozen_forwards(dtype, ram_mb, rtol, atol):
+    cached = LDIFSPlugin(alpha=10.0, cache=True, cache_dtype=dtype, cache_budget_mb=ram_mb)
     _, with_cache, _ = train([cached], with_index=True, epochs=2)
     plain = LDIFSPlugin(alpha=10.0, cache=False)
     _, without, _ = train([plain], with_index=True, epochs=2)
@@ -140,9 +141,26 @@ def test_ldifs_reference_cache_gives_same_losses_without_frozen_forwards(dtype, 
 
 
 def test_ldifs_cache_over_budget_falls_back_to_on_the_fly():
-    plugin = LDIFSPlugin(alpha=10.0, cache=True, cache_budget_mb=1e-6)
+    plugin = LDIFSPlugin(alpha=10.0, cache=True, cache_budget_mb=1e-6, cache_disk_mb=1e-6)
     train([plugin], with_index=True)
     assert plugin.reference_forwards == 4
+
+
+def test_slice_store_picks_precision_then_memory_map_by_budget():
+    from strategies import slice_store
+
+    examples = [torch.randn(2, 8, 4, 4).contiguous(memory_format=torch.channels_last), torch.randn(2, 5, 3)]
+    per_sample_mb = (8 * 16 + 15) * 4 / 2**20
+    ram = slice_store.allocate(1000, examples, "auto", ram_mb=1000 * per_sample_mb, disk_mb=0)
+    assert [t.dtype for t in ram] == [torch.float32] * 2 and ram[0].is_contiguous(memory_format=torch.channels_last)
+    half = slice_store.allocate(1000, examples, "auto", ram_mb=600 * per_sample_mb, disk_mb=0)
+    assert [t.dtype for t in half] == [torch.float16] * 2  # float32 would not fit, float16 does
+    mapped = slice_store.allocate(1000, examples, "auto", ram_mb=0, disk_mb=1000 * per_sample_mb)
+    assert mapped[0].shape == (1000, 8, 4, 4) and mapped[0].dtype == torch.float16
+    assert mapped[0].is_contiguous(memory_format=torch.channels_last)
+    mapped[0][7] = examples[0][1].half()
+    assert torch.equal(mapped[0][7], examples[0][1].half())
+    assert slice_store.allocate(1000, examples, "auto", ram_mb=0, disk_mb=0) is None
 
 
 def test_multihead_forward_returns_each_heads_own_classes():
