@@ -180,20 +180,18 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
         src = found.splits[source]
         return TensorSplit(torch.from_numpy(decode(src, idx, image_size)), torch.from_numpy(src.labels[idx]))
 
-    def eval_round(from_cache: bool) -> None:
-        tasks.clear_memory()  # each round re-reads: the cache's memory maps, or the sources themselves
-        sets = [EvalDataset(n, tasks.task_classes(n), tasks.get_task(n).templates,
+    def sets(from_cache: bool) -> list[EvalDataset]:
+        return [EvalDataset(n, tasks.task_classes(n), tasks.get_task(n).templates,
                             split(n, "train", probe_cap, from_cache), split(n, "test", test_cap, from_cache))
                 for n in names]
-        evaluate_round(model, sets, {}, device, desc="eval")
 
-    eval_round(True)  # builds the cache once, outside the timings
+    cached = sets(True)  # memory-mapped uint8, as every round of a run reads them
 
     def from_cache():
-        eval_round(True)
+        evaluate_round(model, cached, {}, device, desc="eval")
 
-    def decoding():
-        eval_round(False)
+    def decoding():  # sources stay loaded; every round resizes each image again (torchvision-style)
+        evaluate_round(model, sets(False), {}, device, desc="eval")
 
     return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
 

@@ -53,3 +53,14 @@ def test_demo_sequence_falls_back_without_fashion(tmp_path, monkeypatch):
 
     monkeypatch.setattr(offline, "FASHION_DIR", str(tmp_path / "absent"))
     assert resolve_sequence("demo", str(tmp_path)).tasks == ("mnist5k", "digits")
+
+
+def test_foolbox_samples_load_as_real_labelled_images():
+    test = load_split("foolbox_imagenet", "test", 32)
+    assert len(test) == 10 and test.x.dtype == torch.uint8 and test.x.float().std() > 20
+    # labels come from the file names (<dataset>_<nn>_<label>): foolbox's odd-numbered samples
+    assert test.y.tolist() == [559, 990, 853, 609, 455, 630, 471, 99, 22, 305]
+    from tasks import task_classes
+
+    assert task_classes("foolbox_imagenet")[559] == "folding chair"
+    assert len(load_split("foolbox_cifar10", "test", 32)) == 10
