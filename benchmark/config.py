@@ -22,7 +22,8 @@ DEFAULTS: dict[str, Any] = {
               "freeze_bn": True},  # image_size None: the model's default (efficientnet_lite0: 64)
     "train": {"optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
               "max_train_per_class": 450, "head_init": "lp",
-              "warmup_steps": 20, "precision": "auto"},  # precision auto: bf16 autocast on CUDA
+              "warmup_steps": 20, "precision": "auto",  # precision auto: bf16 autocast on CUDA
+              "compile": False},  # torch.compile the encoder (worth it on GPUs; compiling takes a while)
     "eval": {"probe_max_per_class": 100, "test_max_per_class": None, "probe_C": 1.0, "batch_size": 256},
     "data_root": None,           # datasets of the paper / MTIL; None = $CFBENCH_DATA or ~/data
     "cache_dir": None,           # preprocessed uint8 cache; None = $CFBENCH_CACHE or ~/.cache/cfbench
@@ -91,6 +92,8 @@ def validate(cfg: dict) -> None:
     size = cfg["model"]["image_size"]
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 8):
         raise CfbenchError(f"config: model.image_size must be an integer >= 8 or null, not {size!r}")
+    if not isinstance(cfg["train"]["compile"], bool):
+        raise CfbenchError(f"config: train.compile must be true or false, not {cfg['train']['compile']!r}")
     if not isinstance(cfg["strategies"], list) or not cfg["strategies"]:
         raise CfbenchError("config: strategies must be a non-empty list")
     if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):

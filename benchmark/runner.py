@@ -190,7 +190,7 @@ def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
     try:
         log.info("strategy %s, tasks %s, eval-only %s, device %s, %d threads", strategy, trained, eval_only,
                  device, threads)
-        configure_for_device(encoder, device, cfg["train"]["precision"])
+        configure_for_device(encoder, device, cfg["train"]["precision"], cfg["train"]["compile"])
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
         bench = _benchmark(train_splits)

@@ -1,4 +1,5 @@
 """The training fast path: whole-minibatch gathers, same samples as Avalanche's dataset; precision."""
+import pytest
 import torch
 
 import tasks
@@ -32,3 +33,37 @@ def test_bf16_autocast_run_trains_with_fp32_features(tiny_cfg, tmp_path):
     lp = Matrix.load(run / "matrices/lp.csv")
     assert lp.rows == ["pretrained", "digits"] and all(0 <= v <= 100 for row in lp.values for v in row)
     assert lp.values[1][0] > 50  # digits is learned under bf16 autocast
+
+
+def test_compiled_encoder_trains_like_eager_with_ldifs_hooks():
+    import copy
+
+    from benchmark.multihead import MultiHeadClassifier
+    from benchmark.runner import _silent_evaluator, make_optimizer
+    from benchmark.training import FastNaive, configure_for_device
+    from strategies import LDIFSPlugin
+    from tests.helpers import tiny_clip_vit
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    split = tasks.TensorSplit(torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=g),
+                              torch.arange(24) % 3)
+    encoder = tiny_clip_vit(layers=2)
+    penalties, weights = {}, {}
+    for mode in ("eager", "compiled"):
+        enc = copy.deepcopy(encoder)
+        configure_for_device(enc, "cpu", "fp32", compile=mode == "compiled")
+        model = MultiHeadClassifier(enc)
+        model.ensure_head(0, 3)
+        plugin = LDIFSPlugin(alpha=10.0)
+        torch.manual_seed(1)
+        FastNaive(model=model, optimizer=make_optimizer(model, "sgd", 0.5, 0.0), criterion=torch.nn.CrossEntropyLoss(),
+                  train_mb_size=8, train_epochs=2, plugins=[plugin], evaluator=_silent_evaluator(),
+                  train_splits=[split]).train(_benchmark([split]).train_stream[0], eval_streams=[])
+        penalties[mode] = plugin.last_penalty.item()
+        weights[mode] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert set(model.state_dict()) == set(MultiHeadClassifier(encoder).state_dict()) | {"heads.0.linear.weight",
+                                                                                           "heads.0.linear.bias"}
+    assert penalties["eager"] > 1e-6  # the hooks fed LDIFS real slices in both modes
+    assert penalties["compiled"] == pytest.approx(penalties["eager"], rel=1e-2)
+    assert torch.allclose(weights["compiled"], weights["eager"], atol=1e-4)
