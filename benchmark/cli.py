@@ -60,8 +60,7 @@ def cmd_run(args) -> int:
     trained, eval_only = resolve_tasks(cfg)
     import tasks
 
-    for name in trained + eval_only:  # every dataset is there before any run directory exists
-        tasks.loaded_task(name, cfg["data_root"])
+    _check_data(trained + eval_only, cfg["data_root"])
     label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
     invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
     run_dirs = []
@@ -75,6 +74,25 @@ def cmd_run(args) -> int:
     print(table)
     print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
     return 0
+
+
+def _check_data(names: tuple[str, ...], data_root) -> None:
+    """Every dataset is usable before any run directory exists; one line either way."""
+    import tasks
+
+    problems = []
+    for name in names:
+        try:
+            tasks.loaded_task(name, data_root)
+        except tasks.DataUnavailable as err:
+            problems.append(err)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        names = ",".join(p.task for p in problems)
+        root = tasks.resolve_data_root(data_root)
+        raise CfbenchError(f"{len(problems)} tasks are not usable under {root} ({names}); "
+                           f"`cfbench data check --data-root {root} --tasks {names}` shows the layout each one expects")
 
 
 def _check_text_tower(cfg: dict) -> None:

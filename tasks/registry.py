@@ -47,7 +47,7 @@ class DataUnavailable(CfbenchError):
 
     def __init__(self, task: str, status: str, detail: str):
         super().__init__(f"{task}: {status}: {detail}")
-        self.status, self.detail = status, detail
+        self.task, self.status, self.detail = task, status, detail
 
 
 def resolve_data_root(given: Optional[str] = None) -> Path:
