@@ -108,7 +108,7 @@ def test_missing_data_is_one_line_with_path_and_layout(tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written before the data check passes
     assert main(["run", "--sequence", "ldifs10", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "10 tasks are not usable" in err[0] and "data check --tasks cars,cifar10" in err[0]
+    assert len(err) == 1 and "10 tasks are not usable" in err[0] and "--tasks cars,cifar10" in err[0]
 
 
 def test_incomplete_data_names_what_is_missing(data_root, tmp_path):
