@@ -58,8 +58,6 @@ def cmd_run(args) -> int:
         strategies.resolve_params(combo, cfg["strategy_params"])
     _check_text_tower(cfg)
     trained, eval_only = resolve_tasks(cfg)
-    import tasks
-
     _check_data(trained + eval_only, cfg["data_root"])
     label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
     invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
