@@ -168,16 +168,14 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
     """A full evaluation round from the preprocessed uint8 tensors vs decoding the sources again."""
     import tasks
     from tasks.cache import decode
-    from tasks.registry import split_indices
+    from tasks.registry import select
 
     model = MultiHeadClassifier(encoder).to(device)
 
     def split(name: str, which: str, cap: Optional[int], from_cache: bool) -> TensorSplit:
         if from_cache:
             return tasks.load_split(name, which, image_size, max_per_class=cap)
-        found = tasks.loaded_task(name)
-        source, idx = split_indices(found, which, cap)
-        src = found.splits[source]
+        _, src, idx = select(name, which, max_per_class=cap)
         return TensorSplit(torch.from_numpy(decode(src, idx, image_size)), torch.from_numpy(src.labels[idx]))
 
     def sets(from_cache: bool) -> list[EvalDataset]:
@@ -218,16 +216,10 @@ def data_path_comparison(names: list[str], image_size: int, repeats: int, photos
     """Only the data path of an evaluation round: every split read from the cache vs decoded."""
     import numpy as np
 
-    import tasks
     from tasks.cache import cached_images, decode
-    from tasks.registry import split_indices
+    from tasks.registry import select
 
-    splits = []
-    for name in names:
-        found = tasks.loaded_task(name)
-        for which in ("train", "test"):
-            source, idx = split_indices(found, which)
-            splits.append((name, source, found.splits[source], idx))
+    splits = [(name, *select(name, which)) for name in names for which in ("train", "test")]
     photo_idx = np.arange(len(photos))
 
     def read(from_cache: bool, jpeg: bool) -> None:

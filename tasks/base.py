@@ -115,6 +115,7 @@ class Task:
     layout: str = ""          # expected layout under the data root; "" for package data
     templates_key: str = ""   # clip-benchmark's template key; "" for the default template
     download: Optional[Callable[[Path], None]] = field(default=None, repr=False)
+    anchors: tuple[str, ...] = ()  # paths under the data root whose presence marks the task as there
 
     @property
     def templates(self) -> tuple[str, ...]:

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from benchmark.store import atomic_write_json
+
 from .base import SourceSplit
 
 CACHE_VERSION = 2  # bump when preprocessing changes: old entries stop matching
@@ -80,12 +82,6 @@ def _entry(root: Path, task: str, split: str, idx: np.ndarray, size: int) -> Pat
     return root / task / f"{split}-{size}px-{len(idx)}-{key}"
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, sort_keys=True))
-    os.replace(tmp, path)
-
-
 def cached_images(task: str, split: str, source: SourceSplit, idx: np.ndarray, size: int,
                   cache_dir: Optional[str] = None) -> torch.Tensor:
     """uint8 (len(idx), 3, size, size) for the selected samples, from the cache or built now."""
@@ -111,5 +107,5 @@ def cached_images(task: str, split: str, source: SourceSplit, idx: np.ndarray, s
         os.replace(tmp, data)
     finally:
         tmp.unlink(missing_ok=True)
-    _write_json_atomic(manifest, expected)
+    atomic_write_json(manifest, expected)
     return torch.from_numpy(np.load(data, mmap_mode="c"))

@@ -10,10 +10,11 @@ import torch
 
 from benchmark.errors import CfbenchError
 
-from .base import CorruptImage, LoadedTask, Task, TaskIncomplete, TaskUnavailable, TensorSplit, cap_per_class, validation_split
+from .base import (CorruptImage, LoadedTask, SourceSplit, Task, TaskIncomplete, TaskUnavailable, TensorSplit,
+                   cap_per_class, validation_split)
 from .cache import cached_images
 from .offline import OFFLINE_TASKS
-from .vision import ANCHORS, MTIL_TASKS, PAPER_TASKS
+from .vision import MTIL_TASKS, PAPER_TASKS
 
 DATA_ENV_VAR = "CFBENCH_DATA"
 TASKS: dict[str, Task] = {}
@@ -21,13 +22,10 @@ _LOADED: dict[tuple, LoadedTask] = {}
 _SPLITS: dict[tuple, TensorSplit] = {}
 
 
-def register_task(task: Task, anchors: tuple[str, ...] = ()) -> Task:
-    """Add a task; `anchors` are paths under the data root whose presence marks the task as there."""
+def register_task(task: Task) -> Task:
     if task.name in TASKS:
         raise ValueError(f"task {task.name!r} registered twice")
     TASKS[task.name] = task
-    if anchors:
-        ANCHORS[task.name] = anchors
     return task
 
 
@@ -56,10 +54,10 @@ def resolve_data_root(given: Optional[str] = None) -> Path:
 
 
 def _missing_anchors(task: Task, root: Path) -> list[str]:
-    return [a for a in ANCHORS.get(task.name, ()) if not (root / a).exists()]
+    return [a for a in task.anchors if not (root / a).exists()]
 
 
-def _expected(task: Task, root: Path) -> str:
+def _expected(task: Task) -> str:
     return f"expected layout: {task.layout}"
 
 
@@ -70,15 +68,15 @@ def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
     if key in _LOADED:
         return _LOADED[key]
     missing = _missing_anchors(task, root)
-    if missing and len(missing) == len(ANCHORS[name]):
-        raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task, root)}")
+    if missing and len(missing) == len(task.anchors):
+        raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task)}")
     if missing:
         raise DataUnavailable(name, "incomplete", f"missing {', '.join(str(root / m) for m in missing)}; "
-                              + _expected(task, root))
+                              + _expected(task))
     try:
         found = task.loader(root)
     except TaskIncomplete as err:
-        raise DataUnavailable(name, "incomplete", f"{err}; " + _expected(task, root)) from None
+        raise DataUnavailable(name, "incomplete", f"{err}; " + _expected(task)) from None
     except TaskUnavailable as err:
         raise DataUnavailable(name, "missing", str(err)) from None
     if len(found.classes) != task.num_classes:
@@ -111,15 +109,21 @@ def split_indices(found: LoadedTask, split: str, max_per_class: Optional[int] = 
     return source, idx[cap_per_class(labels[idx], max_per_class, seed=seed)]
 
 
+def select(name: str, split: str, data_root: Optional[str] = None, max_per_class: Optional[int] = None,
+           seed: int = 0) -> tuple[str, SourceSplit, np.ndarray]:
+    """(source split name, source split, indices) that `load_split` decodes or reads from the cache."""
+    found = loaded_task(name, data_root)
+    source_name, idx = split_indices(found, split, max_per_class, seed)
+    return source_name, found.splits[source_name], idx
+
+
 def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
                max_per_class: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> TensorSplit:
     """A split as uint8 (N, 3, S, S) tensors, from the on-disk preprocessed cache (built on first use)."""
     key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir)
     if key in _SPLITS:
         return _SPLITS[key]
-    found = loaded_task(name, data_root)
-    source_name, idx = split_indices(found, split, max_per_class, seed)
-    source = found.splits[source_name]
+    source_name, source, idx = select(name, split, data_root, max_per_class, seed)
     try:
         x = cached_images(name, source_name, source, idx, image_size, cache_dir)
     except CorruptImage as err:
