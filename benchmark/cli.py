@@ -19,12 +19,17 @@ def _quiet_imports() -> None:
 
 
 def _run_overrides(args) -> dict:
+    """The command-line flags as the last config layer."""
     over: dict = {}
+    if args.protocol:
+        over["protocol"] = args.protocol
     if args.strategy:
         over["strategies"] = [s for item in args.strategy for s in item.split(",") if s]
-    if args.tasks:
+    if args.tasks is not None:
         from tasks import parse_task_list
 
+        if not args.tasks.strip():
+            raise CfbenchError("--tasks is empty; name at least one task (cfbench list tasks)")
         over["tasks"] = list(parse_task_list(args.tasks))
     if args.sequence:
         over["sequence"], over["tasks"] = args.sequence, None
@@ -45,26 +50,30 @@ def _run_overrides(args) -> dict:
 
 
 def cmd_run(args) -> int:
-    from .config import apply_overrides, load_config
+    from .config import dump_config, load_config
     from .report import compare_runs
     from .runner import resolve_tasks, run_strategy
 
     if args.resume:
         return _resume(Path(args.resume))
-    cfg = apply_overrides(load_config(args.config), _run_overrides(args))
+    cfg = load_config(args.config, _run_overrides(args))
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
     import strategies
 
-    for combo in cfg["strategies"]:
-        strategies.resolve_params(combo, cfg["strategy_params"])
-    _check_text_tower(cfg)
+    for combo in cfg.strategies:
+        strategies.resolve_params(combo, cfg.strategy_params)
     trained, eval_only = resolve_tasks(cfg)
-    _check_data(trained + eval_only, cfg["data_root"])
-    label = cfg["sequence"] if not cfg["tasks"] else "-".join(trained)
-    invocation = Path(cfg["out"]) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    _check_text_tower(cfg)
+    _check_data(trained + eval_only, cfg.data_root)
+    label = cfg.sequence if not cfg.tasks else "-".join(trained)
+    invocation = Path(cfg.out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
     run_dirs = []
-    for combo in cfg["strategies"]:
-        run_dir = invocation / f"{combo}-s{cfg['seed']}"
-        print(f"[{combo}] training on {' -> '.join(trained)}; run directory {run_dir}", file=sys.stderr)
+    for combo in cfg.strategies:
+        run_dir = invocation / f"{combo}-s{cfg.seed}"
+        print(f"[{combo}] protocol {cfg.protocol}, training on {' -> '.join(trained)}; run directory {run_dir}",
+              file=sys.stderr)
         start = time.time()
         run_dirs.append(run_strategy(cfg, combo, run_dir))
         print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
@@ -93,17 +102,19 @@ def _check_data(names: tuple[str, ...], data_root) -> None:
                            f"`cfbench data check --data-root {root} --tasks {names}` shows the layout each one expects")
 
 
-def _check_text_tower(cfg: dict) -> None:
-    """Fail before any training when a strategy needs a text tower the model lacks."""
+def _check_text_tower(cfg) -> None:
+    """Fail before any training when a strategy or a ZS-init head needs a text tower the model lacks."""
     import strategies
 
-    needy = [c for c in cfg["strategies"] if strategies.needs_text(c)]
+    needy = [c for c in cfg.strategies
+             if strategies.needs_text(c) or strategies.head_init(c, cfg.train.head_init) == "zs"]
     if needy:
-        from .models import create_model
+        from .models import OFFLINE_MODELS
+        from .runner import check_text_needs
 
-        m = cfg["model"]
-        if not create_model(m["name"], m["pretrained"], m["image_size"]).has_text:
-            raise CfbenchError(f"strategy {needy[0]} needs a text tower; {m['name']} has none")
+        if cfg.model.name in OFFLINE_MODELS:  # no offline model has a text tower; open_clip models all do
+            for combo in needy:
+                check_text_needs(cfg, combo, has_text=False)
 
 
 def _resume(run_dir: Path) -> int:
@@ -119,7 +130,7 @@ def _resume(run_dir: Path) -> int:
     if not (run_dir / CHECKPOINT).is_file():
         raise CfbenchError(f"{run_dir}: no checkpoint yet (no task finished); start the run again instead")
     cfg = load_config(str(run_dir / "config.yaml"))
-    run_strategy(cfg, cfg["strategies"][0], run_dir, resume=True)
+    run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)
     print(f"finished {run_dir}")
     return 0
 
@@ -143,12 +154,21 @@ def cmd_list(args) -> int:
         for spec in strategies.STRATEGIES.values():
             params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "no parameters"
             print(f"{spec.name:<8} {spec.description}\n{'':<8} {params}")
-        from .config import DEFAULTS
+            if spec.notes:
+                print(f"{'':<8} note: {spec.notes}")
+        from .config import list_protocols, protocol_settings
 
-        for name, params in DEFAULTS["strategy_params"].items():
-            print(f"the default config (the offline demo) sets {name}: "
-                  + ", ".join(f"{k}={v}" for k, v in params.items()))
+        for protocol in list_protocols():
+            for name, params in (protocol_settings(protocol).get("strategy_params") or {}).items():
+                print(f"protocol {protocol} sets {name}: " + ", ".join(f"{k}={v}" for k, v in params.items()))
         print("combine with +, e.g. --strategy ldifs+ewc")
+    elif args.what == "protocols":
+        from .config import DEFAULT_PROTOCOL, list_protocols
+
+        for name, description in list_protocols().items():
+            default = " (default)" if name == DEFAULT_PROTOCOL else ""
+            print(f"{name}{default}\n  {description}")
+        print("cfbench run --protocol NAME --print-config shows every resolved setting")
     else:
         from .models import OFFLINE_MODELS
 
@@ -252,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "image models: how much does fine-tuning forget, and which strategy prevents it?")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="fine-tune over a task sequence with one or more strategies")
-    r.add_argument("config", nargs="?", help="YAML config (default: the offline demo)")
+    r.add_argument("config", nargs="?", help="YAML config, laid over its protocol's preset (default: the offline demo)")
+    r.add_argument("--protocol", help="a named preset of every setting (cfbench list protocols; default demo); "
+                   "the config file and flags override it key by key")
+    r.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
     r.add_argument("--strategy", action="append", help="strategy or combination (ft, ldifs, ldifs+ewc); repeatable")
     r.add_argument("--tasks", help="comma-separated trained tasks, in order")
     r.add_argument("--sequence", help="a named sequence (cfbench list sequences)")
@@ -270,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch threads (default: every core)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished task")
     r.set_defaults(func=cmd_run)
-    ls = sub.add_parser("list", help="list tasks, sequences, strategies or models")
-    ls.add_argument("what", choices=("tasks", "sequences", "strategies", "models"))
+    ls = sub.add_parser("list", help="list tasks, sequences, strategies, models or protocols")
+    ls.add_argument("what", choices=("tasks", "sequences", "strategies", "models", "protocols"))
     ls.set_defaults(func=cmd_list)
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)

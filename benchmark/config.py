@@ -1,104 +1,300 @@
-"""Run configuration: defaults (the offline demo), YAML loading, validation, resolution."""
+"""Run configuration: one typed schema, filled in layers.
+
+schema defaults < the named protocol's preset (benchmark/protocols/NAME.yaml) < the user's YAML <
+command-line flags. Every layer is a partial nested mapping; the merged mapping becomes a
+`RunConfig`, whose fields are checked against their type hints (unknown keys, wrong types and
+out-of-range values are one-line errors). `RunConfig.to_dict()` is what a run directory's
+config.yaml holds; loading it again gives the same config.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
 from .errors import CfbenchError
 
-DEFAULTS: dict[str, Any] = {
-    "sequence": "demo",          # a named sequence (`cfbench list sequences`)...
-    "tasks": None,               # ...or an explicit list of trained tasks (wins over sequence)
-    "eval_only": None,           # never-trained eval datasets; None = the sequence's own
-    "strategies": ["ft", "ldifs"],
-    # {strategy: {param: value}}, see `cfbench list strategies`. LDIFS's alpha = 10 is the official
-    # value for ViTs; on CNN slices normalized along channels the distance is ~3 orders of magnitude
-    # smaller (measured on the demo), so the offline EfficientNet demo uses alpha = 1e4.
-    "strategy_params": {"ldifs": {"alpha": 10000.0}},
-    "model": {"name": "efficientnet_lite0", "pretrained": "package", "image_size": None,
-              "freeze_bn": True},  # image_size None: the model's default (efficientnet_lite0: 64)
-    "train": {"optimizer": "adamw", "lr": 1.0e-3, "weight_decay": 0.1, "batch_size": 64, "epochs": 3,
-              "max_train_per_class": 450, "head_init": "lp",
-              "warmup_steps": 20, "precision": "auto",  # precision auto: bf16 autocast on CUDA
-              "compile": False},  # torch.compile the encoder (worth it on GPUs; compiling takes a while)
-    "eval": {"probe_max_per_class": 100, "test_max_per_class": None, "probe_C": 1.0, "batch_size": 256},
-    "data_root": None,           # datasets of the paper / MTIL; None = $CFBENCH_DATA or ~/data
-    "cache_dir": None,           # preprocessed uint8 cache; None = $CFBENCH_CACHE or ~/.cache/cfbench
-    "out": "results",
-    "device": "auto",
-    "seed": 0,
-    "threads": None,             # torch intra-op threads; None = every core of this machine
-}
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+DEFAULT_PROTOCOL = "demo"
 
-CHOICES = {("train", "optimizer"): ("adamw", "sgd"), ("train", "head_init"): ("lp", "zero"),
-           ("train", "precision"): ("auto", "fp32", "bf16"),
-           ("device",): ("auto", "cpu", "cuda")}
+# field metadata: {"min": x} lower bound (inclusive), {"positive": True} strictly > 0
+_POSITIVE = {"positive": True}
 
 
-def _merge(base: dict, update: dict, path: str = "") -> dict:
+@dataclass
+class AugmentConfig:
+    """Training-time augmentation, applied on the device to each uint8 batch."""
+
+    kind: Literal["none", "rrc"] = "none"   # rrc: torchvision RandomResizedCrop, bicubic, back to the input size
+    scale: tuple[float, float] = (0.9, 1.0)       # crop area as a fraction of the image
+    ratio: tuple[float, float] = (0.75, 4 / 3)    # crop aspect ratio range (torchvision's default)
+
+    def check(self, where: str) -> None:
+        lo, hi = self.scale
+        if not 0 < lo <= hi <= 1:
+            raise CfbenchError(f"config: {where}.scale must satisfy 0 < low <= high <= 1, not {list(self.scale)}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise CfbenchError(f"config: {where}.ratio must satisfy 0 < low <= high, not {list(self.ratio)}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_lite0"            # efficientnet_lite0 or an open_clip model name
+    pretrained: Optional[str] = "package"       # "package", an open_clip tag, or a checkpoint path
+    image_size: Optional[int] = field(default=None, metadata={"min": 8})  # null: the model's own
+    freeze_bn: bool = True
+    quick_gelu: Optional[bool] = None           # null: as the pretrained tag was trained (open_clip metadata)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    weight_decay: float = field(default=0.1, metadata={"min": 0})
+    batch_size: int = field(default=64, metadata=_POSITIVE)
+    epochs: Union[int, dict[str, int]] = field(default=3, metadata=_POSITIVE)  # or {task: epochs, default: n}
+    iterations: Optional[int] = field(default=None, metadata=_POSITIVE)  # steps per task; wins over epochs
+    max_train_per_class: Optional[int] = field(default=450, metadata=_POSITIVE)  # null: the whole split
+    head_init: Literal["lp", "zs", "zero"] = "lp"
+    warmup_steps: int = field(default=20, metadata={"min": 0})
+    grad_clip: Optional[float] = field(default=None, metadata=_POSITIVE)  # max global gradient norm
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+
+    def epochs_for(self, task: str) -> int:
+        if isinstance(self.epochs, int):
+            return self.epochs
+        if task in self.epochs:
+            return self.epochs[task]
+        if "default" in self.epochs:
+            return self.epochs["default"]
+        raise CfbenchError(f"config: train.epochs names no epochs for task {task!r} and has no 'default'")
+
+
+@dataclass
+class EvalConfig:
+    probe: Literal["sklearn", "official"] = "sklearn"  # official: the LDIFS code's PyTorch logistic regression
+    probe_max_per_class: Optional[int] = field(default=100, metadata=_POSITIVE)  # null: the whole split
+    test_max_per_class: Optional[int] = field(default=None, metadata=_POSITIVE)
+    probe_C: float = field(default=1.0, metadata=_POSITIVE)          # sklearn probe only
+    probe_iterations: int = field(default=1000, metadata=_POSITIVE)  # official probe only (full-batch AdamW)
+    batch_size: int = field(default=256, metadata=_POSITIVE)
+    zs_text: Literal["pretrained", "current"] = "current"  # whose text tower makes the zero-shot classifiers
+    templates: Optional[str] = None  # null: clip-benchmark's; or a name in protocols/templates/, or a YAML path
+
+
+@dataclass
+class RunConfig:
+    protocol: str = DEFAULT_PROTOCOL
+    sequence: str = "demo"                 # a named sequence (`cfbench list sequences`) ...
+    tasks: Optional[list[str]] = None      # ... or an explicit list of trained tasks, which wins
+    eval_only: Optional[list[str]] = None  # never-trained eval datasets; null = the sequence's own
+    strategies: list[str] = field(default_factory=lambda: ["ft", "ldifs"])
+    strategy_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # {strategy: {param: value}}
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data_root: Optional[str] = None        # null: $CFBENCH_DATA or ~/data
+    cache_dir: Optional[str] = None        # null: $CFBENCH_CACHE or ~/.cache/cfbench
+    out: str = "results"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    threads: Optional[int] = field(default=None, metadata=_POSITIVE)  # null: every core
+
+    def to_dict(self) -> dict:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(copy.deepcopy(self), **changes)
+
+    def check(self) -> None:
+        if not self.strategies:
+            raise CfbenchError("config: strategies must be a non-empty list")
+        self.train.augment.check("train.augment")
+
+
+def _plain(value):
+    """Tuples become lists so that YAML stays plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---- building a typed config from a mapping ------------------------------------------------
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value, hint, where: str):
+    """value converted to `hint` (int -> float is the only widening), or a CfbenchError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise CfbenchError(f"config: {where!r} must be a mapping")
+        return _build(hint, value, where + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except CfbenchError:
+                continue
+        raise CfbenchError(f"config: {where} must be {' or '.join(_describe(a) for a in args)}, not {value!r}")
+    if origin is Literal:
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise CfbenchError(f"config: {where} must be one of {args}, not {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise CfbenchError(f"config: {where} must be a list, not {value!r}")
+        if origin is tuple:
+            if len(value) != len(args):
+                raise CfbenchError(f"config: {where} must be a list of {len(args)} values, not {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CfbenchError(f"config: {where!r} must be a mapping")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise CfbenchError(f"config: {where} must be true or false, not {value!r}")
+        return value
+    if hint in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if hint is int and ok and isinstance(value, float) and not value.is_integer():
+            ok = False
+        if not ok:
+            raise CfbenchError(f"config: {where} must be {'an integer' if hint is int else 'a number'}, not {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise CfbenchError(f"config: {where} must be a string, not {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")  # a schema bug, not a user error
+
+
+def _describe(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(hint, _type_name(hint))
+
+
+def _check_range(value, meta: dict, where: str) -> None:
+    numbers = value.values() if isinstance(value, dict) else [value]
+    for v in numbers:
+        if v is None or not isinstance(v, (int, float)):
+            continue
+        if meta.get("positive") and v <= 0:
+            raise CfbenchError(f"config: {where} must be positive, not {v!r}")
+        if "min" in meta and v < meta["min"]:
+            raise CfbenchError(f"config: {where} must be >= {meta['min']}, not {v!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise CfbenchError(f"config: unknown key {prefix + str(unknown[0])!r}; known: {', '.join(fields)}")
+    values = {}
+    for name, value in data.items():
+        where = prefix + name
+        values[name] = _coerce(value, hints[name], where)
+        _check_range(values[name], fields[name].metadata, where)
+    return cls(**values)
+
+
+def _sections(cls=RunConfig) -> dict[str, Any]:
+    """{field: nested sections} for the dataclass-typed fields of cls (the mappings to merge key by key)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _sections(hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def merge(base: dict, update: dict, sections: Optional[dict] = None) -> dict:
+    """update laid over base: sections merge key by key, strategy_params per strategy, the rest replace."""
+    sections = _sections() if sections is None else sections
     out = copy.deepcopy(base)
     for key, value in update.items():
-        where = f"{path}{key}"
-        if key not in base:
-            raise CfbenchError(f"config: unknown key {where!r}; known: {', '.join(base)}")
-        if isinstance(base[key], dict) and not isinstance(value, dict):
-            raise CfbenchError(f"config: {where!r} must be a mapping")
-        if key == "strategy_params":  # any strategy name; each one's parameters replace the default's
-            out[key] = {**base[key], **copy.deepcopy(value)}
-        elif isinstance(base[key], dict):
-            out[key] = _merge(base[key], value, where + ".")
+        if key in sections and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, sections[key])
+        elif key == "strategy_params" and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **copy.deepcopy(value)}
         else:
             out[key] = copy.deepcopy(value)
     return out
 
 
-def load_config(path: Optional[str]) -> dict:
-    if path is None:
-        return copy.deepcopy(DEFAULTS)
-    p = Path(path)
-    if not p.is_file():
-        raise CfbenchError(f"config file {path} not found")
+# ---- protocols and files --------------------------------------------------------------------
+
+def list_protocols() -> dict[str, str]:
+    """{name: one-line description} of the presets in benchmark/protocols/."""
+    return {p.stem: str(_read_yaml(p).get("description", "")).strip() for p in sorted(PROTOCOL_DIR.glob("*.yaml"))}
+
+
+def protocol_settings(name: str) -> dict:
+    path = PROTOCOL_DIR / f"{name}.yaml"
+    if not isinstance(name, str) or not path.is_file():
+        raise CfbenchError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
+    settings = _read_yaml(path).get("settings") or {}
+    return {**settings, "protocol": name}
+
+
+def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise CfbenchError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as err:
         raise CfbenchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise CfbenchError(f"{path}: the top level must be a mapping")
-    return apply_overrides(copy.deepcopy(DEFAULTS), data)
+    return data
 
 
-def apply_overrides(cfg: dict, overrides: dict) -> dict:
-    cfg = _merge(cfg, overrides)
-    validate(cfg)
+def read_config_file(path: Optional[str]) -> dict:
+    """The user's partial config (empty without a file)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise CfbenchError(f"config file {path} not found")
+    return _read_yaml(p)
+
+
+def resolve(*layers: dict) -> RunConfig:
+    """Schema defaults < protocol preset < layers (in order); the protocol is the last one named."""
+    name = DEFAULT_PROTOCOL
+    for layer in layers:
+        name = layer.get("protocol", name) or name
+    merged = RunConfig().to_dict()
+    for layer in (protocol_settings(name), *layers):
+        merged = merge(merged, layer)
+    cfg = _build(RunConfig, merged)
+    cfg.check()
     return cfg
 
 
-def validate(cfg: dict) -> None:
-    for keys, allowed in CHOICES.items():
-        value = cfg
-        for k in keys:
-            value = value[k]
-        if value not in allowed:
-            raise CfbenchError(f"config: {'.'.join(keys)} must be one of {allowed}, not {value!r}")
-    positive = [("train", "lr"), ("train", "batch_size"), ("train", "epochs"), ("eval", "batch_size"),
-                ("eval", "probe_C")]
-    for section, key in positive:
-        value = cfg[section][key]
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise CfbenchError(f"config: {section}.{key} must be a positive number, not {value!r}")
-    size = cfg["model"]["image_size"]
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 8):
-        raise CfbenchError(f"config: model.image_size must be an integer >= 8 or null, not {size!r}")
-    if not isinstance(cfg["train"]["compile"], bool):
-        raise CfbenchError(f"config: train.compile must be true or false, not {cfg['train']['compile']!r}")
-    if not isinstance(cfg["strategies"], list) or not cfg["strategies"]:
-        raise CfbenchError("config: strategies must be a non-empty list")
-    if cfg["threads"] is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] < 1):
-        raise CfbenchError(f"config: threads must be a positive integer or null, not {cfg['threads']!r}")
+def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> RunConfig:
+    """The config of a YAML file (or none) with command-line overrides on top."""
+    return resolve(read_config_file(path), overrides or {})
 
 
-def dump_config(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+def dump_config(cfg: Union[RunConfig, dict]) -> str:
+    data = cfg.to_dict() if isinstance(cfg, RunConfig) else cfg
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from tasks import TensorSplit
 
 from .multihead import MultiHeadClassifier
-from .probe import accuracy, expected_calibration_error, fit_probe
+from .probe import accuracy, expected_calibration_error, fit_official_probe, fit_probe
 
 IMAGE_KINDS = ("lp", "head", "lp_ece")
 TEXT_KINDS = ("zs", "zs_ece")
@@ -29,6 +29,7 @@ class EvalDataset:
     templates: Sequence[str]
     probe_train: TensorSplit  # capped per class, seeded
     test: TensorSplit
+    probe_val: Optional[TensorSplit] = None  # the official probe chooses its lr here
 
     @property
     def num_classes(self) -> int:
@@ -69,20 +70,53 @@ def zero_shot_logits(features: torch.Tensor, weights: torch.Tensor, logit_scale:
     return logit_scale * F.normalize(features, dim=-1) @ weights.T
 
 
+@dataclass
+class ZeroShotClassifier:
+    """Normalized class embeddings and the logit scale they were made with."""
+
+    weights: torch.Tensor
+    logit_scale: float
+
+    @classmethod
+    def build(cls, encoder, ds: EvalDataset, device: str = "cpu") -> "ZeroShotClassifier":
+        return cls(zero_shot_weights(encoder, ds.classes, ds.templates, device), encoder.logit_scale)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return zero_shot_logits(features, self.weights, self.logit_scale)
+
+
+def probe_logits(settings, train: tuple[torch.Tensor, torch.Tensor], val: Optional[tuple[torch.Tensor, torch.Tensor]],
+                 test_f: torch.Tensor, num_classes: int, seed: int, device: str) -> torch.Tensor:
+    """Linear-probe logits on test features: settings.probe "sklearn" (C fixed, standardized
+    features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `val`)."""
+    if settings.probe == "official":
+        if val is None:
+            raise ValueError("the official probe needs a validation split")
+        return fit_official_probe(*train, *val, num_classes, settings.probe_iterations, seed=seed,
+                                  device=device).logits(test_f)
+    return fit_probe(*train, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
+
+
 def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trained: dict[str, int],
-                   device: str = "cpu", batch_size: int = 256, lp_C: float = 1.0, seed: int = 0,
-                   desc: str = "eval") -> RoundResult:
-    """trained maps task name -> task label of every task whose head exists (head accuracy)."""
+                   settings, device: str = "cpu", seed: int = 0,
+                   zero_shot: Optional[dict[str, ZeroShotClassifier]] = None, desc: str = "eval") -> RoundResult:
+    """trained maps task name -> task label of every task whose head exists (head accuracy).
+    settings: an EvalConfig; zero_shot: fixed classifiers per dataset (zs_text: pretrained), else
+    the current text tower builds them."""
     result = RoundResult()
-    encoder = model.encoder
+    encoder, batch_size = model.encoder, settings.batch_size
     for ds in tqdm(datasets, desc=desc, leave=False, unit="dataset"):
         train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
-        logits = fit_probe(train_f, ds.probe_train.y, ds.num_classes, C=lp_C, seed=seed).logits(test_f)
+        val = None
+        if settings.probe == "official":
+            val = (extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y)
+        logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device)
         result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
         result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
         if encoder.has_text:
-            zs = zero_shot_logits(test_f, zero_shot_weights(encoder, ds.classes, ds.templates, device))
+            classifier = zero_shot[ds.name] if zero_shot else ZeroShotClassifier.build(encoder, ds, device)
+            zs = classifier.logits(test_f)
             result.cells["zs"][ds.name] = accuracy(zs, ds.test.y)
             result.cells["zs_ece"][ds.name] = expected_calibration_error(zs, ds.test.y)
         result.cells["head"][ds.name] = None

@@ -16,6 +16,7 @@ import torch
 
 from tasks import TensorSplit
 
+from .config import EvalConfig
 from .evaluate import EvalDataset, evaluate_round
 from .multihead import MultiHeadClassifier
 from .runner import _benchmark, _silent_evaluator, make_optimizer
@@ -186,10 +187,10 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
     cached = sets(True)  # memory-mapped uint8, as every round of a run reads them
 
     def from_cache():
-        evaluate_round(model, cached, {}, device, desc="eval")
+        evaluate_round(model, cached, {}, EvalConfig(), device, desc="eval")
 
     def decoding():  # sources stay loaded; every round resizes each image again (torchvision-style)
-        evaluate_round(model, sets(False), {}, device, desc="eval")
+        evaluate_round(model, sets(False), {}, EvalConfig(), device, desc="eval")
 
     return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
 

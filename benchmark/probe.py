@@ -1,11 +1,14 @@
-"""Linear probes (scikit-learn logistic regression) and calibration error."""
+"""Linear probes (scikit-learn's logistic regression, or the official LDIFS code's PyTorch one)
+and calibration error."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
+from torch import nn
 from sklearn.preprocessing import StandardScaler
 
 
@@ -68,6 +71,60 @@ def fit_normalized_head(train_f: torch.Tensor, train_y: torch.Tensor, val_f: tor
             best = (score, C, clf)
     _, C, clf = best
     return (*_softmax_parameters(clf, num_classes), C)
+
+
+OFFICIAL_LRS = (0.01, 0.05, 0.1, 0.5, 1.0)  # ldifs_code model/heads.py:101
+
+
+@dataclass
+class NormalizedProbe:
+    """logits = f / ||f|| @ weight.T + bias (the official code's ClassificationHead, normalize=True)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lr: float
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        f = features.to(self.weight.device, torch.float32)
+        return F.linear(f / f.norm(dim=-1, keepdim=True), self.weight, self.bias).cpu()
+
+
+def _fit_torch_lr(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, iterations: int,
+                  device: str) -> NormalizedProbe:
+    """Full-batch AdamW (torch defaults but lr) on cross-entropy from nn.Linear's default init, as
+    ldifs_code model/logistic_regression.py:10-36 (the init draws from the global RNG on the CPU)."""
+    init = nn.Linear(features.shape[1], num_classes)
+    weight = nn.Parameter(init.weight.detach().clone().to(device))
+    bias = nn.Parameter(init.bias.detach().clone().to(device))
+    optimizer = torch.optim.AdamW([weight, bias], lr=lr)
+    x = features.to(device, torch.float32)
+    x = x / x.norm(dim=-1, keepdim=True)  # the official head normalizes every iteration: same values
+    y = labels.to(device)
+    with torch.enable_grad():
+        for _ in range(iterations):
+            optimizer.zero_grad()
+            F.cross_entropy(F.linear(x, weight, bias), y).backward()
+            optimizer.step()
+    return NormalizedProbe(weight.detach(), bias.detach(), lr)
+
+
+def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                       num_classes: int, iterations: int = 1000, lrs=OFFICIAL_LRS, seed: int = 0,
+                       device: str = "cpu") -> NormalizedProbe:
+    """ldifs_code model/heads.py:90-115: one fit per lr on the train split, the lr with the best
+    validation accuracy (first on ties) refitted on train + validation. The official code draws
+    the inits from an unseeded global RNG; here from a forked RNG seeded with `seed`, in the same
+    order, so a run is reproducible and the caller's RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        best_acc, best_lr = 0.0, lrs[0]
+        for lr in lrs:
+            probe = _fit_torch_lr(train_f, train_y, num_classes, lr, iterations, device)
+            acc = accuracy(probe.logits(val_f), val_y)
+            if acc > best_acc:
+                best_acc, best_lr = acc, lr
+        return _fit_torch_lr(torch.cat([train_f, val_f]), torch.cat([train_y, val_y]), num_classes, best_lr,
+                             iterations, device)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

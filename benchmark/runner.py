@@ -1,14 +1,21 @@
-"""One strategy over one task sequence: Avalanche trains, the evaluators fill the matrices."""
+"""One strategy over one task sequence: Avalanche trains, the evaluators fill the matrices.
+
+`run_strategy` reads top to bottom: resolve the tasks and the strategy's parameters, build the
+encoder, the data and the learner, evaluate the pretrained model, then per task: initialise its
+head, train, evaluate every dataset, checkpoint. The helpers below it each do one of those steps.
+"""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
 import random
 import warnings
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,16 +28,18 @@ from avalanche.training.plugins import EvaluationPlugin
 import strategies
 import tasks as task_registry
 
-from .config import dump_config
+from .augment import build_augment
+from .config import RunConfig, dump_config
 from .errors import CfbenchError
-from .evaluate import EvalDataset, RoundResult, evaluate_round, extract_features, matrix_kinds
-from .models import create_model
+from .evaluate import EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
+from .models import build_model
 from .multihead import MultiHeadClassifier
-from .probe import fit_normalized_head
+from .probe import fit_normalized_head, fit_official_probe
 from .progress import ProgressPlugin
-from .schedule import WarmupCosinePlugin
 from .report import finalize_run
+from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .templates import task_templates
 from .training import FastNaive, configure_for_device
 
 CHECKPOINT = "checkpoints/state.pt"
@@ -38,22 +47,88 @@ log = logging.getLogger("cfbench")
 _PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
 
 
-def resolve_tasks(cfg: dict) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = False,
+                 stop_after: Optional[int] = None) -> Path:
+    """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
+    trained, eval_only = resolve_tasks(cfg)
+    params = strategies.resolve_params(strategy, cfg.strategy_params)
+    device = select_device(cfg.device)
+    threads = set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    encoder = build_model(cfg.model)
+    check_text_needs(cfg, strategy, encoder.has_text)
+    cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
+                      tasks=list(trained), eval_only=list(eval_only),
+                      strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    with _run_log(run_dir):
+        log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads", strategy, cfg.protocol,
+                 trained, eval_only, device, threads)
+        if encoder.has_text and not strategies.trains_text(strategy, params):
+            encoder.freeze_text()
+        configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
+        model = MultiHeadClassifier(encoder).to(device)
+        train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
+        pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
+        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg.data_root, "cache_dir": cfg.cache_dir,
+                                                             "image_size": encoder.image_size, "seed": cfg.seed})
+        learner = _learner(cfg, model, train_splits, plugins, trained, device)
+        stream = _benchmark(train_splits).train_stream
+        matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
+        zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
+        if resume:
+            start = _restore(run_dir, model, plugins, matrices, trained, device)
+            learner.clock.train_exp_counter = start
+        else:
+            start = 0
+            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, zs_for_eval, device))
+        for t in range(start, len(trained)):
+            if stop_after is not None and t >= stop_after:
+                return run_dir
+            name = trained[t]
+            seed_everything(cfg.seed * 1000 + t)  # per-task seeding makes --resume exact
+            _init_head(cfg, strategy, model, t, name, pretrained_zs, device)
+            learner.train_epochs = 1 if cfg.train.iterations else cfg.train.epochs_for(name)
+            learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
+            result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
+                                    cfg.seed, zs_for_eval, desc=f"eval after {name}")
+            _add_rows(matrices, name, result)
+            _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
+            log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
+        finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+        return run_dir
+
+
+def resolve_tasks(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Trained tasks and eval-only tasks; an explicit `tasks` list wins over `sequence`."""
-    if cfg["tasks"]:
-        trained = tuple(cfg["tasks"])
+    if cfg.tasks:
+        trained = tuple(cfg.tasks)
         for name in trained:
             task_registry.get_task(name)
-        eval_only = tuple(cfg["eval_only"] or ())
+        eval_only = tuple(cfg.eval_only or ())
     else:
-        seq = task_registry.resolve_sequence(cfg["sequence"], cfg["data_root"])
+        seq = task_registry.resolve_sequence(cfg.sequence, cfg.data_root)
         trained = seq.tasks
-        eval_only = tuple(cfg["eval_only"]) if cfg["eval_only"] is not None else seq.eval_only
+        eval_only = tuple(cfg.eval_only) if cfg.eval_only is not None else seq.eval_only
     for name in eval_only:
         task_registry.get_task(name)
     if len(set(trained)) != len(trained):
         raise CfbenchError(f"a task appears twice in the sequence {list(trained)}")
+    for name in trained:
+        cfg.train.epochs_for(name)  # a per-task epochs map must cover every trained task
     return trained, tuple(n for n in eval_only if n not in trained)
+
+
+def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:
+    """Strategies, heads and zero-shot settings that need a text tower fail before any training."""
+    if has_text:
+        return
+    if strategies.needs_text(strategy):
+        raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg.model.name} has none")
+    if strategies.head_init(strategy, cfg.train.head_init) == "zs":
+        raise CfbenchError(f"train.head_init zs needs a text tower; {cfg.model.name} has none (use lp or zero)")
 
 
 def select_device(name: str) -> str:
@@ -77,18 +152,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_splits(cfg: dict, trained: tuple[str, ...], eval_names: tuple[str, ...]):
-    size, root, seed = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"]
-    cache = cfg["cache_dir"]
-    train_splits = [task_registry.load_split(n, "train", size, root, cfg["train"]["max_train_per_class"], seed, cache)
-                    for n in trained]
-    eval_sets = [EvalDataset(n, task_registry.task_classes(n, root), task_registry.get_task(n).templates,
-                             task_registry.load_split(n, "train", size, root, cfg["eval"]["probe_max_per_class"], seed,
-                                                      cache),
-                             task_registry.load_split(n, "test", size, root, cfg["eval"]["test_max_per_class"], seed,
-                                                      cache))
+def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_registry.TensorSplit:
+    return task_registry.load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir)
+
+
+def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
+    cap = cfg.eval.probe_max_per_class
+    train_splits = [_split(cfg, n, "train", cfg.train.max_train_per_class) for n in trained]
+    eval_sets = [EvalDataset(n, task_registry.task_classes(n, cfg.data_root), task_templates(n, cfg.eval.templates),
+                             _split(cfg, n, "train", cap), _split(cfg, n, "test", cfg.eval.test_max_per_class),
+                             _split(cfg, n, "val", cap) if cfg.eval.probe == "official" else None)
                  for n in eval_names]
     return train_splits, eval_sets
+
+
+def _pretrained_zero_shot(cfg: RunConfig, encoder, eval_sets: list[EvalDataset],
+                          device: str) -> Optional[dict[str, ZeroShotClassifier]]:
+    """Zero-shot classifiers of the pretrained text tower (built before any training or --resume
+    load): the evaluation's under eval.zs_text pretrained, and the ZS-init heads' weights."""
+    if not encoder.has_text:
+        return None
+    return {ds.name: ZeroShotClassifier.build(encoder, ds, device) for ds in eval_sets}
 
 
 def _benchmark(train_splits):
@@ -100,19 +184,15 @@ def _benchmark(train_splits):
 
 
 def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum 0.9), fused where torch supports it (one kernel for all parameters:
-    5x faster steps on CPU than the per-tensor loop); the arithmetic is the same."""
-    params = list(model.parameters())
+    """AdamW or SGD (momentum 0.9) over the parameters that train, fused where torch supports it
+    (one kernel for all parameters: 5x faster steps on CPU than the per-tensor loop); the arithmetic
+    is the same."""
+    params = [p for p in model.parameters() if p.requires_grad]
     cls, extra = (torch.optim.AdamW, {}) if name == "adamw" else (torch.optim.SGD, {"momentum": 0.9})
     try:
         return cls(params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
         return cls(params, lr=lr, weight_decay=weight_decay, **extra)
-
-
-def _optimizer(cfg: dict, model: torch.nn.Module) -> torch.optim.Optimizer:
-    t = cfg["train"]
-    return make_optimizer(model, t["optimizer"], t["lr"], t["weight_decay"])
 
 
 def _silent_evaluator() -> EvaluationPlugin:
@@ -122,10 +202,24 @@ def _silent_evaluator() -> EvaluationPlugin:
         return EvaluationPlugin(loggers=[])
 
 
-def _pretrained_key(cfg: dict, eval_names) -> str:
-    """Everything the pretrained evaluation round depends on (strategies never do)."""
-    keys = ("model", "eval", "data_root", "seed")
-    return json.dumps({"cfg": {k: cfg[k] for k in keys}, "eval": list(eval_names)}, sort_keys=True)
+def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device: str) -> FastNaive:
+    t = cfg.train
+    controls = [WarmupCosinePlugin(t.lr, t.warmup_steps)] + ([GradClipPlugin(t.grad_clip)] if t.grad_clip else [])
+    return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, t.lr, t.weight_decay),
+                     criterion=torch.nn.CrossEntropyLoss(), train_splits=train_splits, train_steps=t.iterations,
+                     train_augment=build_augment(t.augment), train_mb_size=t.batch_size, train_epochs=1,
+                     eval_mb_size=cfg.eval.batch_size, device=device,
+                     plugins=[*plugins, *controls, ProgressPlugin(trained)], evaluator=_silent_evaluator())
+
+
+def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
+    """The pretrained row, shared by every strategy of one invocation (it depends on no strategy)."""
+    key = json.dumps({"model": cfg.to_dict()["model"], "eval": cfg.to_dict()["eval"], "data_root": cfg.data_root,
+                      "seed": cfg.seed, "datasets": [d.name for d in eval_sets]}, sort_keys=True)
+    if key not in _PRETRAINED_ROUNDS:
+        _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, cfg.eval, device, cfg.seed, zero_shot,
+                                                 desc="eval pretrained")
+    return _PRETRAINED_ROUNDS[key]
 
 
 def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> None:
@@ -133,17 +227,31 @@ def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> N
         matrix.add_row(label, result.cells[kind])
 
 
-def _lp_init_head(model: MultiHeadClassifier, cfg: dict, task: int, name: str, device: str) -> None:
-    """Fit the task's head on the current encoder's features (train split, C chosen on val)."""
-    size, root, seed, cap = cfg["model"]["image_size"], cfg["data_root"], cfg["seed"], cfg["eval"]["probe_max_per_class"]
-    train = task_registry.load_split(name, "train", size, root, cap, seed, cfg["cache_dir"])
-    val = task_registry.load_split(name, "val", size, root, cap, seed, cfg["cache_dir"])
-    batch = cfg["eval"]["batch_size"]
-    weight, bias, C = fit_normalized_head(extract_features(model.encoder, train.x, batch, device), train.y,
-                                          extract_features(model.encoder, val.x, batch, device), val.y,
-                                          task_registry.get_task(name).num_classes, seed=seed)
-    model.ensure_head(task, len(bias)).load(weight, bias)
-    log.info("LP-init head for %s: C=%g", name, C)
+def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: int, name: str,
+               pretrained_zs: Optional[dict[str, ZeroShotClassifier]], device: str) -> None:
+    """The task's head before training: LP-init (a probe on the current encoder's features),
+    ZS-init (the pretrained text tower's class embeddings x logit_scale.exp(), ldifs_code
+    model/heads.py:17-61) or zero."""
+    head = model.ensure_head(task, task_registry.get_task(name).num_classes)
+    how = strategies.head_init(strategy, cfg.train.head_init)
+    if how == "zs":
+        zs = pretrained_zs[name]
+        head.load(zs.weights * zs.logit_scale, torch.zeros(len(zs.weights)))
+        log.info("ZS-init head for %s (pretrained text tower, logit scale %.2f)", name, zs.logit_scale)
+    elif how == "lp":
+        cap, batch = cfg.eval.probe_max_per_class, cfg.eval.batch_size
+        train, val = _split(cfg, name, "train", cap), _split(cfg, name, "val", cap)
+        train_f = extract_features(model.encoder, train.x, batch, device)
+        val_f = extract_features(model.encoder, val.x, batch, device)
+        if cfg.eval.probe == "official":
+            probe = fit_official_probe(train_f, train.y, val_f, val.y, len(head.linear.bias),
+                                       cfg.eval.probe_iterations, seed=cfg.seed, device=device)
+            head.load(probe.weight, probe.bias)
+            log.info("LP-init head for %s: official probe, lr=%g", name, probe.lr)
+        else:
+            weight, bias, C = fit_normalized_head(train_f, train.y, val_f, val.y, len(head.linear.bias), seed=cfg.seed)
+            head.load(weight, bias)
+            log.info("LP-init head for %s: C=%g", name, C)
 
 
 def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) -> None:
@@ -159,89 +267,30 @@ def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) ->
                                                   "finished": False})
 
 
-def _setup_logging(run_dir: Path) -> logging.Handler:
+def _restore(run_dir: Path, model, plugins, matrices, trained, device: str) -> int:
+    """Model, plugin state and matrices of the last finished task; returns how many tasks are done."""
+    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
+    start = state["completed"]
+    for t in range(start):
+        model.ensure_head(t, task_registry.get_task(trained[t]).num_classes)
+    model.load_state_dict(state["model"])
+    for k, (rows, cols, values) in state["matrices"].items():
+        matrices[k] = Matrix(rows, cols, values)
+    for plugin, attrs in zip(plugins, state["plugins"]):
+        for name, value in attrs.items():
+            setattr(plugin, name, value)
+    log.info("resumed after %d task(s)", start)
+    return start
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path) -> Iterator[None]:
     handler = logging.FileHandler(run_dir / "log.txt")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    return handler
-
-
-def run_strategy(cfg: dict, strategy: str, run_dir: Path, resume: bool = False,
-                 stop_after: Optional[int] = None) -> Path:
-    """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
-    trained, eval_only = resolve_tasks(cfg)
-    eval_names = trained + eval_only
-    params = strategies.resolve_params(strategy, cfg["strategy_params"])
-    device = select_device(cfg["device"])
-    threads = set_threads(cfg["threads"])
-    seed_everything(cfg["seed"])
-    encoder = create_model(cfg["model"]["name"], cfg["model"]["pretrained"], cfg["model"]["image_size"],
-                           cfg["model"]["freeze_bn"])
-    if strategies.needs_text(strategy) and not encoder.has_text:
-        raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg['model']['name']} has none")
-    cfg = {**cfg, "model": {**cfg["model"], "image_size": encoder.image_size}}
-    run_cfg = {**cfg, "strategies": [strategy], "tasks": list(trained), "eval_only": list(eval_only),
-               "strategy_params": params}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", dump_config(run_cfg))
-    handler = _setup_logging(run_dir)
     try:
-        log.info("strategy %s, tasks %s, eval-only %s, device %s, %d threads", strategy, trained, eval_only,
-                 device, threads)
-        configure_for_device(encoder, device, cfg["train"]["precision"], cfg["train"]["compile"])
-        model = MultiHeadClassifier(encoder).to(device)
-        train_splits, eval_sets = _load_splits(cfg, trained, eval_names)
-        bench = _benchmark(train_splits)
-        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg["data_root"], "cache_dir": cfg["cache_dir"],
-                                                             "image_size": encoder.image_size, "seed": cfg["seed"]})
-        naive = FastNaive(model=model, optimizer=_optimizer(cfg, model), criterion=torch.nn.CrossEntropyLoss(),
-                          train_splits=train_splits,
-                      train_mb_size=cfg["train"]["batch_size"], train_epochs=cfg["train"]["epochs"],
-                      eval_mb_size=cfg["eval"]["batch_size"], device=device,
-                      plugins=[*plugins, WarmupCosinePlugin(cfg["train"]["lr"], cfg["train"]["warmup_steps"]),
-                               ProgressPlugin(trained)], evaluator=_silent_evaluator())
-        matrices = {k: Matrix(columns=list(eval_names)) for k in matrix_kinds(encoder.has_text)}
-        start = 0
-        if resume:
-            state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
-            start = state["completed"]
-            for t in range(start):
-                model.ensure_head(t, task_registry.get_task(trained[t]).num_classes)
-            model.load_state_dict(state["model"])
-            for k, (rows, cols, values) in state["matrices"].items():
-                matrices[k] = Matrix(rows, cols, values)
-            for plugin, attrs in zip(plugins, state["plugins"]):
-                for name, value in attrs.items():
-                    setattr(plugin, name, value)
-            naive.clock.train_exp_counter = start
-            log.info("resumed after %d task(s)", start)
-        else:
-            key = _pretrained_key(cfg, eval_names)
-            if key not in _PRETRAINED_ROUNDS:
-                _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, device, cfg["eval"]["batch_size"],
-                                                         cfg["eval"]["probe_C"], cfg["seed"], desc="eval pretrained")
-            first = _PRETRAINED_ROUNDS[key]
-            _add_rows(matrices, PRETRAINED, first)
-        for t in range(start, len(trained)):
-            if stop_after is not None and t >= stop_after:
-                return run_dir
-            name = trained[t]
-            seed_everything(cfg["seed"] * 1000 + t)  # per-task seeding makes --resume exact
-            num_classes = task_registry.get_task(name).num_classes
-            model.ensure_head(t, num_classes)
-            if strategies.head_init(strategy, cfg["train"]["head_init"]) == "lp":
-                _lp_init_head(model, cfg, t, name, device)
-            naive.train(bench.train_stream[t], eval_streams=[], reset_optimizer_state=True)
-            result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, device,
-                                    cfg["eval"]["batch_size"], cfg["eval"]["probe_C"], cfg["seed"],
-                                    desc=f"eval after {name}")
-            _add_rows(matrices, name, result)
-            _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
-            log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
-        finalize_run(run_dir, matrices, run_cfg, model_has_text=encoder.has_text)
-        return run_dir
+        yield
     finally:
         log.removeHandler(handler)
         handler.close()

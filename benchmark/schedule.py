@@ -1,9 +1,10 @@
-"""Per-task learning-rate schedule: linear warmup, then cosine decay to 0 (as the official
-LDIFS/WiSE-FT code), restarted at every task."""
+"""Per-step training controls as plugins: the learning-rate schedule (linear warm-up, then cosine
+decay to 0, as the official LDIFS/WiSE-FT code, restarted at every task) and gradient clipping."""
 from __future__ import annotations
 
 import math
 
+import torch
 from avalanche.core import SupervisedPlugin
 
 
@@ -29,3 +30,17 @@ class WarmupCosinePlugin(SupervisedPlugin):
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         self.step += 1
+
+
+class GradClipPlugin(SupervisedPlugin):
+    """Clip the global gradient norm of the trained parameters after every backward pass
+    (torch.nn.utils.clip_grad_norm_, as the official LDIFS code does before each step)."""
+
+    def __init__(self, max_norm: float):
+        super().__init__()
+        self.max_norm = float(max_norm)
+        self.last_norm = None  # total norm before clipping (a tensor: no device sync per step)
+
+    def after_backward(self, strategy, **kwargs):
+        params = [p for p in strategy.model.parameters() if p.requires_grad]
+        self.last_norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)

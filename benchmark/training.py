@@ -7,8 +7,10 @@ pinned for asynchronous copies when training on CUDA. Batches keep the suite's l
 """
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 import math
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from avalanche.training import Naive
@@ -17,19 +19,30 @@ from tasks import TensorSplit
 
 
 class TensorBatches:
-    """Shuffled minibatches [x, y, index, task] of one split, one gather per batch."""
+    """Shuffled minibatches [x, y, index, task] of one split, one gather per batch.
 
-    def __init__(self, split: TensorSplit, task: int, batch_size: int, shuffle: bool = True, pin: bool = False):
+    steps: a fixed number of batches (an iteration budget), passing over the split again with a
+    fresh shuffle as often as needed; None = one pass.
+    """
+
+    def __init__(self, split: TensorSplit, task: int, batch_size: int, shuffle: bool = True, pin: bool = False,
+                 steps: Optional[int] = None):
         self.split, self.task, self.batch_size, self.shuffle, self.pin = split, task, batch_size, shuffle, pin
+        self.steps = steps
 
     def __len__(self) -> int:
-        return math.ceil(len(self.split) / self.batch_size)
+        return self.steps if self.steps is not None else math.ceil(len(self.split) / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+    def _one_pass(self) -> Iterator[torch.Tensor]:
         n = len(self.split)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)  # global RNG: seeded per task
         for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size]
+            yield order[start:start + self.batch_size]
+
+    def __iter__(self) -> Iterator[list[torch.Tensor]]:
+        passes = itertools.count() if self.steps is not None else range(1)
+        indices = (idx for _ in passes for idx in self._one_pass())
+        for idx in itertools.islice(indices, len(self)):
             batch = [self.split.x[idx], self.split.y[idx], idx, torch.full((len(idx),), self.task)]
             yield [b.pin_memory() for b in batch] if self.pin else batch
 
@@ -38,16 +51,31 @@ class FastNaive(Naive):
     """Naive fine-tuning whose training minibatches come from `TensorBatches`.
 
     train_splits[t] must be the tensors behind experience t of the stream being trained.
+    train_steps: an iteration budget per task (then train_epochs should be 1); None = epochs.
+    train_augment: applied to each training batch's images once they are on the device; plugins
+    (and LDIFS's reference pass) see the augmented batch as `strategy.mb_x`.
     """
 
-    def __init__(self, *, train_splits: list[TensorSplit], **kwargs):
+    def __init__(self, *, train_splits: list[TensorSplit], train_steps: Optional[int] = None,
+                 train_augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **kwargs):
         super().__init__(**kwargs)
-        self.train_splits = train_splits
+        self.train_splits, self.train_steps, self.train_augment = train_splits, train_steps, train_augment
 
     def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
         t = self.experience.current_experience
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin)
+        self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps)
+
+    def make_optimizer(self, **kwargs) -> None:
+        """Called before each task: fresh optimizer state over the parameters that train (a frozen
+        text tower stays out; Avalanche's default would put every parameter of the model back in)."""
+        self.optimizer.state = defaultdict(dict)
+        self.optimizer.param_groups[0]["params"] = [p for p in self.model.parameters() if p.requires_grad]
+
+    def _unpack_minibatch(self):
+        super()._unpack_minibatch()
+        if self.train_augment is not None and self.is_training:
+            self.mbatch[0] = self.train_augment(self.mbatch[0])
 
 
 def configure_for_device(encoder, device: str, precision: str, compile: bool = False) -> None:

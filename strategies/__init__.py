@@ -25,6 +25,8 @@ class StrategySpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
+    trains_text: Callable[[dict], bool] = lambda params: False  # whether the text tower must stay trainable
+    notes: str = ""  # shown by `cfbench list strategies`
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
@@ -41,7 +43,9 @@ register_strategy(StrategySpec("lpft", "LP-FT: head fitted on frozen-encoder fea
 register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
                                lambda ctx, **kw: [LDIFSPlugin(**kw)],
                                {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
-                                "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0}))
+                                "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0},
+                               notes="with train.augment on, the reference runs on every augmented batch "
+                                     "(the per-sample cache holds un-augmented inputs and is not used)"))
 register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
                                lambda ctx, **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
 register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
@@ -67,7 +71,8 @@ def _build_zscl(ctx: dict, reference_task: str, **kw) -> list:
 register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set + weight ensembling (text tower)",
                                _build_zscl, {"reference_task": "photo_patches", "temperature": 2.0, "weight": 1.0,
                                              "text_loss": False, "avg_freq": 100, "ref_batch_size": 64,
-                                             "weight_ensemble": True}, needs_text=True))
+                                             "weight_ensemble": True}, needs_text=True,
+                               trains_text=lambda params: bool(params["text_loss"])))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:
@@ -98,6 +103,11 @@ def needs_text(combo: str) -> bool:
     return any(spec.needs_text for spec in parse_strategy(combo))
 
 
+def trains_text(combo: str, params: dict[str, dict]) -> bool:
+    """Whether any component trains the text tower (otherwise it is frozen, bit-identical)."""
+    return any(spec.trains_text(params.get(spec.name, spec.defaults)) for spec in parse_strategy(combo))
+
+
 def head_init(combo: str, default: str) -> str:
     """The head initialisation a strategy (or combination) trains with."""
     forced = {spec.head_init for spec in parse_strategy(combo) if spec.head_init}
@@ -117,5 +127,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] =
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "needs_text", "trains_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

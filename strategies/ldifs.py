@@ -4,10 +4,12 @@ Loss = CE + alpha * LDIFS. Slices come from `encoder.slice_modules()` (ViT: ln_p
 residual stream after blocks D/4, D/2, 3D/4, D; CNN: stem and each stage). The official code
 normalizes (N, L, C) slices along dim 1, the token axis; `normalize="channel"` uses C instead.
 
-Inputs are deterministic (no random augmentation), so when batches carry sample indices
+Without random augmentation inputs are deterministic, so when batches carry sample indices
 (cfbench's datasets yield (x, y, index, task)) the reference encoder's normalized slices are
 computed once per task in one no-grad pass and looked up every step, instead of running the
-frozen encoder on every batch of every epoch.
+frozen encoder on every batch of every epoch. With augmentation (`strategy.train_augment`) the
+reference runs on each augmented batch, as the official code does: a cached un-augmented
+reference would pull the features of a crop towards those of the whole image.
 """
 from __future__ import annotations
 
@@ -160,7 +162,10 @@ class LDIFSPlugin(SupervisedPlugin):
         if self.reference == "previous" or self.reference_encoder is None:
             self.reference_encoder = copy.deepcopy(encoder).eval().requires_grad_(False)
         start = time.perf_counter()
-        self._cached, self._cached_sq = self._build_cache(strategy) if self.cache else (None, None)
+        augmenting = getattr(strategy, "train_augment", None) is not None
+        if self.cache and augmenting:
+            log.info("LDIFS: training batches are augmented, so the reference runs on every batch (no cache)")
+        self._cached, self._cached_sq = self._build_cache(strategy) if self.cache and not augmenting else (None, None)
         self.cache_seconds += time.perf_counter() - start
         self._handles = [m.register_forward_hook(self._hook) for m in encoder.slice_modules()]
 

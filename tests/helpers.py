@@ -3,7 +3,24 @@ import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
+from benchmark.config import RunConfig, merge, resolve
 from benchmark.models.clip import CLIPModel
+
+
+def tiny_layer(tmp_path) -> dict:
+    return {"tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft"],
+            "model": {"image_size": 64},
+            "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
+            "eval": {"probe_max_per_class": 12, "test_max_per_class": 10, "batch_size": 128},
+            "out": str(tmp_path / "results"), "threads": 2}
+
+
+def tiny_config(tmp_path, *changes: dict) -> RunConfig:
+    """The tiny offline run config with each mapping in `changes` laid over it key by key."""
+    layer = tiny_layer(tmp_path)
+    for change in changes:
+        layer = merge(layer, change)
+    return resolve(layer)
 
 
 def tiny_clip_vit(layers: int = 12) -> CLIPModel:

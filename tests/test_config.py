@@ -1,24 +1,83 @@
 import pytest
+import yaml
 
-from benchmark.config import DEFAULTS, apply_overrides, load_config
+from benchmark.cli import main
+from benchmark.config import RunConfig, dump_config, list_protocols, load_config, protocol_settings, resolve
 from benchmark.errors import CfbenchError
 
 
 def test_unknown_keys_and_bad_values_are_rejected(tmp_path):
     with pytest.raises(CfbenchError, match="unknown key 'train.lrr'"):
-        apply_overrides(DEFAULTS, {"train": {"lrr": 1}})
-    with pytest.raises(CfbenchError, match="train.lr must be a positive number"):
-        apply_overrides(DEFAULTS, {"train": {"lr": -1}})
-    with pytest.raises(CfbenchError, match="must be a mapping"):
-        apply_overrides(DEFAULTS, {"model": "ViT-B-32"})
+        resolve({"train": {"lrr": 1}})
+    with pytest.raises(CfbenchError, match="train.lr must be positive"):
+        resolve({"train": {"lr": -1}})
+    with pytest.raises(CfbenchError, match="'model' must be a mapping"):
+        resolve({"model": "ViT-B-32"})
+    with pytest.raises(CfbenchError, match="train.batch_size must be an integer"):
+        resolve({"train": {"batch_size": "64"}})
+    with pytest.raises(CfbenchError, match="train.head_init must be one of"):
+        resolve({"train": {"head_init": "random"}})
+    with pytest.raises(CfbenchError, match="train.augment.scale must satisfy"):
+        resolve({"train": {"augment": {"kind": "rrc", "scale": [0.5, 1.5]}}})
+    with pytest.raises(CfbenchError, match="train.epochs must be"):
+        resolve({"train": {"epochs": [1, 2]}})
+    with pytest.raises(CfbenchError, match="unknown protocol 'nope'"):
+        resolve({"protocol": "nope"})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(CfbenchError, match="not valid YAML"):
         load_config(str(bad))
 
 
-def test_strategy_params_merge_per_strategy():
-    cfg = apply_overrides(DEFAULTS, {"strategy_params": {"ewc": {"ewc_lambda": 5.0}}})
-    assert cfg["strategy_params"] == {"ldifs": {"alpha": 10000.0}, "ewc": {"ewc_lambda": 5.0}}
-    cfg = apply_overrides(DEFAULTS, {"strategy_params": {"ldifs": {"alpha": 10.0}}})
-    assert cfg["strategy_params"]["ldifs"] == {"alpha": 10.0}
+def test_layers_apply_in_order_and_strategy_params_merge_per_strategy():
+    cfg = resolve({"strategy_params": {"ewc": {"ewc_lambda": 5.0}}})
+    assert cfg.strategy_params == {"ldifs": {"alpha": 10000.0}, "ewc": {"ewc_lambda": 5.0}}  # demo preset kept
+    cfg = resolve({"strategy_params": {"ldifs": {"alpha": 10.0}}}, {"train": {"lr": 2e-3}})
+    assert cfg.strategy_params["ldifs"] == {"alpha": 10.0} and cfg.train.lr == 2e-3
+    assert isinstance(cfg.train.lr, float) and cfg.train.batch_size == 64  # untouched keys keep the preset
+
+
+def test_ldifs_protocol_preset_and_user_overrides():
+    cfg = resolve({"protocol": "ldifs"})
+    assert (cfg.model.name, cfg.model.pretrained, cfg.sequence) == ("ViT-B-32", "openai", "ldifs10")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.batch_size, cfg.train.warmup_steps) == (1e-5, 0.1, 128, 500)
+    assert cfg.train.grad_clip == 1.0 and cfg.train.augment.kind == "rrc" and cfg.train.augment.scale == (0.9, 1.0)
+    assert cfg.train.epochs_for("dtd") == 76 and cfg.train.epochs_for("cars") == 35
+    assert cfg.train.max_train_per_class is None and cfg.eval.probe_max_per_class is None
+    assert (cfg.eval.probe, cfg.eval.zs_text, cfg.eval.templates) == ("official", "pretrained", "ldifs")
+    with pytest.raises(CfbenchError, match="no epochs for task 'digits'"):
+        cfg.train.epochs_for("digits")
+    # a user key overrides the preset, the rest of the preset stays
+    cfg = resolve({"protocol": "ldifs", "train": {"epochs": 2, "batch_size": 8}})
+    assert cfg.train.epochs_for("digits") == 2 and cfg.train.lr == 1e-5 and cfg.train.batch_size == 8
+    assert resolve({"train": {"epochs": {"digits": 4, "default": 1}}}).train.epochs_for("faces") == 1
+
+
+def test_every_protocol_resolves_and_round_trips_through_yaml(tmp_path):
+    assert {"demo", "ldifs"} <= set(list_protocols())
+    for name in list_protocols():
+        assert list_protocols()[name]  # each has a description
+        cfg = resolve({"protocol": name})
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(dump_config(cfg))
+        assert load_config(str(path)) == cfg
+        # a preset names every setting of the sections it fills (no silent schema default)
+        settings = protocol_settings(name)
+        for section in ("model", "train", "eval"):
+            assert set(settings[section]) == set(RunConfig().to_dict()[section]), (name, section)
+
+
+def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", "--protocol", "ldifs", "--print-config", "--out", str(out), "--epochs", "2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["protocol"] == "ldifs" and printed["train"]["epochs"] == 2
+    assert printed["train"]["lr"] == 1e-5 and printed["model"]["name"] == "ViT-B-32"
+    assert RunConfig().to_dict().keys() == printed.keys()
+    assert not out.exists()
+
+
+def test_list_protocols(capsys):
+    assert main(["list", "protocols"]) == 0
+    out = capsys.readouterr().out
+    assert "ldifs" in out and "demo (default)" in out and "--print-config" in out

@@ -12,6 +12,7 @@ from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.runner import run_strategy
 from benchmark.store import Matrix
+from tests.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +87,11 @@ def test_resolved_config_reruns_as_is(finished):
     for name in ("ft", "ldifs"):
         written = yaml.safe_load((finished / f"{name}-s0/config.yaml").read_text())
         cfg = load_config(str(finished / f"{name}-s0/config.yaml"))
-        assert cfg["strategies"] == [name] and cfg["tasks"] == ["digits", "faces"]
-        assert cfg["model"]["image_size"] == 64 and cfg["eval_only"] == ["photo_patches"]
-        assert strategies.resolve_params(name, cfg["strategy_params"]) == written["strategy_params"]
+        assert cfg.strategies == [name] and cfg.tasks == ["digits", "faces"]
+        assert cfg.model.image_size == 64 and cfg.eval_only == ["photo_patches"]
+        for component, params in strategies.resolve_params(name, cfg.strategy_params).items():
+            assert written["strategy_params"][component] == params  # every default written out
+        assert cfg.to_dict() == written  # loading the written config gives back exactly what was written
     assert written["strategy_params"]["ldifs"]["alpha"] == 10000.0
 
 
@@ -102,7 +105,7 @@ def test_plot_redraws_from_csvs(finished, tmp_path):
 
 
 def test_resume_after_interruption_matches_uninterrupted(tiny_cfg, tmp_path):
-    cfg = {**tiny_cfg, "strategies": ["ldifs"]}
+    cfg = tiny_cfg.replace(strategies=["ldifs"])
     full = run_strategy(cfg, "ldifs", tmp_path / "full")
     part = run_strategy(cfg, "ldifs", tmp_path / "part", stop_after=1)
     progress = json.loads((part / "progress.json").read_text())
@@ -137,8 +140,8 @@ def test_list_commands(capsys):
 
 @pytest.mark.parametrize("strategy", ["lpft", "l2sp", "ewc", "lwf", "wise-ft", "ldifs+ewc"])
 def test_every_image_only_strategy_runs_on_the_offline_tasks(tiny_cfg, tmp_path, strategy):
-    cfg = {**tiny_cfg, "train": {**tiny_cfg["train"], "max_train_per_class": 8},
-           "eval": {**tiny_cfg["eval"], "probe_max_per_class": 6, "test_max_per_class": 5}}
+    cfg = tiny_config(tmp_path, {"train": {"max_train_per_class": 8},
+                                 "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}})
     run = run_strategy(cfg, strategy, tmp_path / strategy)
     lp = Matrix.load(run / "matrices/lp.csv")
     assert lp.rows == ["pretrained", "digits", "faces"]

@@ -40,6 +40,7 @@ def test_ece_by_hand():
 
 
 def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
+    from benchmark.config import EvalConfig
     from benchmark.evaluate import EvalDataset, evaluate_round, extract_features
     from benchmark.models import create_model
     from benchmark.multihead import MultiHeadClassifier
@@ -49,7 +50,7 @@ def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     test = load_split("digits", "test", 64)
     model = MultiHeadClassifier(create_model("efficientnet_lite0", "package", 64))
     ds = EvalDataset("digits", [str(i) for i in range(10)], ("{}",), train, test)
-    result = evaluate_round(model, [ds], {}, seed=3)
+    result = evaluate_round(model, [ds], {}, EvalConfig(), seed=3)
     f_train = extract_features(model.encoder, train.x).double().numpy()
     f_test = extract_features(model.encoder, test.x).double().numpy()
     scaler = StandardScaler().fit(f_train)

@@ -6,6 +6,7 @@ import tasks
 from benchmark.runner import _benchmark, run_strategy
 from benchmark.store import Matrix
 from benchmark.training import TensorBatches
+from tests.helpers import tiny_config
 
 
 def test_tensor_batches_cover_each_sample_once_with_avalanches_layout():
@@ -27,8 +28,8 @@ def test_tensor_batches_cover_each_sample_once_with_avalanches_layout():
 
 
 def test_bf16_autocast_run_trains_with_fp32_features(tiny_cfg, tmp_path):
-    cfg = {**tiny_cfg, "strategies": ["ldifs"], "tasks": ["digits"], "eval_only": ["faces"],
-           "train": {**tiny_cfg["train"], "precision": "bf16"}}
+    cfg = tiny_config(tmp_path, {"strategies": ["ldifs"], "tasks": ["digits"], "eval_only": ["faces"],
+                                 "train": {"precision": "bf16"}})
     run = run_strategy(cfg, "ldifs", tmp_path / "bf16")
     lp = Matrix.load(run / "matrices/lp.csv")
     assert lp.rows == ["pretrained", "digits"] and all(0 <= v <= 100 for row in lp.values for v in row)

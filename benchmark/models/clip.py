@@ -37,6 +37,21 @@ class CLIPModel(FoundationModel):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_text(tokens)
 
+    @property
+    def logit_scale(self) -> float:
+        return float(self.clip.logit_scale.detach().exp())
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        """Everything outside the image tower: text transformer, embeddings, projection, logit_scale."""
+        visual = {id(p) for p in self.clip.visual.parameters()}
+        return [p for p in self.clip.parameters() if id(p) not in visual]
+
+    def freeze_text(self) -> None:
+        """The text side stays bit-identical: no gradients, so no optimizer, penalty or decay touches it
+        (the official LDIFS code deletes the text transformer from the trained encoder, modeling.py:88-89)."""
+        for p in self.text_parameters():
+            p.requires_grad_(False)
+
     def slice_modules(self) -> list[nn.Module]:
         """ViT: ln_pre output and the residual stream after blocks D/4, D/2, 3D/4, D (LDIFS's
         five slices, for any depth). ModifiedResNet: stem output and each of the four stages."""
@@ -49,7 +64,23 @@ class CLIPModel(FoundationModel):
         return [visual.avgpool, visual.layer1, visual.layer2, visual.layer3, visual.layer4]
 
 
-def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True) -> CLIPModel:
+def wants_quick_gelu(name: str, pretrained: Optional[str], quick_gelu: Optional[bool] = None) -> bool:
+    """QuickGELU as the weights were trained: an explicit choice wins; else open_clip's metadata of
+    the pretrained tag (`openai` weights: True). open_clip 3 builds `ViT-B-32` with nn.GELU even for
+    `openai` and only warns; a local checkpoint path carries no such metadata (default False)."""
+    import open_clip
+
+    if quick_gelu is not None:
+        return quick_gelu
+    if name.endswith("-quickgelu"):
+        return True
+    if pretrained and not os.path.exists(pretrained):
+        return bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+    return False
+
+
+def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True,
+                quick_gelu: Optional[bool] = None) -> CLIPModel:
     import open_clip
 
     if name not in open_clip.list_models():
@@ -59,7 +90,8 @@ def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True) ->
         if pretrained not in tags:
             raise CfbenchError(f"{name}: pretrained must be a local checkpoint path or one of {tags}")
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained or None)
+        clip = open_clip.create_model(name, pretrained=pretrained or None,
+                                      force_quick_gelu=wants_quick_gelu(name, pretrained, quick_gelu))
     except Exception as err:  # hub download failures surface as many exception types
         raise CfbenchError(f"could not load {name} weights {pretrained!r}: {err}") from None
     return CLIPModel(clip, open_clip.get_tokenizer(name), freeze_bn=freeze_bn)

@@ -1,0 +1,42 @@
+"""Training augmentation applied on the device to whole uint8 batches.
+
+`RandomResizedCropBatch` is torchvision's RandomResizedCrop, sample by sample: crop boxes from
+`RandomResizedCrop.get_params` (the global RNG, seeded per task, so --resume is exact) and the
+tensor `resized_crop` with bicubic interpolation back to the batch's size -- the transform of
+open_clip's train preprocessing (scale 0.9-1 there), which the official LDIFS code trains with.
+It runs where the batch lives (the GPU when training there), on the cached images (shortest side
+resized to the model's size, centre-cropped) rather than on the original files.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
+
+
+class RandomResizedCropBatch:
+    def __init__(self, scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3)):
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+
+    def __repr__(self) -> str:
+        return f"RandomResizedCrop(scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, bicubic)"
+
+    def crop_boxes(self, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
+        """(top, left, height, width) per sample, drawn exactly as torchvision draws them."""
+        return [RandomResizedCrop.get_params(x[i], list(self.scale), list(self.ratio)) for i in range(len(x))]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        size = list(x.shape[-2:])
+        out = torch.empty_like(x)
+        for i, (top, left, h, w) in enumerate(self.crop_boxes(x)):
+            out[i] = TF.resized_crop(x[i], top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
+        return out
+
+
+def build_augment(settings) -> Optional[RandomResizedCropBatch]:
+    """The augmentation an AugmentConfig names (None for `none`)."""
+    if settings.kind == "rrc":
+        return RandomResizedCropBatch(settings.scale, settings.ratio)
+    return None
