@@ -263,7 +263,7 @@ def cmd_perf(args) -> int:
 
     set_threads(args.threads)
     print(run_perf(args.model, args.repeats, select_device(args.device), args.samples, args.batch_size,
-                   args.epochs, not args.no_eval))
+                   args.epochs, not args.no_eval, args.augment))
     return 0
 
 
@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--samples", type=int, default=640, help="training samples per epoch")
     pf.add_argument("--batch-size", type=int, default=64)
     pf.add_argument("--epochs", type=int, default=3, help="epochs per timed task (the LDIFS cache amortizes)")
-    pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round comparison")
+    pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round and probe comparisons")
+    pf.add_argument("--augment", action="store_true", help="compare FT and LDIFS on RandomResizedCrop batches "
+                    "(the ldifs protocol: LDIFS's reference runs on every batch) instead of the cache variants")
     pf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     pf.add_argument("--threads", type=int, help="torch threads (default: every core)")
     pf.set_defaults(func=cmd_perf)

@@ -108,7 +108,7 @@ def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, l
 
 
 def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
-                plugins_factory: Callable[[], list], epochs: int = 1) -> Callable[[], None]:
+                plugins_factory: Callable[[], list], epochs: int = 1, augment=None) -> Callable[[], None]:
     """One task through the suite's Avalanche strategy and plugins, as `cfbench run` trains."""
     from .training import FastNaive
 
@@ -118,6 +118,7 @@ def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, 
 
     def run():
         strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", lr, 0.1), train_splits=[data],
+                             train_augment=augment,
                              criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=epochs,
                              device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
                              evaluator=_silent_evaluator())
@@ -126,9 +127,13 @@ def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, 
 
 
 def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: int, device: str,
-                         epochs: int = 3, ldifs_alpha: float = 10.0) -> dict[str, Timing]:
-    """One task of `epochs` epochs per variant (the LDIFS cache is built once per task)."""
+                         epochs: int = 3, ldifs_alpha: float = 10.0, augmented: bool = False) -> dict[str, Timing]:
+    """One task of `epochs` epochs per variant (the LDIFS cache is built once per task).
+    augmented: FT and LDIFS with RandomResizedCrop(0.9-1) batches (the `ldifs` protocol's training,
+    where LDIFS's reference runs on every batch) instead of the cache comparison."""
     from strategies import LDIFSPlugin
+
+    from .augment import RandomResizedCropBatch
 
     model = MultiHeadClassifier(encoder).to(device)
     model.ensure_head(0, int(data.y.max()) + 1)
@@ -152,11 +157,18 @@ def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: i
     variants = {
         "bare FT task": fresh(bare_epoch(model, data, batch_size, 1e-5, device, epochs)),
         "suite FT task": fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [], epochs)),
-        "suite LDIFS task (cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(True), epochs),
-                                          made["cache"]),
-        "suite LDIFS task (no cache)": fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(False), epochs),
-                                             made["no cache"]),
     }
+    if augmented:
+        rrc = RandomResizedCropBatch((0.9, 1.0))
+        variants["suite FT task (rrc)"] = fresh(suite_epoch(model, data, batch_size, 1e-5, device, lambda: [], epochs,
+                                                            rrc))
+        variants["suite LDIFS task (rrc)"] = fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(False),
+                                                               epochs, rrc), made["no cache"])
+    else:
+        variants["suite LDIFS task (cache)"] = fresh(suite_epoch(model, data, batch_size, 1e-5, device, ldifs(True),
+                                                                 epochs), made["cache"])
+        variants["suite LDIFS task (no cache)"] = fresh(suite_epoch(model, data, batch_size, 1e-5, device,
+                                                                    ldifs(False), epochs), made["no cache"])
     if device == "cuda":  # the ceiling: images already on the GPU, no loader at all
         resident = TensorSplit(data.x.to(device), data.y.to(device))
         variants["model-only FT task (GPU-resident)"] = fresh(bare_epoch(model, resident, batch_size, 1e-5, device,
@@ -193,6 +205,44 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
         evaluate_round(model, sets(False), {}, EvalConfig(), device, desc="eval")
 
     return alternate({"eval round from cache": from_cache, "eval round decoding": decoding}, repeats, device)
+
+
+def probe_comparison(encoder, names: list[str], image_size: int, repeats: int, device: str,
+                     probe_cap: int = 100, test_cap: Optional[int] = 300, iterations: int = 1000):
+    """The linear probes on the same features: the demo's sklearn probe (C=1, standardized), the
+    sklearn LP-init head (C swept on val) and the official PyTorch probe (5 lrs + refit, full-batch
+    AdamW). Returns the timings and each one's test accuracy per dataset."""
+    import tasks
+
+    from .evaluate import extract_features
+    from .probe import accuracy, fit_normalized_head, fit_official_probe, fit_probe
+
+    feats = {}
+    for n in names:
+        splits = [tasks.load_split(n, which, image_size, max_per_class=cap)
+                  for which, cap in (("train", probe_cap), ("val", probe_cap), ("test", test_cap))]
+        feats[n] = [(extract_features(encoder, s.x, 256, device), s.y) for s in splits]
+    k = {n: tasks.get_task(n).num_classes for n in names}
+
+    def sklearn_probe(n):
+        (tf, ty), _, (xf, xy) = feats[n]
+        return accuracy(fit_probe(tf, ty, k[n]).logits(xf), xy)
+
+    def sklearn_head(n):
+        (tf, ty), (vf, vy), (xf, xy) = feats[n]
+        w, b, _ = fit_normalized_head(tf, ty, vf, vy, k[n])
+        return accuracy(torch.nn.functional.normalize(xf, dim=-1) @ w.T + b, xy)
+
+    def official(n):
+        (tf, ty), (vf, vy), (xf, xy) = feats[n]
+        return accuracy(fit_official_probe(tf, ty, vf, vy, k[n], iterations, device=device).logits(xf), xy)
+
+    probes = {"sklearn probe (C=1)": sklearn_probe, "sklearn head (C sweep)": sklearn_head,
+              "official probe": official}
+    accuracies = {name: {n: fn(n) for n in names} for name, fn in probes.items()}
+    timings = alternate({name: (lambda fn=fn: [fn(n) for n in names] and None) for name, fn in probes.items()},
+                        repeats, device)
+    return timings, accuracies
 
 
 def photo_files(folder, copies: int = 20):
@@ -245,7 +295,7 @@ def report(title: str, timings: dict[str, Timing], baseline: str) -> list[str]:
 
 
 def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_size: int, epochs: int = 3,
-             evaluation: bool = True) -> str:
+             evaluation: bool = True, augmented: bool = False) -> str:
     """The comparisons of BENCHMARKS.md for one model; returns the printed report."""
     import platform
 
@@ -268,15 +318,21 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
     lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples x {epochs} epochs, batch {batch_size}, "
              f"{repeats} repeats, device {device} ({gpu or cpu}), {torch.get_num_threads()} threads"]
     configure_for_device(encoder, device, "auto")
-    train = training_comparisons(encoder.to(device), data, batch_size, repeats, device, epochs)
+    train = training_comparisons(encoder.to(device), data, batch_size, repeats, device, epochs, augmented=augmented)
     lines += report(f"training one task ({epochs} epochs)", train, "suite FT task")
-    ft, cached = train["suite FT task"], train["suite LDIFS task (cache)"]
+    ft = train["suite FT task"]
     images = len(data) * epochs
     lines.append(f"suite FT / bare FT = {ft.median / train['bare FT task'].median:.2f}")
-    lines.append(f"LDIFS (cache) / FT per task = {cached.median / ft.median:.2f}; per step, without the "
-                 f"once-per-task reference pass ({statistics.median(cached.excluded):.2f} s) = "
-                 f"{cached.median_without_setup / ft.median:.2f}")
-    lines.append(f"LDIFS (no cache) / FT = {train['suite LDIFS task (no cache)'].median / ft.median:.2f}")
+    if augmented:
+        ft_rrc = train["suite FT task (rrc)"]
+        lines.append(f"LDIFS (rrc) / FT (rrc) = {train['suite LDIFS task (rrc)'].median / ft_rrc.median:.2f}; "
+                     f"FT (rrc) / FT = {ft_rrc.median / ft.median:.2f}")
+    else:
+        cached = train["suite LDIFS task (cache)"]
+        lines.append(f"LDIFS (cache) / FT per task = {cached.median / ft.median:.2f}; per step, without the "
+                     f"once-per-task reference pass ({statistics.median(cached.excluded):.2f} s) = "
+                     f"{cached.median_without_setup / ft.median:.2f}")
+        lines.append(f"LDIFS (no cache) / FT = {train['suite LDIFS task (no cache)'].median / ft.median:.2f}")
     lines.append("throughput: " + ", ".join(f"{name} {images / t.median:.1f} img/s" for name, t in train.items()))
     if "model-only FT task (GPU-resident)" in train:
         lines.append(f"end-to-end FT / model-only throughput = "
@@ -286,6 +342,12 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
         ev = evaluation_comparison(encoder, names, size, repeats, device, test_cap=300)
         lines += report("evaluation round (" + ", ".join(names) + ")", ev, "eval round from cache")
         lines.append(f"decoding / cache = {ev['eval round decoding'].median / ev['eval round from cache'].median:.2f}")
+        probes, acc = probe_comparison(encoder, names, size, repeats, device)
+        lines += report("linear probes on the demo's features (" + ", ".join(names) + ")", probes,
+                        "sklearn probe (C=1)")
+        for name, per in acc.items():
+            lines.append(f"{name:<24} test accuracy: " + ", ".join(f"{n} {a:.1f}" for n, a in per.items())
+                         + f"; mean {statistics.mean(per.values()):.2f}")
         with tempfile.TemporaryDirectory() as folder:
             photos = photo_files(Path(folder))
             dp = data_path_comparison(names, size, repeats, photos)

@@ -94,6 +94,7 @@ def _fit_torch_lr(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """Full-batch AdamW (torch defaults but lr) on cross-entropy from nn.Linear's default init, as
     ldifs_code model/logistic_regression.py:10-36 (the init draws from the global RNG on the CPU)."""
     init = nn.Linear(features.shape[1], num_classes)
+    nn.Linear(features.shape[1], num_classes)  # ClassificationHead's own (overwritten) init draws too: same RNG stream
     weight = nn.Parameter(init.weight.detach().clone().to(device))
     bias = nn.Parameter(init.bias.detach().clone().to(device))
     optimizer = torch.optim.AdamW([weight, bias], lr=lr)

@@ -121,6 +121,14 @@ def capture_slices(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+class _SlicesComplete(Exception):
+    """Raised by the last slice's hook: the rest of the reference forward is not needed."""
+
+
+def _stop_forward(_module, _inputs, _output):
+    raise _SlicesComplete
+
+
 class LDIFSPlugin(SupervisedPlugin):
     """Adds alpha * LDIFS(f_theta(x), f_ref(x)) on each training batch to `strategy.loss`.
 
@@ -171,8 +179,17 @@ class LDIFSPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def _reference_slices(self, x: torch.Tensor) -> list[torch.Tensor]:
-        with capture_slices(self.reference_encoder.slice_modules()) as slices:
-            self.reference_encoder(x)
+        """The frozen encoder's slices; its forward stops at the last slice (what follows -- head
+        convolution, pooling, projection -- is never used)."""
+        modules = self.reference_encoder.slice_modules()
+        with capture_slices(modules) as slices:
+            stop = modules[-1].register_forward_hook(_stop_forward)
+            try:
+                self.reference_encoder(x)
+            except _SlicesComplete:
+                pass
+            finally:
+                stop.remove()
         return slices
 
     def _build_cache(self, strategy) -> tuple[Optional[list[torch.Tensor]], Optional[list[torch.Tensor]]]:

@@ -27,3 +27,26 @@ def tiny_cfg(tmp_path):
     from tests.helpers import tiny_config
 
     return tiny_config(tmp_path)
+
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "head_width": 16, "patch_size": 8},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory):
+    """(path, model): a random-weight tiny CLIP registered as open_clip config `cfbench-tiny-vit` and
+    saved as a local checkpoint (tests only; never a pretrained default)."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    (folder / "cfbench-tiny-vit.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / "cfbench-tiny-vit.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("cfbench-tiny-vit")
+    path = folder / "tiny.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return str(path), model

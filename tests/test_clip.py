@@ -13,22 +13,9 @@ from benchmark.evaluate import zero_shot_logits, zero_shot_weights
 from benchmark.models import create_model
 from benchmark.store import Matrix
 
-TINY = {"embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 4, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-
-
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random-weight tiny CLIP registered as an open_clip config and saved as a checkpoint."""
-    folder = tmp_path_factory.mktemp("clip")
-    (folder / "cfbench-tiny-vit.json").write_text(json.dumps(TINY))
-    open_clip.add_model_config(folder / "cfbench-tiny-vit.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("cfbench-tiny-vit")
-    path = folder / "tiny.pt"
-    torch.save({"state_dict": model.state_dict()}, path)
-    return str(path), model
+def tiny_checkpoint(tiny_clip_checkpoint):
+    return tiny_clip_checkpoint
 
 
 def test_local_checkpoint_loads_offline(tiny_checkpoint):

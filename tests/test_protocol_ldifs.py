@@ -1,0 +1,371 @@
+"""The `ldifs` protocol against the official LDIFS code (omegafragger/ldifs_code, commit c7e82a4).
+
+Each `official_*` function below is a transcription of the official code (file:line in its
+docstring), run beside cfbench's implementation on the same inputs.
+"""
+import math
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
+
+import tasks
+from benchmark.augment import RandomResizedCropBatch
+from benchmark.cli import main
+from benchmark.config import EvalConfig
+from benchmark.evaluate import EvalDataset, ZeroShotClassifier, evaluate_round
+from benchmark.models import create_model
+from benchmark.models.clip import wants_quick_gelu
+from benchmark.multihead import MultiHeadClassifier
+from benchmark.probe import fit_official_probe
+from benchmark.runner import _init_head, run_strategy
+from benchmark.schedule import GradClipPlugin, WarmupCosinePlugin
+from benchmark.store import Matrix
+from benchmark.templates import load_template_set, task_templates
+from tests.helpers import tiny_config
+
+from . import dataset_fixtures as fx
+
+
+# ---- transcriptions of the official code ------------------------------------------------------
+
+class OfficialClassificationHead(torch.nn.Linear):
+    """model/modeling.py:153-168."""
+
+    def __init__(self, normalize, weights, biases=None):
+        output_size, input_size = weights.shape
+        super().__init__(input_size, output_size)
+        self.normalize = normalize
+        self.weight = torch.nn.Parameter(weights.clone())
+        self.bias = torch.nn.Parameter(biases.clone() if biases is not None else torch.zeros_like(self.bias))
+
+    def forward(self, inputs):
+        if self.normalize:
+            inputs = inputs / inputs.norm(dim=-1, keepdim=True)
+        return super().forward(inputs)
+
+
+def official_fit_logistic_regression(train_embeddings, train_labels, max_epochs=1000, lr=1.0):
+    """model/logistic_regression.py:10-36."""
+    num_labels = torch.unique(train_labels).shape[0]
+    pseudo = torch.nn.Linear(train_embeddings.shape[1], num_labels)
+    model = OfficialClassificationHead(True, pseudo.weight, pseudo.bias)
+    optimizer = torch.optim.AdamW(params=model.parameters(), lr=lr)
+    for _ in range(max_epochs):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(train_embeddings), train_labels)
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def official_linear_probe_pytorch(small_f, small_y, val_f, val_y, train_f, train_y, max_epochs):
+    """model/heads.py:90-115 (with logistic_regression.py:39-51 as the score)."""
+    lrs = [0.01, 0.05, 0.1, 0.5, 1]
+    best_acc, best_lr = 0, lrs[0]
+    for lr in lrs:
+        clf = official_fit_logistic_regression(small_f, small_y, max_epochs, lr)
+        with torch.no_grad():
+            pred = torch.argmax(clf(val_f), dim=-1).squeeze()
+        score = (pred == val_y).sum() / float(val_y.shape[0]) * 100.0
+        if score > best_acc:
+            best_acc, best_lr = score, lr
+    return official_fit_logistic_regression(train_f, train_y, max_epochs, best_lr), best_lr
+
+
+def official_zs_head(clip, classnames, templates):
+    """model/heads.py:17-61 (templates as str.format patterns)."""
+    with torch.no_grad():
+        rows = []
+        for c in classnames:
+            emb = clip.encode_text(open_clip.tokenize([t.format(c) for t in templates]))
+            emb /= emb.norm(dim=-1, keepdim=True)
+            emb = emb.mean(dim=0, keepdim=True)
+            emb /= emb.norm()
+            rows.append(emb)
+        w = torch.stack(rows, dim=0)
+        w = torch.transpose(w, 0, 2)
+        w *= clip.logit_scale.exp()
+        w = w.squeeze().float()
+        return torch.transpose(w, 0, 1)
+
+
+def official_cosine_lr(base_lr, warmup_length, steps):
+    """train_utils.py:30-47, returning the lr of each step."""
+    def lr_at(step):
+        if step < warmup_length:
+            return base_lr * (step + 1) / warmup_length
+        e, es = step - warmup_length, steps - warmup_length
+        return 0.5 * (1 + np.cos(np.pi * e / es)) * base_lr
+    return lr_at
+
+
+# ---- the pieces ---------------------------------------------------------------------------------
+
+def _clusters(n_per_class: int, num_classes: int = 4, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(num_classes, dim, generator=g)
+    y = torch.arange(num_classes).repeat(n_per_class)
+    return centers[y] * 0.6 + torch.randn(len(y), dim, generator=g), y
+
+
+def test_official_probe_equals_the_transcribed_official_code():
+    train_f, train_y = _clusters(12)
+    val_f, val_y = _clusters(4, seed=1)
+    ours = fit_official_probe(train_f, train_y, val_f, val_y, 4, iterations=150, seed=7)
+    torch.manual_seed(7)
+    theirs, lr = official_linear_probe_pytorch(train_f, train_y, val_f, val_y, torch.cat([train_f, val_f]),
+                                               torch.cat([train_y, val_y]), max_epochs=150)
+    assert ours.lr == lr
+    torch.testing.assert_close(ours.weight, theirs.weight.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.bias, theirs.bias.detach(), rtol=0, atol=1e-6)
+    test_f, _ = _clusters(5, seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.logits(test_f), theirs(test_f), rtol=0, atol=1e-5)
+
+
+def test_official_probe_chooses_lr_on_validation_and_keeps_callers_rng():
+    train_f, train_y = _clusters(10)
+    val_f, val_y = _clusters(5, seed=1)
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    probe = fit_official_probe(train_f, train_y, val_f, val_y, 4, iterations=50, seed=0)
+    assert torch.equal(torch.rand(3), before)  # the probe's inits came from a forked, seeded RNG
+    assert probe.lr in (0.01, 0.05, 0.1, 0.5, 1.0)
+    again = fit_official_probe(train_f, train_y, val_f, val_y, 4, iterations=50, seed=0)
+    assert torch.equal(again.weight, probe.weight)  # reproducible
+
+
+def test_zs_init_head_equals_the_official_zero_shot_head(tiny_clip_checkpoint, tmp_path):
+    path, _ = tiny_clip_checkpoint
+    encoder = create_model("cfbench-tiny-vit", path)
+    classes = list(tasks.task_classes("digits"))
+    templates = ("a photo of a {}.", "a blurry photo of the {}.")
+    ds = EvalDataset("digits", classes, templates, None, None)
+    model = MultiHeadClassifier(encoder)
+    cfg = tiny_config(tmp_path, {"train": {"head_init": "zs"}})
+    _init_head(cfg, "ft", model, 0, "digits", {"digits": ZeroShotClassifier.build(encoder, ds)}, "cpu")
+    expected = official_zs_head(open_clip.create_model("cfbench-tiny-vit", pretrained=path), classes, templates)
+    head = model.heads["0"]
+    torch.testing.assert_close(head.linear.weight, expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(head.linear.bias, torch.zeros(10))
+    x = torch.randn(4, 16)  # the head normalizes its input like ClassificationHead(normalize=True)
+    official = OfficialClassificationHead(True, expected)
+    torch.testing.assert_close(head(x), official(x), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_cosine_equals_the_official_schedule_per_step():
+    class Fake:
+        dataloader, train_epochs = [None] * 37, 3
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    total, warmup, base = 37 * 3, 20, 1e-5
+    plugin = WarmupCosinePlugin(base, warmup)
+    plugin.before_training_exp(Fake)
+    official = official_cosine_lr(base, warmup, total)
+    for step in range(total):
+        plugin.before_training_iteration(Fake)
+        assert Fake.optimizer.param_groups[0]["lr"] == pytest.approx(official(step), rel=1e-12, abs=1e-20)
+
+
+def test_gradient_clipping_equals_the_official_call():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 3))
+    model[0].bias.requires_grad_(False)  # a frozen parameter stays out, as requires_grad filters it
+    x, y = torch.randn(16, 8) * 50, torch.randint(0, 3, (16,))
+
+    def grads(clip):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        clip()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    class Strategy:
+        pass
+
+    Strategy.model = model
+    plugin = GradClipPlugin(1.0)
+    ours = grads(lambda: plugin.after_backward(Strategy))
+    official = grads(lambda: torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0))
+    assert float(plugin.last_norm) > 1.0  # the test really clips
+    for a, b in zip(ours, official):
+        assert torch.equal(a, b)
+    assert math.isclose(torch.sqrt(sum((g ** 2).sum() for g in ours)).item(), 1.0, rel_tol=1e-5)
+
+
+def test_random_resized_crop_is_torchvisions_transform_sample_by_sample():
+    x = torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8)
+    augment = RandomResizedCropBatch((0.9, 1.0))
+    torch.manual_seed(5)
+    ours = augment(x)
+    reference = torchvision.transforms.RandomResizedCrop(40, scale=(0.9, 1.0), antialias=True,
+                                                         interpolation=torchvision.transforms.InterpolationMode.BICUBIC)
+    torch.manual_seed(5)
+    theirs = torch.stack([reference(x[i]) for i in range(len(x))])
+    assert ours.dtype == torch.uint8 and torch.equal(ours, theirs)
+    torch.manual_seed(1)
+    boxes = [b for _ in range(50) for b in augment.crop_boxes(torch.zeros(8, 3, 224, 224))]
+    areas = np.array([h * w / 224 ** 2 for _, _, h, w in boxes])
+    aspects = np.array([w / h for _, _, h, w in boxes])
+    assert areas.min() >= 0.9 - 0.01 and areas.max() <= 1.0  # rounding to whole pixels
+    assert aspects.min() >= 0.75 - 0.01 and aspects.max() <= 4 / 3 + 0.01
+    assert all(t >= 0 and l >= 0 and t + h <= 224 and l + w <= 224 for t, l, h, w in boxes)
+    assert areas.std() > 0.01  # a distribution, not one box
+
+
+def test_zero_shot_uses_the_pretrained_text_tower_when_asked(tiny_clip_checkpoint):
+    path, _ = tiny_clip_checkpoint
+    encoder = create_model("cfbench-tiny-vit", path)
+    train = tasks.load_split("digits", "train", 32, max_per_class=4)
+    test = tasks.load_split("digits", "test", 32, max_per_class=5)
+    ds = EvalDataset("digits", tasks.task_classes("digits"), ("a photo of the number {}.",), train, test)
+    pretrained = {"digits": ZeroShotClassifier.build(encoder, ds)}
+    with torch.no_grad():  # the text tower drifts (as a strategy that trained it would make it)
+        for p in encoder.text_parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    drifted = ZeroShotClassifier.build(encoder, ds)
+    assert not torch.allclose(drifted.weights, pretrained["digits"].weights)
+    model = MultiHeadClassifier(encoder)
+    settings = EvalConfig(probe_max_per_class=4)
+    fixed = evaluate_round(model, [ds], {}, settings, zero_shot=pretrained)
+    current = evaluate_round(model, [ds], {}, settings)
+    from benchmark.evaluate import extract_features
+    from benchmark.probe import accuracy
+
+    test_f = extract_features(encoder, test.x)
+    assert fixed.cells["zs"]["digits"] == accuracy(pretrained["digits"].logits(test_f), test.y)
+    assert current.cells["zs"]["digits"] == accuracy(drifted.logits(test_f), test.y)
+
+
+def test_openai_weights_build_quick_gelu(tiny_clip_checkpoint):
+    assert wants_quick_gelu("ViT-B-32", "openai") is True  # open_clip's metadata of the tag
+    assert wants_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False
+    assert wants_quick_gelu("ViT-B-32", "openai", quick_gelu=False) is False  # an explicit choice wins
+    path, _ = tiny_clip_checkpoint
+    assert wants_quick_gelu("cfbench-tiny-vit", path) is False  # a local file carries no metadata
+
+    def activations(model):
+        return {type(m).__name__ for m in model.clip.visual.modules() if "GELU" in type(m).__name__}
+
+    assert activations(create_model("cfbench-tiny-vit", path, quick_gelu=True)) == {"QuickGELU"}
+    assert activations(create_model("cfbench-tiny-vit", path)) == {"GELU"}
+    built = {}
+    real = open_clip.create_model
+
+    def spy(name, pretrained=None, **kw):  # what a `--pretrained openai` run asks open_clip for
+        built.update(kw)
+        return real(name, pretrained=None, **kw)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(open_clip, "create_model", spy)
+    try:
+        model = create_model("ViT-B-32", "openai")
+    finally:
+        monkey.undo()
+    assert built["force_quick_gelu"] is True and activations(model) == {"QuickGELU"}
+
+
+def test_ldifs_templates_are_the_official_codes_and_default_stays_clip_benchmark():
+    ldifs = load_template_set("ldifs")
+    assert set(ldifs) == {"cars", "cifar10", "cifar100", "dtd", "eurosat", "food101", "gtsrb", "mnist", "imagenet",
+                          "resisc45", "sun397", "svhn"}
+    assert len(ldifs["imagenet"]) == 80 and ldifs["mnist"] == ('a photo of the number: "{}".',)
+    assert ldifs["svhn"] == ('a photo of the number: "{}".',) and len(ldifs["cifar10"]) == 18
+    assert task_templates("svhn", "ldifs") == ldifs["svhn"] and len(ldifs["resisc45"]) == 18
+    for name in ("svhn", "resisc45"):  # where the official code's templates differ from clip-benchmark's
+        assert task_templates(name) == tasks.get_task(name).templates != ldifs[name]
+    assert task_templates("digits", "ldifs") == tasks.get_task("digits").templates  # not listed: default
+
+
+# ---- whole runs ---------------------------------------------------------------------------------
+
+def _clip_layer(path: str) -> dict:
+    return {"model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
+            "train": {"max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
+            "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "eval_only": []}
+
+
+@pytest.mark.parametrize("strategy", ["l2sp", "ewc", "ldifs"])
+def test_text_tower_and_logit_scale_stay_bit_identical(tiny_clip_checkpoint, tmp_path, strategy):
+    path, pretrained = tiny_clip_checkpoint
+    cfg = tiny_config(tmp_path, _clip_layer(path), {"strategies": [strategy],
+                                                    "train": {"weight_decay": 0.5, "lr": 1e-2}})
+    run = run_strategy(cfg, strategy, tmp_path / strategy)
+    state = torch.load(run / "checkpoints/state.pt", weights_only=False)["model"]
+    reference = pretrained.state_dict()
+    text_keys = [k for k in reference if not k.startswith("visual.")]
+    assert "logit_scale" in text_keys and any(k.startswith("transformer.") for k in text_keys)
+    for k in text_keys:
+        assert torch.equal(state[f"encoder.clip.{k}"], reference[k]), k
+    assert any(not torch.equal(state[f"encoder.clip.{k}"], v) for k, v in reference.items()
+               if k.startswith("visual.")), "the image tower trained"
+
+
+def test_frozen_text_tower_is_out_of_the_optimizer(tiny_clip_checkpoint, tmp_path):
+    from benchmark.runner import _learner
+
+    path, _ = tiny_clip_checkpoint
+    encoder = create_model("cfbench-tiny-vit", path)
+    encoder.freeze_text()
+    model = MultiHeadClassifier(encoder)
+    model.ensure_head(0, 3)
+    learner = _learner(tiny_config(tmp_path), model, [], [], ("digits",), "cpu")
+    learner.model = model
+    learner.make_optimizer()
+    optimized = {id(p) for g in learner.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) not in optimized and not p.requires_grad for p in encoder.text_parameters())
+    assert {id(p) for p in encoder.clip.visual.parameters()} <= optimized
+
+
+def test_ldifs_with_augmentation_runs_the_reference_on_every_batch(tiny_clip_checkpoint, tmp_path):
+    from strategies import LDIFSPlugin
+
+    path, _ = tiny_clip_checkpoint
+    cfg = tiny_config(tmp_path, _clip_layer(path), {"tasks": ["digits"], "strategies": ["ldifs"],
+                                                    "train": {"augment": {"kind": "rrc"}, "iterations": 3}})
+    seen = []
+    original = LDIFSPlugin.before_backward
+
+    def spy(self, strategy, **kw):
+        seen.append((self._cached is None, strategy.mb_x.clone()))
+        return original(self, strategy, **kw)
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(LDIFSPlugin, "before_backward", spy)
+    try:
+        run = run_strategy(cfg, "ldifs", tmp_path / "aug")
+    finally:
+        monkey.undo()
+    assert len(seen) == 3  # train.iterations: exactly 3 steps
+    assert all(no_cache for no_cache, _ in seen)
+    assert "reference runs on every batch" in (run / "log.txt").read_text()
+
+
+def test_ldifs_protocol_runs_through_the_cli_on_fixture_datasets(tiny_clip_checkpoint, tmp_path):
+    path, _ = tiny_clip_checkpoint
+    root = tmp_path / "data"
+    fx.mnist(root), fx.eurosat(root)
+    tasks.clear_memory()
+    config = tmp_path / "ldifs-tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [],
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path},
+        "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": 2, "eurosat": 1}},
+        "eval": {"probe_iterations": 100}, "threads": 2}))
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--data-root", str(root), "--out", str(out), "--strategy", "ldifs"]) == 0
+    (run,) = out.glob("*/ldifs-s0")
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    assert written["protocol"] == "ldifs" and written["train"]["grad_clip"] == 1.0
+    assert written["train"]["augment"]["kind"] == "rrc" and written["eval"]["probe"] == "official"
+    assert written["strategy_params"]["ldifs"]["alpha"] == 10.0 and written["train"]["lr"] == 1e-5
+    for kind in ("zs", "lp", "head"):
+        m = Matrix.load(run / f"matrices/{kind}.csv")
+        assert m.rows == ["pretrained", "mnist", "eurosat"] and m.columns == ["mnist", "eurosat"]
+    log = (run / "log.txt").read_text()
+    assert "official probe, lr=" in log and "reference runs on every batch" in log
