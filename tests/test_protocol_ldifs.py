@@ -296,14 +296,19 @@ def test_text_tower_and_logit_scale_stay_bit_identical(tiny_clip_checkpoint, tmp
     cfg = tiny_config(tmp_path, _clip_layer(path), {"strategies": [strategy],
                                                     "train": {"weight_decay": 0.5, "lr": 1e-2}})
     run = run_strategy(cfg, strategy, tmp_path / strategy)
-    state = torch.load(run / "checkpoints/state.pt", weights_only=False)["model"]
-    reference = pretrained.state_dict()
+    checkpoint = torch.load(run / "checkpoints/state.pt", weights_only=False)
+    state, reference = checkpoint["model"], pretrained.state_dict()
     text_keys = [k for k in reference if not k.startswith("visual.")]
     assert "logit_scale" in text_keys and any(k.startswith("transformer.") for k in text_keys)
     for k in text_keys:
         assert torch.equal(state[f"encoder.clip.{k}"], reference[k]), k
     assert any(not torch.equal(state[f"encoder.clip.{k}"], v) for k, v in reference.items()
                if k.startswith("visual.")), "the image tower trained"
+    if strategy == "ewc":  # out of EWC's sums altogether, not just weighted by a zero importance
+        (plugin,) = checkpoint["plugins"]
+        for store in (plugin["saved_params"], plugin["importances"]):
+            names = [k for params in store.values() for k in params]
+            assert names and all(k.startswith(("encoder.clip.visual.", "heads.")) for k in names), names
 
 
 def test_frozen_text_tower_is_out_of_the_optimizer(tiny_clip_checkpoint, tmp_path):
