@@ -214,7 +214,8 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
 
 def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
     """The pretrained row, shared by every strategy of one invocation (it depends on no strategy)."""
-    key = json.dumps({"model": cfg.to_dict()["model"], "eval": cfg.to_dict()["eval"], "data_root": cfg.data_root,
+    settings = cfg.to_dict()
+    key = json.dumps({"model": settings["model"], "eval": settings["eval"], "data_root": cfg.data_root,
                       "seed": cfg.seed, "datasets": [d.name for d in eval_sets]}, sort_keys=True)
     if key not in _PRETRAINED_ROUNDS:
         _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, cfg.eval, device, cfg.seed, zero_shot,

@@ -9,8 +9,11 @@ from avalanche.core import SupervisedPlugin
 
 def interpolate_state(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor],
                       beta: float) -> dict[str, torch.Tensor]:
-    """Floating-point entries interpolated; others (counters) keep the trained value."""
-    return {k: ((1 - beta) * before[k] + beta * v if k in before and v.is_floating_point() else v)
+    """Floating-point entries interpolated; others (counters) and entries the task left unchanged
+    (a frozen text tower) keep the trained value bit for bit ((1-b)x + bx can differ from x in the
+    last bit)."""
+    return {k: ((1 - beta) * before[k] + beta * v
+                if k in before and v.is_floating_point() and not torch.equal(before[k], v) else v)
             for k, v in after.items()}
 
 

@@ -23,7 +23,7 @@ def private_cache(tmp_path_factory):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A real but tiny run: the packaged pretrained encoder at 64 px, package-only data.
-    Variants: `tiny_cfg.layer` is the mapping it was resolved from; see helpers.tiny_variant."""
+    Variants: helpers.tiny_config(tmp_path, {changes})."""
     from tests.helpers import tiny_config
 
     return tiny_config(tmp_path)

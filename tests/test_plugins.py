@@ -115,6 +115,9 @@ def test_wise_ft_interpolation_is_exact():
             changed += int(not torch.equal(before[k], snap.after[0][k]))
     assert changed > 0
     assert interpolate_state({"w": torch.tensor([0.0])}, {"w": torch.tensor([4.0])}, 0.25)["w"].item() == 1.0
+    unchanged = torch.tensor([0.1, 0.7, 1e-3, 3.3])  # 0.2 x + 0.8 x is not x for every x in floating point
+    assert (0.2 * unchanged + 0.8 * unchanged != unchanged).any()
+    assert torch.equal(interpolate_state({"t": unchanged}, {"t": unchanged.clone()}, 0.8)["t"], unchanged)
 
 
 def test_plugins_compose_in_one_strategy():
