@@ -8,8 +8,8 @@ pinned for asynchronous copies when training on CUDA. Batches keep the suite's l
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 import math
+from collections import defaultdict
 from typing import Callable, Iterator, Optional
 
 import torch

@@ -374,3 +374,12 @@ def test_ldifs_protocol_runs_through_the_cli_on_fixture_datasets(tiny_clip_check
         assert m.rows == ["pretrained", "mnist", "eurosat"] and m.columns == ["mnist", "eurosat"]
     log = (run / "log.txt").read_text()
     assert "official probe, lr=" in log and "reference runs on every batch" in log
+
+
+def test_zs_init_without_a_text_tower_is_one_clear_error(tmp_path, capsys):
+    config = tmp_path / "zs.yaml"
+    config.write_text(yaml.safe_dump({"train": {"head_init": "zs"}, "out": str(tmp_path / "results")}))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "head_init zs needs a text tower" in err[0]
+    assert not (tmp_path / "results").exists()
