@@ -55,13 +55,17 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = field(default=1e-3, metadata=_POSITIVE)
+    lr: Union[float, dict[str, float]] = field(default=1e-3, metadata=_POSITIVE)  # or {task: lr, default: lr}
     weight_decay: float = field(default=0.1, metadata={"min": 0})
     batch_size: int = field(default=64, metadata=_POSITIVE)
     epochs: Union[int, dict[str, int]] = field(default=3, metadata=_POSITIVE)  # or {task: epochs, default: n}
     iterations: Optional[int] = field(default=None, metadata=_POSITIVE)  # steps per task; wins over epochs
+    schedule_steps: Optional[int] = field(default=None, metadata=_POSITIVE)  # cosine horizon; null: the task's steps
+    split: Literal["train", "trainval"] = "train"  # trainval: no validation hold-out (ZSCL trains on all of train)
     max_train_per_class: Optional[int] = field(default=450, metadata=_POSITIVE)  # null: the whole split
-    head_init: Literal["lp", "zs", "zero"] = "lp"
+    head: Literal["linear", "text"] = "linear"  # text: the trainable text tower's class-prompt embeddings (CLIP)
+    label_smoothing: float = field(default=0.0, metadata={"min": 0})
+    head_init: Literal["lp", "zs", "zero"] = "lp"  # linear heads only
     warmup_steps: int = field(default=20, metadata={"min": 0})
     grad_clip: Optional[float] = field(default=None, metadata=_POSITIVE)  # max global gradient norm
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -69,13 +73,21 @@ class TrainConfig:
     compile: bool = False
 
     def epochs_for(self, task: str) -> int:
-        if isinstance(self.epochs, int):
-            return self.epochs
-        if task in self.epochs:
-            return self.epochs[task]
-        if "default" in self.epochs:
-            return self.epochs["default"]
-        raise CfbenchError(f"config: train.epochs names no epochs for task {task!r} and has no 'default'")
+        return _per_task(self.epochs, task, "train.epochs")
+
+    def lr_for(self, task: str) -> float:
+        return _per_task(self.lr, task, "train.lr")
+
+
+def _per_task(value, task: str, where: str):
+    """A setting given as one value or as {task: value, default: value}."""
+    if not isinstance(value, dict):
+        return value
+    if task in value:
+        return value[task]
+    if "default" in value:
+        return value["default"]
+    raise CfbenchError(f"config: {where} names no value for task {task!r} and has no 'default'")
 
 
 @dataclass
@@ -118,6 +130,8 @@ class RunConfig:
         if not self.strategies:
             raise CfbenchError("config: strategies must be a non-empty list")
         self.train.augment.check("train.augment")
+        if self.train.label_smoothing >= 1:
+            raise CfbenchError(f"config: train.label_smoothing must be < 1, not {self.train.label_smoothing}")
 
 
 def _plain(value):

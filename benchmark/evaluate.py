@@ -121,8 +121,7 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
             result.cells["zs_ece"][ds.name] = expected_calibration_error(zs, ds.test.y)
         result.cells["head"][ds.name] = None
         if ds.name in trained:
-            head = model.heads[str(trained[ds.name])]
             with torch.no_grad():
-                head_logits = head(test_f.to(head.linear.weight.device)).cpu()
+                head_logits = model.head_logits(trained[ds.name], test_f.to(device)).cpu()
             result.cells["head"][ds.name] = accuracy(head_logits, ds.test.y)
     return result

@@ -30,6 +30,23 @@ class NormalizedLinear(nn.Module):
         self.linear.bias.copy_(bias)
 
 
+class TextHead(nn.Module):
+    """A task's classifier made of the encoder's *current* text embeddings of one prompt per class:
+    logits = logit_scale.exp() * cos(image, text), as ZSCL trains (mtil/src/models/finetune.py:213-224).
+    It holds only the tokenized prompts; the text tower it runs is the encoder's (and trains with it)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        super().__init__()
+        self.register_buffer("tokens", tokens, persistent=False)
+
+    def forward(self, features: torch.Tensor, encoder: FoundationModel) -> torch.Tensor:
+        dtype = encoder.autocast_dtype
+        with torch.autocast(device_type=features.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            text = encoder.encode_text(self.tokens)
+        text = F.normalize(text.float(), dim=-1)
+        return encoder.clip.logit_scale.exp() * F.normalize(features.float(), dim=-1) @ text.T
+
+
 class MultiHeadClassifier(MultiTaskModule):
     def __init__(self, encoder: FoundationModel):
         super().__init__()
@@ -43,6 +60,21 @@ class MultiHeadClassifier(MultiTaskModule):
             device = next(self.encoder.parameters()).device
             self.heads[key] = NormalizedLinear(self.encoder.feature_dim, num_classes).to(device)
         return self.heads[key]
+
+    def ensure_text_head(self, task_label: int, prompts: list[str]) -> TextHead:
+        """The task's text head over `prompts` (one per class), created if missing."""
+        key = str(task_label)
+        if key not in self.heads:
+            device = next(self.encoder.parameters()).device
+            self.heads[key] = TextHead(self.encoder.tokenizer(prompts)).to(device)
+        return self.heads[key]
+
+    def head_logits(self, task_label: int, features: torch.Tensor) -> torch.Tensor:
+        """The task's head applied to pooled features (linear or text head)."""
+        head = self.heads[str(int(task_label))]
+        if isinstance(head, TextHead):
+            return head(features, self.encoder)
+        return head(features.to(head.linear.weight.device))
 
     def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
         """Unlike Avalanche's MultiTaskModule.forward, a single-task batch gets exactly its head's
@@ -62,4 +94,4 @@ class MultiHeadClassifier(MultiTaskModule):
         return out
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
-        return self.heads[str(int(task_label))](self.encoder(x))
+        return self.head_logits(task_label, self.encoder(x))

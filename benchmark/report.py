@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import yaml
 
 from .errors import CfbenchError
 from .metrics import compute_metrics
 from .plots import comparison_chart, plot_run
-from .store import Matrix, atomic_write_json, atomic_write_text
+from .store import PRETRAINED, Matrix, atomic_write_json, atomic_write_text
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
                    ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
@@ -49,14 +50,44 @@ def _finished_run(run_dir: Path) -> tuple[dict, dict]:
     return cfg, json.loads((run_dir / "metrics.json").read_text())
 
 
+def zscl_table3(runs: list[tuple[str, Matrix]]) -> str:
+    """ZSCL's Table 3 layout for (strategy, zero-shot matrix) pairs over the same sequence: per
+    strategy a Transfer, an Avg and a Last row, one column per trained dataset plus their average.
+    Transfer_j = mean over t < j of A[t, j] (none for the first task), Avg_j = mean over t of
+    A[t, j], Last_j = A[T, j] (A: rows after each task, no pretrained row; SPEC section 6)."""
+    names = [r for r in runs[0][1].rows if r != PRETRAINED]
+    header = ["method", "metric", *names, "average"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for strategy, matrix in runs:
+        A = matrix.array()[1:] if matrix.has_pretrained else matrix.array()
+        cols = [matrix.columns.index(n) for n in names]
+        A = A[:, cols]
+        per = {"Transfer": [None] + [float(np.mean(A[:j, j])) for j in range(1, len(names))],
+               "Avg": [float(np.mean(A[:, j])) for j in range(len(names))],
+               "Last": [float(A[-1, j]) for j in range(len(names))]}
+        for metric, values in per.items():
+            known = [v for v in values if v is not None]
+            cells = ["–" if v is None else f"{v:.1f}" for v in values] + [f"{np.mean(known):.1f}"]
+            lines.append("| " + " | ".join([strategy, metric, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _is_mtil(cfg: dict) -> bool:
+    return cfg.get("protocol") == "zscl-mtil" or str(cfg.get("sequence", "")).startswith("mtil")
+
+
 def compare_runs(run_dirs: list[Path], out_dir: Path) -> str:
-    """Writes comparison.md, comparison.csv and comparison.png; returns the Markdown table."""
+    """Writes comparison.md, comparison.csv and comparison.png (and, for MTIL runs with zero-shot
+    matrices, table3.md in ZSCL's layout); returns the Markdown printed."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
     header = ["run", "strategy", *(label for _, _, label in COMPARE_COLUMNS)]
     rows: list[list] = []
+    mtil: list[tuple[str, Matrix]] = []
     for run_dir in run_dirs:
         cfg, metrics = _finished_run(run_dir)
+        if _is_mtil(cfg) and (run_dir / "matrices/zs.csv").is_file():
+            mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
         rows.append([run_dir.name, cfg["strategies"][0], *values])
     fmt = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
@@ -72,4 +103,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> str:
     chart = {label: [row[2 + i] for row in rows] for i, (_, _, label) in enumerate(COMPARE_COLUMNS)
              if label in CHART_COLUMNS}
     comparison_chart([row[1] for row in rows], chart, out_dir / "comparison.png")
+    if mtil and len(mtil) == len(run_dirs) and len({tuple(m.rows) for _, m in mtil}) == 1:
+        table3 = zscl_table3(mtil)
+        atomic_write_text(out_dir / "table3.md", table3)
+        table += "\nZero-shot accuracy in ZSCL's Table 3 layout (table3.md):\n\n" + table3
     return table

@@ -66,20 +66,21 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     with _run_log(run_dir):
         log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads", strategy, cfg.protocol,
                  trained, eval_only, device, threads)
-        if encoder.has_text and not strategies.trains_text(strategy, params):
-            encoder.freeze_text()
+        if encoder.has_text:  # frozen, bit-identical, unless a strategy or the text head trains it
+            encoder.set_text_trainable(strategies.trains_text(strategy, params) or cfg.train.head == "text")
         configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
         pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
-        plugins = strategies.build_plugins(strategy, params, {"data_root": cfg.data_root, "cache_dir": cfg.cache_dir,
-                                                             "image_size": encoder.image_size, "seed": cfg.seed})
+        plugins = strategies.build_plugins(strategy, params, {
+            "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "image_size": encoder.image_size,
+            "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0]})
         learner = _learner(cfg, model, train_splits, plugins, trained, device)
         stream = _benchmark(train_splits).train_stream
         matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
         zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
         if resume:
-            start = _restore(run_dir, model, plugins, matrices, trained, device)
+            start = _restore(cfg, run_dir, model, plugins, matrices, trained, device)
             learner.clock.train_exp_counter = start
         else:
             start = 0
@@ -127,6 +128,8 @@ def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:
         return
     if strategies.needs_text(strategy):
         raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg.model.name} has none")
+    if cfg.train.head == "text":
+        raise CfbenchError(f"train.head text needs a text tower; {cfg.model.name} has none (use linear)")
     if strategies.head_init(strategy, cfg.train.head_init) == "zs":
         raise CfbenchError(f"train.head_init zs needs a text tower; {cfg.model.name} has none (use lp or zero)")
 
@@ -158,7 +161,7 @@ def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_re
 
 def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
     cap = cfg.eval.probe_max_per_class
-    train_splits = [_split(cfg, n, "train", cfg.train.max_train_per_class) for n in trained]
+    train_splits = [_split(cfg, n, cfg.train.split, cfg.train.max_train_per_class) for n in trained]
     eval_sets = [EvalDataset(n, task_registry.task_classes(n, cfg.data_root), task_templates(n, cfg.eval.templates),
                              _split(cfg, n, "train", cap), _split(cfg, n, "test", cfg.eval.test_max_per_class),
                              _split(cfg, n, "val", cap) if cfg.eval.probe == "official" else None)
@@ -204,9 +207,12 @@ def _silent_evaluator() -> EvaluationPlugin:
 
 def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device: str) -> FastNaive:
     t = cfg.train
-    controls = [WarmupCosinePlugin(t.lr, t.warmup_steps)] + ([GradClipPlugin(t.grad_clip)] if t.grad_clip else [])
-    return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, t.lr, t.weight_decay),
-                     criterion=torch.nn.CrossEntropyLoss(), train_splits=train_splits, train_steps=t.iterations,
+    lrs = [t.lr_for(name) for name in trained]
+    controls = [WarmupCosinePlugin(lrs, t.warmup_steps, t.schedule_steps)]
+    controls += [GradClipPlugin(t.grad_clip)] if t.grad_clip else []
+    return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, lrs[0] if lrs else 0.0, t.weight_decay),
+                     criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+                     train_splits=train_splits, train_steps=t.iterations,
                      train_augment=build_augment(t.augment), train_mb_size=t.batch_size, train_epochs=1,
                      eval_mb_size=cfg.eval.batch_size, device=device,
                      plugins=[*plugins, *controls, ProgressPlugin(trained)], evaluator=_silent_evaluator())
@@ -230,11 +236,12 @@ def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> N
 
 def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: int, name: str,
                pretrained_zs: Optional[dict[str, ZeroShotClassifier]], device: str) -> None:
-    """The task's head before training: LP-init (a probe on the current encoder's features),
-    ZS-init (the pretrained text tower's class embeddings x logit_scale.exp(), ldifs_code
+    """The task's head before training: a text head (the current text tower over one prompt per
+    class), or a linear head with LP-init (a probe on the current encoder's features), ZS-init
+    (the pretrained text tower's class embeddings x logit_scale.exp(), ldifs_code
     model/heads.py:17-61) or zero."""
-    head = model.ensure_head(task, task_registry.get_task(name).num_classes)
-    how = strategies.head_init(strategy, cfg.train.head_init)
+    head = _make_head(cfg, model, task, name)
+    how = strategies.head_init(strategy, cfg.train.head_init) if cfg.train.head == "linear" else "none"
     if how == "zs":
         zs = pretrained_zs[name]
         head.load(zs.weights * zs.logit_scale, torch.zeros(len(zs.weights)))
@@ -255,6 +262,13 @@ def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: 
             log.info("LP-init head for %s: C=%g", name, C)
 
 
+def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str):
+    if cfg.train.head == "text":
+        template = task_templates(name, cfg.eval.templates)[0]  # ZSCL trains with one prompt per class
+        return model.ensure_text_head(task, [template.format(c) for c in task_registry.task_classes(name, cfg.data_root)])
+    return model.ensure_head(task, task_registry.get_task(name).num_classes)
+
+
 def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) -> None:
     state = {"completed": completed, "model": model.state_dict(),
              "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
@@ -268,12 +282,12 @@ def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) ->
                                                   "finished": False})
 
 
-def _restore(run_dir: Path, model, plugins, matrices, trained, device: str) -> int:
+def _restore(cfg: RunConfig, run_dir: Path, model, plugins, matrices, trained, device: str) -> int:
     """Model, plugin state and matrices of the last finished task; returns how many tasks are done."""
     state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
     start = state["completed"]
     for t in range(start):
-        model.ensure_head(t, task_registry.get_task(trained[t]).num_classes)
+        _make_head(cfg, model, t, trained[t])
     model.load_state_dict(state["model"])
     for k, (rows, cols, values) in state["matrices"].items():
         matrices[k] = Matrix(rows, cols, values)

@@ -3,6 +3,7 @@ decay to 0, as the official LDIFS/WiSE-FT code, restarted at every task) and gra
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence, Union
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -17,13 +18,18 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 
 class WarmupCosinePlugin(SupervisedPlugin):
-    def __init__(self, base_lr: float, warmup_steps: int):
+    """base_lr: one value, or one per experience (a per-task learning rate). horizon: the steps the
+    cosine spans (None: the task's steps); ZSCL's loop runs horizon + 1 steps, the last at lr 0."""
+
+    def __init__(self, base_lr: Union[float, Sequence[float]], warmup_steps: int, horizon: Optional[int] = None):
         super().__init__()
-        self.base_lr, self.warmup = base_lr, warmup_steps
-        self.step, self.total = 0, 1
+        self.base_lrs, self.warmup, self.horizon = base_lr, warmup_steps, horizon
+        self.base_lr, self.step, self.total = 0.0, 0, 1
 
     def before_training_exp(self, strategy, **kwargs):
-        self.step, self.total = 0, len(strategy.dataloader) * strategy.train_epochs
+        self.step, self.total = 0, self.horizon or len(strategy.dataloader) * strategy.train_epochs
+        lrs = self.base_lrs
+        self.base_lr = lrs if isinstance(lrs, (int, float)) else lrs[strategy.experience.current_experience]
 
     def before_training_iteration(self, strategy, **kwargs):
         lr = self.base_lr * warmup_cosine(self.step, self.total, min(self.warmup, self.total))

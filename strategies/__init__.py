@@ -2,7 +2,9 @@
 `a+b` composes strategies. To add one: copy a module here, register it below, copy its test."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmark.errors import CfbenchError
@@ -30,6 +32,7 @@ class StrategySpec:
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
+log = logging.getLogger("cfbench")
 
 
 def register_strategy(spec: StrategySpec) -> StrategySpec:
@@ -57,22 +60,63 @@ register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: 
 
 
 
-def _build_zscl(ctx: dict, reference_task: str, **kw) -> list:
-    """Reference images: the task's train split; reference texts: its class prompts."""
+def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], **kw) -> list:
+    """Reference images: the task's train split (not augmented); reference texts: a captions file
+    (one per line, e.g. Conceptual Captions' validation captions as in the official code) or,
+    without one, the reference task's class prompts (announced in the log)."""
     from tasks import get_task, load_split, task_classes
 
     images = load_split(reference_task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
                         cache_dir=ctx.get("cache_dir")).x
-    template = get_task(reference_task).templates[0]
-    texts = [template.format(c) for c in task_classes(reference_task, ctx.get("data_root"))]
+    if reference_texts:
+        texts = read_captions(reference_texts)
+    else:
+        template = get_task(reference_task).templates[0]
+        texts = [template.format(c) for c in task_classes(reference_task, ctx.get("data_root"))]
+        log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
+                 len(texts), reference_task)
     return [ZSCLPlugin(reference_images=images, reference_texts=texts, seed=ctx.get("seed", 0), **kw)]
 
 
-register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set + weight ensembling (text tower)",
-                               _build_zscl, {"reference_task": "photo_patches", "temperature": 2.0, "weight": 1.0,
-                                             "text_loss": False, "avg_freq": 100, "ref_batch_size": 64,
-                                             "weight_ensemble": True}, needs_text=True,
-                               trains_text=lambda params: bool(params["text_loss"])))
+def _build_lwf_clip(ctx: dict, **kw) -> list:
+    """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
+    task's images (not augmented) and class prompts (templates[0] per class)."""
+    from tasks import load_split, task_classes
+
+    tasks_, template_of = ctx["tasks"], ctx["template_of"]
+
+    def reference_for(t: int):
+        name = tasks_[t]
+        images = load_split(name, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
+                            cache_dir=ctx.get("cache_dir")).x
+        return images, [template_of(name).format(c) for c in task_classes(name, ctx.get("data_root"))]
+
+    return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
+                       seed=ctx.get("seed", 0), **kw)]
+
+
+def read_captions(path: str) -> list[str]:
+    """One caption per line; blank lines skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CfbenchError(f"zscl reference_texts {path}: cannot read it as UTF-8 text ({err})") from None
+    captions = [line.strip() for line in lines if line.strip()]
+    if not captions:
+        raise CfbenchError(f"zscl reference_texts {path}: no captions in it")
+    return captions
+
+
+register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set, l2 to the previous weights, "
+                               "weight ensembling (text tower)",
+                               _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
+                                             "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
+                                             "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True},
+                               needs_text=True))
+register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
+                               "images and class prompts (image and text side; text tower)",
+                               _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
+                                                 "ref_batch_size": 64}, needs_text=True))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:

@@ -1,21 +1,40 @@
-"""ZSCL (Zheng et al., ICCV 2023): distil the initial CLIP on a reference image set, plus
-weight ensembling. Needs a text tower (the teacher's text embeddings make the logits).
+"""ZSCL (Zheng et al., ICCV 2023): distil the initial CLIP on a reference image set, an l2 pull
+towards the previous task's weights, and weight ensembling. Needs a text tower. Exact to the
+official code (Thunderbeee/ZSCL, mtil/src/models/finetune.py and helpers.py):
 
-Each step draws a batch of reference images; logits = logit_scale * normalized image features
-@ the teacher's normalized text embeddings of the reference texts (here: the reference set's
-class prompts, the accepted substitute for Conceptual Captions). Loss += T^2 * soft
-cross-entropy(teacher || student) at temperature T, optionally the same on the transposed
-(text-side) logits with the student's text tower. Every `avg_freq` iterations the weights join a
-running average, which replaces the weights at the end of the task (the evaluated model).
+- every step draws the next batch of reference images (a shuffled pass, then another);
+  logits = logit_scale.exp() * normalized image features @ the teacher's normalized embeddings of
+  the reference texts, for the student and for the teacher (the pretrained CLIP);
+  loss += weight * T^2 * CE(student/T, softmax(teacher/T))            (finetune.py:248-280)
+  and, with text_loss, the same on the transposed logits (softmax over the batch's images for each
+  reference text, still the teacher's text embeddings: finetune.py:283-290);
+- l2: loss += l2 * sum ||theta - theta_task_start||^2 over the trained parameters (helpers.py:47-51);
+- weight ensembling: after the optimizer step of every iteration i with i % avg_freq == 0
+  (0-indexed: 0, 100, 200, ...), avg <- (avg * n + theta) / (n + 1), n = 1, 2, ..., where avg
+  starts as the weights at the task's start (finetune.py:309-320, helpers.py:31-34); the average
+  replaces the weights at the end of the task: it is evaluated and the next task starts from it.
+
+The teacher never changes and reference images are not augmented, so the teacher's image
+features are computed once per reference sample (the first time it is drawn) and reused; the
+reference texts' embeddings once per sequence.
+
+ZSCL's LwF baseline (scripts/lwf.sh) is the same loss with teacher = the previous task's model
+and the current task's images and class prompts as the reference set: `teacher="previous"`
+with `reference_for(task) -> (images, texts)`.
 """
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+import logging
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+
+from .l2sp import l2sp_penalty
+
+log = logging.getLogger("cfbench")
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -28,78 +47,125 @@ class ZSCLPlugin(SupervisedPlugin):
     checkpoint_attrs = ("teacher", "_text_embeddings")
 
     def __init__(self, reference_images: Optional[torch.Tensor] = None, reference_texts: Sequence[str] = (),
-                 temperature: float = 2.0, weight: float = 1.0, text_loss: bool = False, avg_freq: int = 100,
-                 ref_batch_size: int = 64, weight_ensemble: bool = True, seed: int = 0):
+                 temperature: float = 2.0, weight: float = 1.0, text_loss: bool = False, l2: float = 0.0,
+                 avg_freq: int = 100, ref_batch_size: int = 64, weight_ensemble: bool = True, seed: int = 0,
+                 teacher: str = "pretrained",
+                 reference_for: Optional[Callable[[int], tuple[torch.Tensor, list[str]]]] = None):
         super().__init__()
+        if avg_freq < 1 or ref_batch_size < 1:
+            raise ValueError("avg_freq and ref_batch_size must be positive")
+        if teacher not in ("pretrained", "previous"):
+            raise ValueError(f"teacher must be pretrained or previous, not {teacher!r}")
+        self.teacher_source, self.reference_for = teacher, reference_for
         self.reference_images, self.reference_texts = reference_images, list(reference_texts)
-        self.temperature, self.weight, self.text_loss = float(temperature), float(weight), text_loss
-        self.avg_freq, self.ref_batch_size, self.weight_ensemble = int(avg_freq), int(ref_batch_size), weight_ensemble
+        self.temperature, self.weight, self.text_loss = float(temperature), float(weight), bool(text_loss)
+        self.l2, self.avg_freq, self.ref_batch_size = float(l2), int(avg_freq), int(ref_batch_size)
+        self.weight_ensemble, self.seed = bool(weight_ensemble), int(seed)
         self.teacher = None
-        self.seed = int(seed)
         self._generator = torch.Generator()
+        self._order: list[torch.Tensor] = []
         self._text_embeddings: Optional[torch.Tensor] = None
+        self._teacher_features: Optional[torch.Tensor] = None  # per reference sample, filled on first use
+        self._have_features: Optional[torch.Tensor] = None
+        self.teacher_images = 0  # reference images the teacher has encoded (each at most once)
+        self._start: Optional[dict[str, torch.Tensor]] = None
         self._average: Optional[dict[str, torch.Tensor]] = None
         self._count = 0
         self._iteration = 0
         self.last_penalty: Optional[torch.Tensor] = None
         self.last_reference_batch: Optional[torch.Tensor] = None
+        self.merged_at: list[int] = []  # 0-indexed iterations of the current task that joined the average
 
     def before_training_exp(self, strategy, **kwargs):
         encoder = strategy.model.encoder
         if not getattr(encoder, "has_text", False):
             raise ValueError("ZSCL needs a model with a text tower (an open_clip CLIP)")
+        if self.reference_for is not None:  # a reference set per task (LwF: the task's own data)
+            self.reference_images, self.reference_texts = self.reference_for(strategy.experience.current_experience)
+            self._text_embeddings = self._teacher_features = None
         if self.reference_images is None or not self.reference_texts:
             raise ValueError("ZSCL needs reference_images and reference_texts")
-        if self.teacher is None:  # the initial pretrained model, frozen for the whole sequence
+        if self.teacher is None or self.teacher_source == "previous":
+            # pretrained: the initial model, frozen for the whole sequence; previous: the model as
+            # this task starts
             self.teacher = copy.deepcopy(encoder).eval().requires_grad_(False)
+            if self.teacher_source == "previous":
+                self._text_embeddings = self._teacher_features = None
         if self._text_embeddings is None:
-            with torch.no_grad():
-                tokens = self.teacher.tokenizer(self.reference_texts).to(strategy.device)
-                self._text_embeddings = F.normalize(self.teacher.encode_text(tokens).float(), dim=-1)
-        self._iteration, self._count = 0, 0
+            self._text_embeddings = self._encode_texts(strategy.device)
+        self._iteration, self._count, self.merged_at = 0, 0, []
         # reference batches from a per-task generator: a resumed run draws the same ones
         self._generator.manual_seed(self.seed * 1000 + strategy.experience.current_experience)
-        self._average = ({k: p.detach().clone() for k, p in strategy.model.named_parameters()}
-                         if self.weight_ensemble else None)
+        self._order = []
+        trained = {k: p.detach().clone() for k, p in encoder.named_parameters() if p.requires_grad}
+        self._start = trained if self.l2 > 0 else None
+        self._average = {k: v.clone() for k, v in trained.items()} if self.weight_ensemble else None
 
-    def _reference_batch(self, device) -> torch.Tensor:
-        index = torch.randint(0, len(self.reference_images), (self.ref_batch_size,), generator=self._generator)
-        return self.reference_images[index].to(device, non_blocking=True)
+    @torch.no_grad()
+    def _encode_texts(self, device, batch: int = 256) -> torch.Tensor:
+        out = []
+        for i in range(0, len(self.reference_texts), batch):
+            tokens = self.teacher.tokenizer(self.reference_texts[i:i + batch]).to(device)
+            out.append(F.normalize(self.teacher.encode_text(tokens).float(), dim=-1))
+        return torch.cat(out)
 
-    def penalty(self, student, x: torch.Tensor) -> torch.Tensor:
-        scale = float(self.teacher.clip.logit_scale.exp())
+    def _next_indices(self) -> torch.Tensor:
+        """The next reference batch of a shuffled pass over the set (a new pass when it runs out;
+        the last batch of a pass may be smaller, as a DataLoader's)."""
+        if not self._order:
+            perm = torch.randperm(len(self.reference_images), generator=self._generator)
+            self._order = list(perm.split(self.ref_batch_size))
+        return self._order.pop(0)
+
+    @torch.no_grad()
+    def _teacher_image_features(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self._teacher_features is None:
+            dim = self._text_embeddings.shape[1]
+            self._teacher_features = torch.zeros(len(self.reference_images), dim)
+            self._have_features = torch.zeros(len(self.reference_images), dtype=torch.bool)
+        missing = ~self._have_features[index]
+        if missing.any():
+            feats = F.normalize(self.teacher(x[missing.to(x.device)]).float(), dim=-1)
+            self._teacher_features[index[missing]] = feats.cpu()
+            self._have_features[index[missing]] = True
+            self.teacher_images += int(missing.sum())
+        return self._teacher_features[index].to(x.device, non_blocking=True)
+
+    def penalty(self, student, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        scale = student.clip.logit_scale.exp().float()
         texts = self._text_embeddings
-        with torch.no_grad():
-            teacher_img = F.normalize(self.teacher(x).float(), dim=-1)
-            teacher_logits = scale * teacher_img @ texts.T
-        student_img = F.normalize(student(x).float(), dim=-1)
-        loss = soft_cross_entropy(scale * student_img @ texts.T, teacher_logits, self.temperature)
+        teacher_logits = scale * self._teacher_image_features(index, x) @ texts.T
+        student_logits = scale * F.normalize(student(x).float(), dim=-1) @ texts.T
+        loss = self.weight * soft_cross_entropy(student_logits, teacher_logits, self.temperature)
         if self.text_loss:
-            tokens = student.tokenizer(self.reference_texts).to(x.device)
-            student_txt = F.normalize(student.encode_text(tokens).float(), dim=-1)
-            loss = loss + soft_cross_entropy(scale * student_txt @ teacher_img.T, teacher_logits.T, self.temperature)
+            loss = loss + soft_cross_entropy(student_logits.T, teacher_logits.T, self.temperature)
         return loss
 
     def before_backward(self, strategy, **kwargs):
-        x = self._reference_batch(strategy.device)
+        index = self._next_indices()
+        x = self.reference_images[index].to(strategy.device, non_blocking=True)
         self.last_reference_batch = x
-        penalty = self.penalty(strategy.model.encoder, x)
+        encoder = strategy.model.encoder
+        penalty = self.penalty(encoder, index, x)
+        if self._start is not None:
+            penalty = penalty + self.l2 * l2sp_penalty(encoder, self._start)
         self.last_penalty = penalty.detach()
-        strategy.loss += self.weight * penalty
+        strategy.loss += penalty
 
     @torch.no_grad()
     def after_training_iteration(self, strategy, **kwargs):
-        self._iteration += 1
         if self._average is not None and self._iteration % self.avg_freq == 0:
-            self._count += 1  # as ZSCL's merge_we: avg = (avg * n + theta) / (n + 1), n = 1, 2, ...
-            for k, p in strategy.model.named_parameters():
+            self._count += 1
+            for k, p in strategy.model.encoder.named_parameters():
                 if k in self._average:
                     self._average[k].mul_(self._count).add_(p.detach()).div_(self._count + 1)
+            self.merged_at.append(self._iteration)
+        self._iteration += 1
 
     @torch.no_grad()
     def after_training_exp(self, strategy, **kwargs):
         if self._average is not None and self._count > 0:
-            for k, p in strategy.model.named_parameters():
+            for k, p in strategy.model.encoder.named_parameters():
                 if k in self._average:
                     p.copy_(self._average[k])
-        self._average = None
+        self._average = self._start = None

@@ -91,14 +91,20 @@ def task_classes(name: str, given_root: Optional[str] = None) -> tuple[str, ...]
 
 def split_indices(found: LoadedTask, split: str, max_per_class: Optional[int] = None,
                   seed: int = 0) -> tuple[str, np.ndarray]:
-    """(source split, indices) of "train", "val" or "test" under the task's split convention.
+    """(source split, indices) of "train", "val", "test" or "trainval" under the task's split convention.
 
-    Without a source "val" split, validation is the official LDIFS code's hold-out from train.
-    max_per_class caps the split per class with a seeded choice (quick runs, linear probes).
+    Without a source "val" split, validation is the official LDIFS code's hold-out from train, and
+    "trainval" is the whole source train split (ZSCL trains on it). max_per_class caps the split per
+    class with a seeded choice (quick runs, linear probes).
     """
-    if split not in ("train", "val", "test"):
-        raise CfbenchError(f"unknown split {split!r}; use train, val or test")
-    if split == "test" or "val" in found.splits:
+    if split not in ("train", "val", "test", "trainval"):
+        raise CfbenchError(f"unknown split {split!r}; use train, val, test or trainval")
+    if split == "trainval":
+        if "val" in found.splits:
+            raise CfbenchError("trainval of a task with a fixed validation split is its train and val splits")
+        source = "train"
+        idx = np.arange(len(found.splits[source]))
+    elif split == "test" or "val" in found.splits:
         source = split
         idx = np.arange(len(found.splits[source]))
     else:
@@ -122,6 +128,10 @@ def load_split(name: str, split: str, image_size: int, data_root: Optional[str] 
     """A split as uint8 (N, 3, S, S) tensors, from the on-disk preprocessed cache (built on first use)."""
     key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir)
     if key in _SPLITS:
+        return _SPLITS[key]
+    if split == "trainval" and "val" in loaded_task(name, data_root).splits:  # two source splits, one tensor
+        parts = [load_split(name, s, image_size, data_root, max_per_class, seed, cache_dir) for s in ("train", "val")]
+        _SPLITS[key] = TensorSplit(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
         return _SPLITS[key]
     source_name, source, idx = select(name, split, data_root, max_per_class, seed)
     try:

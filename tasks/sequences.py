@@ -28,11 +28,11 @@ SEQUENCES: dict[str, Sequence] = {
                                     "svhn", "imagenet"), (),
                         "the LDIFS paper's ten datasets, in the paper's listing order (needs --data-root)"),
     # ZSCL (Zheng et al. 2023) multi-domain task-incremental learning, orders I and II.
-    "mtil-order1": Sequence("mtil-order1", ("aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers",
+    "mtil-order1": Sequence("mtil-order1", ("aircraft", "caltech101", "cifar100", "dtd", "eurosat_mtil", "flowers",
                                             "food101", "mnist", "pets", "cars", "sun397"), (),
                             "ZSCL's MTIL order I (needs --data-root)"),
     "mtil-order2": Sequence("mtil-order2", ("cars", "food101", "mnist", "pets", "flowers", "sun397", "aircraft",
-                                            "caltech101", "dtd", "eurosat", "cifar100"), (),
+                                            "caltech101", "dtd", "eurosat_mtil", "cifar100"), (),
                             "ZSCL's MTIL order II (needs --data-root)"),
 }
 

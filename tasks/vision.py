@@ -102,6 +102,19 @@ def _load_eurosat(root: Path) -> LoadedTask:
     return _loaded(_names(classes, "eurosat", expected=10), **splits)
 
 
+def _load_eurosat_mtil(root: Path) -> LoadedTask:
+    """ZSCL's EuroSAT: all 27,000 images in torchvision's ImageFolder order (classes, then file
+    names, sorted), random_split 80/20 with seed 42 (ZSCL mtil/src/datasets/collections.py:341-348, 69-77)."""
+    data = root / "eurosat" / "2750"
+    classes = sorted(d.name for d in data.iterdir() if d.is_dir())
+    samples = [(str(f), y) for y, c in enumerate(classes) for f in sorted((data / c).iterdir())
+               if f.suffix.lower() in IMAGE_EXTENSIONS]
+    if not samples:
+        raise TaskIncomplete(f"no images under {data}")
+    paths, labels = zip(*samples)
+    return _loaded(_names(classes, "eurosat", expected=10), **_zscl_split(FileSource(paths, labels)))
+
+
 def _load_resisc45(root: Path) -> LoadedTask:
     data, base = root / "resisc45" / "NWPU-RESISC45", root / "resisc45"
     classes = sorted(d.name for d in data.iterdir() if d.is_dir())
@@ -243,6 +256,10 @@ PAPER_TASKS = (
          "eurosat", _rs_split_download("eurosat", ("train", "val", "test"), _tv_download(tvd.EuroSAT)),
          anchors=('eurosat/2750', 'eurosat/eurosat-train.txt', 'eurosat/eurosat-val.txt',
                   'eurosat/eurosat-test.txt')),
+    Task("eurosat_mtil", 10, _load_eurosat_mtil, f"{TV}.EuroSAT (RGB), split as ZSCL's MTIL", "MIT",
+         "21,600 train / 5,400 test", "ZSCL's seeded 80/20 random_split (seed 42) of all 27,000 images",
+         "eurosat/2750/<Class>/<Class>_<n>.jpg; https://github.com/phelber/EuroSAT", "eurosat",
+         _tv_download(tvd.EuroSAT), anchors=('eurosat/2750',)),
     Task("gtsrb", 43, _load_gtsrb, f"{TV}.GTSRB", "CC0 (INI Bochum)", "26,640 train / 12,630 test",
          "official train/test; " + VAL,
          "gtsrb/{GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv}; "

@@ -45,7 +45,7 @@ def test_ldifs_protocol_preset_and_user_overrides():
     assert cfg.train.epochs_for("dtd") == 76 and cfg.train.epochs_for("cars") == 35
     assert cfg.train.max_train_per_class is None and cfg.eval.probe_max_per_class is None
     assert (cfg.eval.probe, cfg.eval.zs_text, cfg.eval.templates) == ("official", "pretrained", "ldifs")
-    with pytest.raises(CfbenchError, match="no epochs for task 'digits'"):
+    with pytest.raises(CfbenchError, match="train.epochs names no value for task 'digits'"):
         cfg.train.epochs_for("digits")
     # a user key overrides the preset, the rest of the preset stays
     cfg = resolve({"protocol": "ldifs", "train": {"epochs": 2, "batch_size": 8}})

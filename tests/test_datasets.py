@@ -237,4 +237,4 @@ def test_list_tasks_and_sequences_show_sizes_sources_and_orders(capsys):
     assert "50,000 train / 10,000 test" in out and "licence: CC BY-SA 3.0" in out and "DTD partition 1" not in out
     assert main(["list", "sequences"]) == 0
     out = capsys.readouterr().out
-    assert "ldifs10" in out and "aircraft, caltech101, cifar100, dtd, eurosat, flowers" in out
+    assert "ldifs10" in out and "aircraft, caltech101, cifar100, dtd, eurosat_mtil, flowers" in out

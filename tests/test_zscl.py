@@ -30,60 +30,115 @@ def test_soft_cross_entropy_by_hand():
 class Record(SupervisedPlugin):
     def __init__(self, zscl):
         super().__init__()
-        self.zscl, self.rows = zscl, []
+        self.zscl, self.rows, self.starts = zscl, [], []
+
+    def before_training_exp(self, strategy, **kwargs):
+        self.starts.append(copy.deepcopy(strategy.model.encoder.state_dict()))
 
     def before_backward(self, strategy, **kwargs):
         self.rows.append({"loss": strategy.loss.detach().clone(),
                           "ce": strategy._criterion(strategy.mb_output, strategy.mb_y).detach(),
                           "state": copy.deepcopy(strategy.model.encoder.state_dict()),
-                          "ref": self.zscl.last_reference_batch})
+                          "ref": self.zscl.last_reference_batch, "start": self.starts[-1]})
 
     def after_training_iteration(self, strategy, **kwargs):
         self.rows[-1]["after"] = {k: p.detach().clone() for k, p in strategy.model.named_parameters()}
 
 
-def _train(plugin, epochs=1):
+def _train(plugin, epochs=1, record_first=False):
     model = model_with_heads(4)
     initial = copy.deepcopy(model.encoder.state_dict())
     record = Record(plugin)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
                      criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=epochs,
-                     plugins=[plugin, record])
+                     plugins=[record, plugin] if record_first else [plugin, record])
     for exp in tiny_benchmark().train_stream:
         strategy.train(exp, eval_streams=[])
     return model, initial, record.rows
 
 
-def test_zscl_distillation_term_equals_independent_computation():
+def official_distillation(t, s, T=2):
+    """ZSCL mtil/src/models/helpers.py:64-67."""
+    p = F.softmax(t / T, dim=1)
+    return F.cross_entropy(s / T, p, reduction="mean") * (T ** 2)
+
+
+def official_l2_loss(model, model_ref):
+    """helpers.py:47-51."""
+    loss = 0.0
+    for q, k in zip(model.parameters(), model_ref.parameters()):
+        loss += F.mse_loss(q, k.detach(), reduction="sum")
+    return loss
+
+
+def official_zscl_terms(teacher, student, ref_images, texts, T, l2, l2_model):
+    """finetune.py:248-290 with --image_loss --text_loss --l2 (weight 1 each; logit_scale = the
+    trained model's). Images go through cfbench's uint8 preprocessing (teacher(x) = encode_image)."""
+    logit_scale = student.clip.logit_scale
+    ref_embeddings = teacher.encode_text(teacher.tokenizer(texts))
+    ref_embeddings = ref_embeddings / ref_embeddings.norm(dim=-1, keepdim=True)
+    ref_out = teacher(ref_images)
+    ref_out = ref_out / ref_out.norm(dim=-1, keepdim=True)
+    ref_out_current = student(ref_images)
+    ref_out_current = ref_out_current / ref_out_current.norm(dim=-1, keepdim=True)
+    logits_current = logit_scale.exp() * ref_out_current @ ref_embeddings.t()
+    logits_ref = logit_scale.exp() * ref_out @ ref_embeddings.t()
+    loss = official_distillation(logits_ref, logits_current, T)
+    loss = loss + official_distillation(logits_ref.t(), logits_current.t(), T)
+    return loss + l2 * official_l2_loss(student.clip, l2_model.clip)
+
+
+def test_zscl_loss_equals_the_transcribed_official_terms():
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    plugin = ZSCLPlugin(images, TEXTS, temperature=2.0, ref_batch_size=5, weight_ensemble=False)
+    plugin = ZSCLPlugin(images, TEXTS, temperature=2.0, ref_batch_size=5, text_loss=True, l2=0.3,
+                        weight_ensemble=False)
     _, initial, rows = _train(plugin)
-    teacher, student = tiny_clip_vit(4).eval(), tiny_clip_vit(4)
+    teacher, student, l2_model = tiny_clip_vit(4).eval(), tiny_clip_vit(4), tiny_clip_vit(4)
     teacher.load_state_dict(initial)
     row = rows[-1]  # second experience, after several updates
     student.load_state_dict(row["state"])
+    l2_model.load_state_dict(row["start"])  # the weights the task started from
+    assert any(not torch.equal(row["state"][k], row["start"][k]) for k in row["start"])
     with torch.no_grad():
-        text = F.normalize(teacher.encode_text(teacher.tokenizer(TEXTS)), dim=-1)
-        scale = teacher.clip.logit_scale.exp()
-        t_logits = scale * F.normalize(teacher(row["ref"]), dim=-1) @ text.T
-        s_logits = scale * F.normalize(student(row["ref"]), dim=-1) @ text.T
-        expected = -(F.softmax(t_logits / 2, 1) * F.log_softmax(s_logits / 2, 1)).sum(1).mean() * 4
+        expected = official_zscl_terms(teacher, student, row["ref"], TEXTS, 2.0, 0.3, l2_model)
     assert (row["loss"] - row["ce"]).item() == pytest.approx(expected.item(), rel=1e-4)
     assert expected.item() > 0
 
 
-def test_zscl_weight_ensemble_is_running_mean_of_checkpoints():
+def test_zscl_merges_at_iterations_0_freq_2freq_as_the_official_loop():
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=4, avg_freq=1)
+    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=4, avg_freq=3)
     model = model_with_heads(4)
-    start = {k: p.detach().clone() for k, p in model.named_parameters()}
+    start = {k: p.detach().clone() for k, p in model.encoder.named_parameters()}
     record = Record(plugin)
     strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
-                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, train_epochs=1, plugins=[record, plugin])
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=2, train_epochs=1, plugins=[record, plugin])
     strategy.train(tiny_benchmark().train_stream[0], eval_streams=[])
-    snapshots = [start] + [r["after"] for r in record.rows]  # initial weights count once, as in ZSCL
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(p.detach(), torch.stack([s[k] for s in snapshots]).mean(0))
+    n_iter = len(record.rows)
+    assert n_iter >= 6 and plugin.merged_at == list(range(0, n_iter, 3))
+    # finetune.py:309-320 + helpers.py:31-34: we_model = the task's start; after the step of
+    # iteration i with i % avg_freq == 0: we_n += 1; we = (we * we_n + theta) / (1 + we_n)
+    we, we_n = {k: v.clone() for k, v in start.items()}, 0
+    for i, row in enumerate(record.rows):
+        if i % 3 == 0:
+            we_n += 1
+            we = {k: (we[k] * we_n + row["after"][f"encoder.{k}"]) / (1.0 + we_n) for k in we}
+    for k, p in model.encoder.named_parameters():
+        torch.testing.assert_close(p.detach(), we[k])
+    # heads are not averaged: the task's head keeps its trained weights
+    for k, p in model.heads.named_parameters():
+        assert torch.equal(p.detach(), record.rows[-1]["after"][f"heads.{k}"])
+
+
+def test_teacher_features_are_computed_once_per_reference_image():
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=4, weight_ensemble=False)
+    _, _, rows = _train(plugin, epochs=2)
+    assert len(rows) * 4 > 10 and plugin.teacher_images == 10  # many draws, each image encoded once
+    teacher = plugin.teacher
+    with torch.no_grad():
+        direct = F.normalize(teacher(images), dim=-1)
+    torch.testing.assert_close(plugin._teacher_features, direct, rtol=1e-5, atol=1e-6)
 
 
 def test_zscl_refuses_image_only_models():
@@ -99,22 +154,9 @@ def test_zscl_refuses_image_only_models():
         strategy.train(tiny_benchmark().train_stream[0], eval_streams=[])
 
 
-def test_zscl_text_side_term_on_transposed_logits():
-    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=5, text_loss=True, weight_ensemble=False)
-    _, initial, rows = _train(plugin)
-    teacher, student = tiny_clip_vit(4).eval(), tiny_clip_vit(4)
-    teacher.load_state_dict(initial)
-    row = rows[-1]
-    student.load_state_dict(row["state"])
-    with torch.no_grad():
-        tokens = teacher.tokenizer(TEXTS)
-        t_text = F.normalize(teacher.encode_text(tokens), dim=-1)
-        s_text = F.normalize(student.encode_text(tokens), dim=-1)
-        scale = teacher.clip.logit_scale.exp()
-        t_img = F.normalize(teacher(row["ref"]), dim=-1)
-        s_img = F.normalize(student(row["ref"]), dim=-1)
-        image_term = soft_cross_entropy(scale * s_img @ t_text.T, scale * t_img @ t_text.T, 2.0)
-        text_term = soft_cross_entropy(scale * s_text @ t_img.T, scale * t_text @ t_img.T, 2.0)
-    assert (row["loss"] - row["ce"]).item() == pytest.approx((image_term + text_term).item(), rel=1e-4)
-    assert text_term.item() > 0
+def test_reference_batches_pass_over_the_set_before_repeating():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).contiguous()
+    plugin = ZSCLPlugin(images, TEXTS, ref_batch_size=4)
+    plugin._generator.manual_seed(0)
+    seen = [plugin._next_indices() for _ in range(3)]  # 4 + 4 + 2: one shuffled pass
+    assert sorted(torch.cat(seen).tolist()) == list(range(10)) and [len(s) for s in seen] == [4, 4, 2]

@@ -46,11 +46,16 @@ class CLIPModel(FoundationModel):
         visual = {id(p) for p in self.clip.visual.parameters()}
         return [p for p in self.clip.parameters() if id(p) not in visual]
 
-    def freeze_text(self) -> None:
-        """The text side stays bit-identical: no gradients, so no optimizer, penalty or decay touches it
-        (the official LDIFS code deletes the text transformer from the trained encoder, modeling.py:88-89)."""
+    def set_text_trainable(self, trainable: bool) -> None:
+        """Frozen (False), the text side stays bit-identical: no gradients, so no optimizer, penalty
+        or decay touches it (the official LDIFS code deletes the text transformer from the trained
+        encoder, modeling.py:88-89). logit_scale never trains (ZSCL excludes it too, finetune.py:82)."""
         for p in self.text_parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(trainable)
+        self.clip.logit_scale.requires_grad_(False)
+
+    def freeze_text(self) -> None:
+        self.set_text_trainable(False)
 
     def slice_modules(self) -> list[nn.Module]:
         """ViT: ln_pre output and the residual stream after blocks D/4, D/2, 3D/4, D (LDIFS's

@@ -1,0 +1,193 @@
+"""The `zscl-mtil` protocol against ZSCL's official code (Thunderbeee/ZSCL, mtil/, commit b96e714).
+
+`official_*` functions transcribe the official code (file:line in their docstrings)."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from avalanche.core import SupervisedPlugin
+from avalanche.training import Naive
+
+import tasks
+from benchmark.cli import main
+from benchmark.config import resolve
+from benchmark.models import create_model
+from benchmark.multihead import MultiHeadClassifier, TextHead
+from benchmark.report import zscl_table3
+from benchmark.schedule import WarmupCosinePlugin
+from benchmark.store import Matrix
+from strategies import ZSCLPlugin
+from tests.test_plugins import tiny_benchmark
+
+from . import dataset_fixtures as fx
+
+
+def official_text_classifier_loss(clip_model, images_uint8, labels, prompts, encoder, ls):
+    """finetune.py:103-104, 213-224: texts = template(class) tokenized; embeddings from the current
+    text tower, normalized; logits = logit_scale.exp() * normalized image features @ embeddings.T;
+    cross-entropy with label smoothing."""
+    texts = encoder.tokenizer(prompts)
+    embeddings = clip_model.encode_text(texts)
+    embeddings = embeddings / embeddings.norm(dim=-1, keepdim=True)
+    out = clip_model.encode_image(encoder.normalize(images_uint8))
+    out = out / out.norm(dim=-1, keepdim=True)
+    logits_per_image = clip_model.logit_scale.exp() * out @ embeddings.t()
+    return F.cross_entropy(logits_per_image, labels, label_smoothing=ls)
+
+
+def test_text_head_loss_equals_the_official_text_classifier(tiny_clip_checkpoint):
+    path, _ = tiny_clip_checkpoint
+    encoder = create_model("cfbench-tiny-vit", path)
+    encoder.set_text_trainable(True)
+    model = MultiHeadClassifier(encoder)
+    prompts = ["a photo of a cat.", "a photo of a dog.", "a photo of a car."]
+    head = model.ensure_text_head(0, prompts)
+    assert isinstance(head, TextHead) and not list(head.parameters())  # the text tower is the classifier
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ours = torch.nn.CrossEntropyLoss(label_smoothing=0.2)(model(x, 0), y)
+    theirs = official_text_classifier_loss(encoder.clip, x, y, prompts, encoder, 0.2)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours.backward()
+    assert encoder.clip.token_embedding.weight.grad is not None  # both towers train ...
+    assert encoder.clip.visual.conv1.weight.grad is not None
+    assert encoder.clip.logit_scale.grad is None and not encoder.clip.logit_scale.requires_grad  # ... not logit_scale
+
+
+def official_cosine_lr(base_lr, warmup_length, steps):
+    """mtil/src/utils.py:17-32."""
+    def lr_at(step):
+        if step < warmup_length:
+            return base_lr * (step + 1) / warmup_length
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup_length) / (steps - warmup_length))) * base_lr
+    return lr_at
+
+
+def test_schedule_spans_1000_steps_of_a_1001_step_task_with_per_task_lr():
+    class Fake:
+        dataloader, train_epochs = [None] * 1001, 1
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+        class experience:
+            current_experience = 1
+
+    plugin = WarmupCosinePlugin([1e-5, 5e-5], 100, horizon=1000)
+    plugin.before_training_exp(Fake)
+    official = official_cosine_lr(5e-5, 100, 1000)  # the second task's lr (e.g. MNIST after Aircraft)
+    lrs = []
+    for step in range(1001):
+        plugin.before_training_iteration(Fake)
+        lrs.append(Fake.optimizer.param_groups[0]["lr"])
+        assert lrs[-1] == pytest.approx(official(step), rel=1e-9, abs=1e-18)
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-20)
+
+
+def test_zscl_mtil_preset():
+    cfg = resolve({"protocol": "zscl-mtil"})
+    assert (cfg.model.name, cfg.model.pretrained, cfg.sequence, cfg.seed) == ("ViT-B-16", "openai", "mtil-order1", 42)
+    t = cfg.train
+    assert (t.iterations, t.schedule_steps, t.batch_size, t.weight_decay, t.warmup_steps) == (1001, 1000, 64, 0.0, 100)
+    assert (t.head, t.label_smoothing, t.split, t.augment.kind, t.grad_clip) == ("text", 0.2, "trainval", "rrc", None)
+    assert t.lr_for("aircraft") == t.lr_for("mnist") == 5e-5 and t.lr_for("dtd") == 1e-5
+    assert (cfg.eval.zs_text, cfg.eval.templates) == ("current", "zscl")
+    z = cfg.strategy_params["zscl"]
+    assert (z["reference_task"], z["l2"], z["avg_freq"], z["text_loss"], z["ref_batch_size"]) == ("imagenet", 1.0, 100,
+                                                                                                   True, 64)
+    assert cfg.strategy_params["wise-ft"] == {"beta": 0.8}
+    assert cfg.strategies == ["ft", "lwf-clip", "wise-ft", "zscl"]
+    assert "eurosat_mtil" in tasks.SEQUENCES["mtil-order1"].tasks
+
+
+def test_eurosat_mtil_is_zscls_80_20_split_of_all_images(tmp_path):
+    fx.eurosat(tmp_path)
+    tasks.clear_memory()
+    found = tasks.loaded_task("eurosat_mtil", str(tmp_path))
+    files = sorted((c.name, f.name) for c in (tmp_path / "eurosat" / "2750").iterdir() for f in c.iterdir())
+    n = len(files)
+    # collections.py:69-77: random_split(dataset, [int(0.8 n), rest], generator seed 42) of ImageFolder's order
+    train_idx, test_idx = torch.utils.data.random_split(range(n), [int(0.8 * n), n - int(0.8 * n)],
+                                                        generator=torch.Generator().manual_seed(42))
+    got = {s: sorted(p.split("/")[-1] for p in found.splits[s].paths) for s in ("train", "test")}
+    assert got["train"] == sorted(files[i][1] for i in train_idx)
+    assert got["test"] == sorted(files[i][1] for i in test_idx)
+    assert "val" not in found.splits
+
+
+def test_trainval_is_the_whole_train_split(tmp_path):
+    train, val = tasks.load_split("digits", "train", 16), tasks.load_split("digits", "val", 16)
+    whole = tasks.load_split("digits", "trainval", 16)
+    assert len(whole) == len(train) + len(val)
+    fx.eurosat(tmp_path)  # a task with a fixed validation split: its train and val files
+    tasks.clear_memory()
+    parts = [tasks.load_split("eurosat", s, 16, str(tmp_path)) for s in ("train", "val", "trainval")]
+    assert len(parts[2]) == len(parts[0]) + len(parts[1])
+    assert torch.equal(parts[2].y, torch.cat([parts[0].y, parts[1].y]))
+
+
+def test_lwf_clip_teacher_is_the_model_as_each_task_starts():
+    from tests.test_plugins import model_with_heads
+
+    refs = {t: torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8) for t in range(2)}
+    texts = {0: ["a cat.", "a dog."], 1: ["a car.", "a bus.", "a tree."]}
+    plugin = ZSCLPlugin(teacher="previous", reference_for=lambda t: (refs[t], texts[t]), ref_batch_size=3,
+                        weight_ensemble=False, text_loss=True)
+    model = model_with_heads(4)
+    starts = []
+
+    class Start(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            starts.append(copy.deepcopy(strategy.model.encoder.state_dict()))
+
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(), train_mb_size=6, plugins=[Start(), plugin])
+    for exp in tiny_benchmark().train_stream:
+        strategy.train(exp, eval_streams=[])
+    assert plugin.reference_images is refs[1] and plugin._text_embeddings.shape[0] == 3
+    for k, v in plugin.teacher.state_dict().items():
+        assert torch.equal(v, starts[1][k]), k  # the teacher of task 2 is the model after task 1
+    assert any(not torch.equal(starts[0][k], starts[1][k]) for k in starts[0])
+
+
+def test_table3_layout_by_hand():
+    zs = Matrix(["pretrained", "a", "b", "c"], ["a", "b", "c"],
+                [[50, 40, 30], [90, 41, 31], [80, 95, 32], [70, 85, 99]])
+    table = zscl_table3([("zscl", zs)]).splitlines()
+    assert table[0] == "| method | metric | a | b | c | average |"
+    # Transfer: b from row a (41), c from rows a, b (31, 32 -> 31.5); average of 41 and 31.5
+    assert table[2] == "| zscl | Transfer | – | 41.0 | 31.5 | 36.2 |"
+    assert table[3] == "| zscl | Avg | 80.0 | 73.7 | 54.0 | 69.2 |"
+    assert table[4] == "| zscl | Last | 70.0 | 85.0 | 99.0 | 84.7 |"
+
+
+def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
+    """Three MTIL-format tasks, the zscl-mtil protocol scaled down, the four Table 3 strategies."""
+    path, _ = tiny_clip_checkpoint
+    root = tmp_path / "data"
+    fx.mnist(root), fx.eurosat(root), fx.dtd(root)
+    tasks.clear_memory()
+    config = tmp_path / "mtil-tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "protocol": "zscl-mtil", "tasks": ["mnist", "eurosat_mtil", "dtd"], "eval_only": [],
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path},
+        "train": {"batch_size": 8, "iterations": 5, "schedule_steps": 4, "warmup_steps": 2},
+        "eval": {"probe_max_per_class": 3},
+        "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 8},
+                            "lwf-clip": {"ref_batch_size": 8}},
+        "threads": 2}))
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--data-root", str(root), "--out", str(out)]) == 0
+    (invocation,) = out.iterdir()
+    for strategy in ("ft", "lwf-clip", "wise-ft", "zscl"):
+        run = invocation / f"{strategy}-s42"
+        zs = Matrix.load(run / "matrices/zs.csv")
+        assert zs.rows == ["pretrained", "mnist", "eurosat_mtil", "dtd"]
+        assert np.all((zs.array() >= 0) & (zs.array() <= 100))
+        head = Matrix.load(run / "matrices/head.csv").array()
+        assert not np.isnan(head[3]).any()  # every task's text head is defined after the last task
+    log = (invocation / "zscl-s42/log.txt").read_text()
+    assert "reference texts are" in log and "class prompts of photo_patches" in log
+    table3 = (invocation / "table3.md").read_text()
+    assert table3.count("| Transfer |") == 4 and "| zscl | Last |" in table3
