@@ -259,7 +259,7 @@ def cmd_perf(args) -> int:
 
     set_threads(args.threads)
     print(run_perf(args.model, args.repeats, select_device(args.device), args.samples, args.batch_size,
-                   args.epochs, not args.no_eval, args.augment))
+                   args.epochs, not args.no_eval, args.augment, args.zscl))
     return 0
 
 
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round and probe comparisons")
     pf.add_argument("--augment", action="store_true", help="compare FT and LDIFS on RandomResizedCrop batches "
                     "(the ldifs protocol: LDIFS's reference runs on every batch) instead of the cache variants")
+    pf.add_argument("--zscl", action="store_true", help="compare ZSCL with FT, both training text heads (the "
+                    "zscl-mtil protocol's training); needs an open_clip --model")
     pf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     pf.add_argument("--threads", type=int, help="torch threads (default: every core)")
     pf.set_defaults(func=cmd_perf)

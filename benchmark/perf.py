@@ -17,6 +17,7 @@ import torch
 from tasks import TensorSplit
 
 from .config import EvalConfig
+from .errors import CfbenchError
 from .evaluate import EvalDataset, evaluate_round
 from .multihead import MultiHeadClassifier
 from .runner import _benchmark, _silent_evaluator, make_optimizer
@@ -176,6 +177,40 @@ def training_comparisons(encoder, data: TensorSplit, batch_size: int, repeats: i
     return alternate(variants, repeats, device)
 
 
+def zscl_comparison(encoder, data: TensorSplit, batch_size: int, repeats: int, device: str,
+                    epochs: int = 1) -> dict[str, Timing]:
+    """ZSCL's training (the zscl-mtil protocol) against FT with the same text head: both train both
+    towers as a text classifier (label smoothing 0.2); ZSCL adds a reference batch as large as the
+    training batch (student forward + backward), the l2 term over every trained parameter and the
+    weight average. The teacher's image features and text embeddings are cached by the plugin."""
+    from strategies import ZSCLPlugin
+
+    encoder.set_text_trainable(True)
+    model = MultiHeadClassifier(encoder).to(device)
+    prompts = [f"a photo of the number: \"{i}\"." for i in range(int(data.y.max()) + 1)]
+    model.ensure_text_head(0, prompts)
+    snapshot = copy.deepcopy(model.state_dict())
+    bench = _benchmark([data])
+
+    def task(plugins: Callable[[], list]):
+        from .training import FastNaive
+        from .schedule import WarmupCosinePlugin
+
+        def run():
+            model.load_state_dict(snapshot)
+            strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", 1e-5, 0.0), train_splits=[data],
+                                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.2), train_mb_size=batch_size,
+                                 train_epochs=epochs, device=device, plugins=[*plugins(), WarmupCosinePlugin(1e-5, 0)],
+                                 evaluator=_silent_evaluator())
+            strategy.train(bench.train_stream[0], eval_streams=[])
+        return run
+
+    zscl = lambda: [ZSCLPlugin(data.x, prompts, text_loss=True, l2=1.0, avg_freq=100,  # noqa: E731
+                               ref_batch_size=batch_size)]
+    return alternate({"suite FT task (text head)": task(lambda: []), "suite ZSCL task (text head)": task(zscl)},
+                     repeats, device)
+
+
 def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: int, device: str,
                           probe_cap: int = 100, test_cap: Optional[int] = None) -> dict[str, Timing]:
     """A full evaluation round from the preprocessed uint8 tensors vs decoding the sources again."""
@@ -295,7 +330,7 @@ def report(title: str, timings: dict[str, Timing], baseline: str) -> list[str]:
 
 
 def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_size: int, epochs: int = 3,
-             evaluation: bool = True, augmented: bool = False) -> str:
+             evaluation: bool = True, augmented: bool = False, zscl: bool = False) -> str:
     """The comparisons of BENCHMARKS.md for one model; returns the printed report."""
     import platform
 
@@ -318,6 +353,13 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
     lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples x {epochs} epochs, batch {batch_size}, "
              f"{repeats} repeats, device {device} ({gpu or cpu}), {torch.get_num_threads()} threads"]
     configure_for_device(encoder, device, "auto")
+    if zscl:
+        if not getattr(encoder, "has_text", False):
+            raise CfbenchError("--zscl needs an open_clip model (a text tower)")
+        timings = zscl_comparison(encoder.to(device), data, batch_size, repeats, device, epochs)
+        lines += report(f"ZSCL vs FT, both with text heads ({epochs} epochs)", timings, "suite FT task (text head)")
+        ratio = timings["suite ZSCL task (text head)"].median / timings["suite FT task (text head)"].median
+        return "\n".join(lines + [f"ZSCL / FT (text heads) = {ratio:.2f}"])
     train = training_comparisons(encoder.to(device), data, batch_size, repeats, device, epochs, augmented=augmented)
     lines += report(f"training one task ({epochs} epochs)", train, "suite FT task")
     ft = train["suite FT task"]

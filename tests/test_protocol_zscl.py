@@ -191,3 +191,33 @@ def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
     assert "reference texts are" in log and "class prompts of photo_patches" in log
     table3 = (invocation / "table3.md").read_text()
     assert table3.count("| Transfer |") == 4 and "| zscl | Last |" in table3
+
+
+def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
+    """finetune.py:332-340 with --wise_ft_model n --wise_ft_alpha 0.8: every parameter becomes
+    0.8 * trained + 0.2 * the model the task started from (the previous task's), on text heads."""
+    from strategies import WiSEFTPlugin
+    from tests.helpers import tiny_clip_vit
+    from tests.test_plugins import Snapshot
+
+    torch.manual_seed(0)
+    model = MultiHeadClassifier(tiny_clip_vit(layers=2))
+    for t in range(2):
+        model.ensure_text_head(t, ["a cat.", "a dog.", "a car."])
+    snap, starts = Snapshot(), []
+
+    class Start(SupervisedPlugin):
+        def before_training_exp(self, strategy, **kwargs):
+            starts.append({k: p.detach().clone() for k, p in strategy.model.named_parameters()})
+
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+                     criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.2), train_mb_size=6,
+                     plugins=[Start(), snap, WiSEFTPlugin(beta=0.8)])
+    for exp in tiny_benchmark().train_stream:
+        strategy.train(exp, eval_streams=[])
+    alpha, changed = 0.8, 0
+    for k, param_q in model.named_parameters():
+        trained, fixed = snap.after[1][k], starts[1][k]  # wise_ft_model = the loaded previous checkpoint
+        torch.testing.assert_close(param_q.detach(), trained * alpha + fixed * (1 - alpha))
+        changed += int(not torch.equal(trained, fixed))
+    assert changed > 0 and any("transformer" in k and "visual" not in k for k in dict(model.named_parameters()))
