@@ -100,6 +100,7 @@ class EvalConfig:
     batch_size: int = field(default=256, metadata=_POSITIVE)
     zs_text: Literal["pretrained", "current"] = "current"  # whose text tower makes the zero-shot classifiers
     templates: Optional[str] = None  # null: clip-benchmark's; or a name in protocols/templates/, or a YAML path
+    classnames: Optional[str] = None  # null: the tasks' curated names; or a name in protocols/classnames/, or a path
 
 
 @dataclass

@@ -39,7 +39,7 @@ from .progress import ProgressPlugin
 from .report import finalize_run
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
-from .templates import task_templates
+from .templates import task_class_names, task_templates
 from .training import FastNaive, configure_for_device
 
 CHECKPOINT = "checkpoints/state.pt"
@@ -74,7 +74,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
         plugins = strategies.build_plugins(strategy, params, {
             "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "image_size": encoder.image_size,
-            "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0]})
+            "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
+            "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames)})
         learner = _learner(cfg, model, train_splits, plugins, trained, device)
         stream = _benchmark(train_splits).train_stream
         matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
@@ -162,7 +163,8 @@ def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_re
 def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
     cap = cfg.eval.probe_max_per_class
     train_splits = [_split(cfg, n, cfg.train.split, cfg.train.max_train_per_class) for n in trained]
-    eval_sets = [EvalDataset(n, task_registry.task_classes(n, cfg.data_root), task_templates(n, cfg.eval.templates),
+    eval_sets = [EvalDataset(n, task_class_names(n, cfg.data_root, cfg.eval.classnames),
+                             task_templates(n, cfg.eval.templates),
                              _split(cfg, n, "train", cap), _split(cfg, n, "test", cfg.eval.test_max_per_class),
                              _split(cfg, n, "val", cap) if cfg.eval.probe == "official" else None)
                  for n in eval_names]
@@ -265,7 +267,8 @@ def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: 
 def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str):
     if cfg.train.head == "text":
         template = task_templates(name, cfg.eval.templates)[0]  # ZSCL trains with one prompt per class
-        return model.ensure_text_head(task, [template.format(c) for c in task_registry.task_classes(name, cfg.data_root)])
+        classes = task_class_names(name, cfg.data_root, cfg.eval.classnames)
+        return model.ensure_text_head(task, [template.format(c) for c in classes])
     return model.ensure_head(task, task_registry.get_task(name).num_classes)
 
 

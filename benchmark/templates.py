@@ -1,14 +1,17 @@
-"""Zero-shot prompt templates per task: clip-benchmark's by default, or a protocol's own set.
+"""Zero-shot prompt templates and class names per task: the defaults (clip-benchmark's templates,
+the task's curated names) or a protocol's own, stored as data.
 
-`eval.templates` names a YAML file in benchmark/protocols/templates/ (e.g. `ldifs`, the official
-LDIFS code's templates) or gives a path to one: {task: [pattern, ...]} with "{}" for the class
-name. A task the file does not list keeps its default templates.
+`eval.templates` names a YAML file in benchmark/protocols/templates/ (e.g. `ldifs`, `zscl`) or
+gives a path to one: {task: [pattern, ...]} with "{}" for the class name. `eval.classnames`
+likewise names a file in benchmark/protocols/classnames/ or a path: {task: [name, ...]}, one name
+per class in label order, or {task: source} (the dataset's own names, as the source gives them) or
+{task: source-readable} (the same with "_" -> " "). A task a file does not list keeps its defaults.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -18,33 +21,49 @@ from .config import PROTOCOL_DIR
 from .errors import CfbenchError
 
 TEMPLATE_DIR = PROTOCOL_DIR / "templates"
+CLASSNAME_DIR = PROTOCOL_DIR / "classnames"
 
 
-def list_template_sets() -> list[str]:
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.yaml"))
+def list_sets(folder: Path) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
-@lru_cache(maxsize=None)
-def load_template_set(name_or_path: str) -> dict[str, tuple[str, ...]]:
-    path = TEMPLATE_DIR / f"{name_or_path}.yaml"
+def _load_set(folder: Path, name_or_path: str, setting: str, valid: Callable[[str], bool], rule: str,
+              keywords: tuple[str, ...] = ()) -> dict:
+    path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
         path = Path(name_or_path)
     if not path.is_file():
-        raise CfbenchError(f"eval.templates: {name_or_path!r} is neither a template set "
-                           f"({', '.join(list_template_sets())}) nor a YAML file")
+        raise CfbenchError(f"{setting}: {name_or_path!r} is neither one of {', '.join(list_sets(folder))} "
+                           f"nor a YAML file")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (UnicodeDecodeError, yaml.YAMLError) as err:
         raise CfbenchError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise CfbenchError(f"{path}: must map task names to lists of templates")
+        raise CfbenchError(f"{path}: must map task names to lists")
     out = {}
-    for task, patterns in data.items():
-        if (not isinstance(patterns, list) or not patterns
-                or not all(isinstance(p, str) and p.count("{}") == 1 for p in patterns)):
-            raise CfbenchError(f"{path}: {task}: templates must be a non-empty list of strings with one '{{}}' each")
-        out[str(task)] = tuple(patterns)
+    for task, items in data.items():
+        if items in keywords:
+            out[str(task)] = items
+            continue
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) and valid(i) for i in items):
+            raise CfbenchError(f"{path}: {task}: {rule}")
+        out[str(task)] = tuple(items)
     return out
+
+
+@lru_cache(maxsize=None)
+def load_template_set(name_or_path: str) -> dict[str, tuple[str, ...]]:
+    return _load_set(TEMPLATE_DIR, name_or_path, "eval.templates", lambda p: p.count("{}") == 1,
+                     "templates must be a non-empty list of strings with one '{}' each")
+
+
+@lru_cache(maxsize=None)
+def load_classname_set(name_or_path: str) -> dict[str, tuple[str, ...]]:
+    return _load_set(CLASSNAME_DIR, name_or_path, "eval.classnames", lambda n: bool(n.strip()),
+                     "class names must be `source`, `source-readable` or a non-empty list of non-empty strings",
+                     keywords=("source", "source-readable"))
 
 
 def task_templates(task: str, template_set: Optional[str] = None) -> tuple[str, ...]:
@@ -53,3 +72,18 @@ def task_templates(task: str, template_set: Optional[str] = None) -> tuple[str, 
         if found:
             return found
     return task_registry.get_task(task).templates
+
+
+def task_class_names(task: str, data_root: Optional[str] = None, name_set: Optional[str] = None) -> tuple[str, ...]:
+    names = task_registry.task_classes(task, data_root)
+    if name_set is not None:
+        found = load_classname_set(name_set).get(task)
+        if found in ("source", "source-readable"):
+            source = task_registry.task_classes(task, data_root, source=True)
+            return source if found == "source" else tuple(n.replace("_", " ") for n in source)
+        if found:
+            if len(found) != len(names):
+                raise CfbenchError(f"eval.classnames {name_set}: {task} has {len(names)} classes, "
+                                   f"the file names {len(found)}")
+            return found
+    return names

@@ -81,15 +81,15 @@ def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], 
 def _build_lwf_clip(ctx: dict, **kw) -> list:
     """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
     task's images (not augmented) and class prompts (templates[0] per class)."""
-    from tasks import load_split, task_classes
+    from tasks import load_split
 
-    tasks_, template_of = ctx["tasks"], ctx["template_of"]
+    tasks_, template_of, classes_of = ctx["tasks"], ctx["template_of"], ctx["classes_of"]
 
     def reference_for(t: int):
         name = tasks_[t]
         images = load_split(name, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
                             cache_dir=ctx.get("cache_dir")).x
-        return images, [template_of(name).format(c) for c in task_classes(name, ctx.get("data_root"))]
+        return images, [template_of(name).format(c) for c in classes_of(name)]
 
     return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
                        seed=ctx.get("seed", 0), **kw)]

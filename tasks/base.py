@@ -100,6 +100,7 @@ class LoadedTask:
 
     classes: tuple[str, ...]
     splits: dict[str, SourceSplit]  # "train", "test" and, where the source fixes one, "val"
+    source_classes: tuple[str, ...] = ()  # the names as the source gives them (before curation); () = classes
 
 
 @dataclass(frozen=True)

@@ -85,8 +85,10 @@ def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
     return found
 
 
-def task_classes(name: str, given_root: Optional[str] = None) -> tuple[str, ...]:
-    return loaded_task(name, given_root).classes
+def task_classes(name: str, given_root: Optional[str] = None, source: bool = False) -> tuple[str, ...]:
+    """Class names in label order: curated (readable), or as the source itself names them."""
+    found = loaded_task(name, given_root)
+    return (found.source_classes or found.classes) if source else found.classes
 
 
 def split_indices(found: LoadedTask, split: str, max_per_class: Optional[int] = None,

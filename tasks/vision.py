@@ -31,13 +31,20 @@ def _tv(cls, *args, **kwargs):
         raise TaskIncomplete(f"torchvision {cls.__name__} could not read it: {err}") from None
 
 
+class _Names(tuple):
+    """Class names that remember the source's own (`LoadedTask.source_classes`)."""
+
+    source: tuple[str, ...] = ()
+
+
 def _names(found: Iterable[str], curated_key: str = "", expected: Optional[int] = None,
            drop_first: bool = False) -> tuple[str, ...]:
     """clip-benchmark's curated names when it has them, else the dataset's own, made readable."""
     found = tuple(found)
     curated = metadata.classnames(curated_key) if curated_key else None
     names = curated[1:] if curated and drop_first else curated
-    names = names or tuple(metadata.readable(n) for n in found)
+    names = _Names(names or tuple(metadata.readable(n) for n in found))
+    names.source = found[1:] if drop_first else found
     if expected is not None and len(found) != expected:
         raise TaskIncomplete(f"found {len(found)} classes, expected {expected}")
     return names
@@ -47,7 +54,7 @@ def _loaded(classes, **splits) -> LoadedTask:
     for name, split in splits.items():
         if len(split) == 0:
             raise TaskIncomplete(f"the {name} split is empty")
-    return LoadedTask(tuple(classes), splits)
+    return LoadedTask(tuple(classes), splits, tuple(getattr(classes, "source", ())))
 
 
 def _files(samples) -> FileSource:

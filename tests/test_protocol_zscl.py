@@ -221,3 +221,23 @@ def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
         torch.testing.assert_close(param_q.detach(), trained * alpha + fixed * (1 - alpha))
         changed += int(not torch.equal(trained, fixed))
     assert changed > 0 and any("transformer" in k and "visual" not in k for k in dict(model.named_parameters()))
+
+
+def test_zscl_class_names_where_they_differ(tmp_path):
+    from benchmark.errors import CfbenchError
+    from benchmark.templates import task_class_names
+
+    root = tmp_path / "data"
+    fx.mnist(root), fx.sun397(root)
+    tasks.clear_memory()
+    ours = tasks.task_classes("mnist", str(root))
+    zscl = task_class_names("mnist", str(root), "zscl")
+    assert zscl[:2] == ("0 - zero", "1 - one") and ours[:2] == ("0", "1")  # torchvision's MNIST.classes
+    assert task_class_names("sun397", str(root), "zscl")[0] == "aplace_000"  # the source's own, "_" kept
+    assert tasks.task_classes("sun397", str(root))[0] == "aplace 000"
+    names = tmp_path / "names.yaml"
+    names.write_text("sun397: source-readable\ndigits: [zero, one]\n")
+    assert task_class_names("sun397", str(root), str(names))[0] == "aplace 000"
+    with pytest.raises(CfbenchError, match="digits has 10 classes, the file names 2"):
+        task_class_names("digits", None, str(names))
+    assert len(task_class_names("faces", None, str(names))) == 2  # not listed: its defaults
