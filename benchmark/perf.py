@@ -109,7 +109,8 @@ def bare_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, l
 
 
 def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, lr: float, device: str,
-                plugins_factory: Callable[[], list], epochs: int = 1, augment=None) -> Callable[[], None]:
+                plugins_factory: Callable[[], list], epochs: int = 1, augment=None, weight_decay: float = 0.1,
+                label_smoothing: float = 0.0) -> Callable[[], None]:
     """One task through the suite's Avalanche strategy and plugins, as `cfbench run` trains."""
     from .training import FastNaive
 
@@ -118,9 +119,10 @@ def suite_epoch(model: MultiHeadClassifier, data: TensorSplit, batch_size: int, 
     bench = _benchmark([data])
 
     def run():
-        strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", lr, 0.1), train_splits=[data],
-                             train_augment=augment,
-                             criterion=torch.nn.CrossEntropyLoss(), train_mb_size=batch_size, train_epochs=epochs,
+        strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", lr, weight_decay),
+                             train_splits=[data], train_augment=augment,
+                             criterion=torch.nn.CrossEntropyLoss(label_smoothing=label_smoothing),
+                             train_mb_size=batch_size, train_epochs=epochs,
                              device=device, plugins=[*plugins_factory(), WarmupCosinePlugin(lr, 0)],
                              evaluator=_silent_evaluator())
         strategy.train(bench.train_stream[0], eval_streams=[])
@@ -190,19 +192,14 @@ def zscl_comparison(encoder, data: TensorSplit, batch_size: int, repeats: int, d
     prompts = [f"a photo of the number: \"{i}\"." for i in range(int(data.y.max()) + 1)]
     model.ensure_text_head(0, prompts)
     snapshot = copy.deepcopy(model.state_dict())
-    bench = _benchmark([data])
 
     def task(plugins: Callable[[], list]):
-        from .training import FastNaive
-        from .schedule import WarmupCosinePlugin
+        train = suite_epoch(model, data, batch_size, 1e-5, device, plugins, epochs, weight_decay=0.0,
+                            label_smoothing=0.2)
 
         def run():
             model.load_state_dict(snapshot)
-            strategy = FastNaive(model=model, optimizer=make_optimizer(model, "adamw", 1e-5, 0.0), train_splits=[data],
-                                 criterion=torch.nn.CrossEntropyLoss(label_smoothing=0.2), train_mb_size=batch_size,
-                                 train_epochs=epochs, device=device, plugins=[*plugins(), WarmupCosinePlugin(1e-5, 0)],
-                                 evaluator=_silent_evaluator())
-            strategy.train(bench.train_stream[0], eval_streams=[])
+            train()
         return run
 
     zscl = lambda: [ZSCLPlugin(data.x, prompts, text_loss=True, l2=1.0, avg_freq=100,  # noqa: E731

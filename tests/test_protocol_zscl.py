@@ -241,3 +241,18 @@ def test_zscl_class_names_where_they_differ(tmp_path):
     with pytest.raises(CfbenchError, match="digits has 10 classes, the file names 2"):
         task_class_names("digits", None, str(names))
     assert len(task_class_names("faces", None, str(names))) == 2  # not listed: its defaults
+
+
+def test_zscl_reference_texts_from_a_captions_file(tmp_path):
+    from benchmark.errors import CfbenchError
+    from strategies import build_plugins, resolve_params
+
+    captions = tmp_path / "cc_val.txt"
+    captions.write_text("a dog on a beach\n\n  two people riding bikes  \n")
+    params = resolve_params("zscl", {"zscl": {"reference_texts": str(captions), "reference_task": "digits"}})
+    (plugin,) = build_plugins("zscl", params, {"image_size": 16, "seed": 0})
+    assert plugin.reference_texts == ["a dog on a beach", "two people riding bikes"]
+    assert len(plugin.reference_images) == len(tasks.load_split("digits", "train", 16))
+    captions.write_text("\n \n")
+    with pytest.raises(CfbenchError, match="no captions in it"):
+        build_plugins("zscl", params, {"image_size": 16, "seed": 0})
