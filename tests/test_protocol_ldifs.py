@@ -383,3 +383,23 @@ def test_zs_init_without_a_text_tower_is_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "head_init zs needs a text tower" in err[0]
     assert not (tmp_path / "results").exists()
+
+
+def test_ldifs_class_names_where_they_differ(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.svhn as svhn
+
+    from benchmark.templates import task_class_names
+
+    for module in (cifar, svhn):  # fixture files cannot match the real archives' md5 sums
+        monkeypatch.setattr(module, "check_integrity", lambda *a, **k: True)
+    root = tmp_path / "data"
+    fx.svhn(root), fx.eurosat(root), fx.cifar(root, 100)
+    tasks.clear_memory()
+    assert task_class_names("svhn", str(root), "ldifs") == tuple(str(i) for i in range(10))
+    assert tasks.task_classes("svhn", str(root))[0] == "zero"
+    eurosat = task_class_names("eurosat", str(root), "ldifs")
+    assert eurosat[0] == "annual crop" and eurosat[4] == "industrial area" and eurosat[9] == "sea lake"
+    assert task_class_names("cifar100", str(root), "ldifs")[0] == "thing_0"  # underscores kept, as cifar100.py:42
+    assert tasks.task_classes("cifar100", str(root))[0] == "thing 0"
+    assert task_class_names("digits", None, "ldifs") == tasks.task_classes("digits")  # not listed: the defaults
