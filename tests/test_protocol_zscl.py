@@ -256,3 +256,21 @@ def test_zscl_reference_texts_from_a_captions_file(tmp_path):
     captions.write_text("\n \n")
     with pytest.raises(CfbenchError, match="no captions in it"):
         build_plugins("zscl", params, {"image_size": 16, "seed": 0})
+
+
+def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpoint, tmp_path):
+    from benchmark.runner import run_strategy
+    from tests.helpers import tiny_config
+
+    path, _ = tiny_clip_checkpoint
+    cfg = tiny_config(tmp_path, {
+        "protocol": "zscl-mtil", "tasks": ["digits", "faces"], "eval_only": [], "strategies": ["zscl"],
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
+        "train": {"batch_size": 8, "iterations": 4, "schedule_steps": 3, "warmup_steps": 1, "max_train_per_class": 8},
+        "eval": {"probe_max_per_class": 4, "test_max_per_class": 4, "templates": None, "classnames": None},
+        "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 4}}})
+    full = run_strategy(cfg, "zscl", tmp_path / "full")
+    part = run_strategy(cfg, "zscl", tmp_path / "part", stop_after=1)
+    assert main(["run", "--resume", str(part)]) == 0
+    for kind in ("zs", "lp", "head"):
+        assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text(), kind
