@@ -75,7 +75,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         plugins = strategies.build_plugins(strategy, params, {
             "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "image_size": encoder.image_size,
             "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
-            "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames)})
+            "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
+            "tokenizer": getattr(encoder, "tokenizer", None)})
         learner = _learner(cfg, model, train_splits, plugins, trained, device)
         stream = _benchmark(train_splits).train_stream
         matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}

@@ -78,17 +78,26 @@ def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], 
     return [ZSCLPlugin(reference_images=images, reference_texts=texts, seed=ctx.get("seed", 0), **kw)]
 
 
-def _build_lwf_clip(ctx: dict, **kw) -> list:
+def _build_lwf_clip(ctx: dict, random_texts: bool = False, **kw) -> list:
     """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
-    task's images (not augmented) and class prompts (templates[0] per class)."""
+    task's images (not augmented) and class prompts (templates[0] per class); LwF-VR: random token
+    sequences instead of the prompts (ZSCL's --ref-sentences random), drawn anew for each task."""
+    import torch
+
     from tasks import load_split
 
+    from .zscl import virtual_vocab
+
     tasks_, template_of, classes_of = ctx["tasks"], ctx["template_of"], ctx["classes_of"]
+    generator = torch.Generator()
 
     def reference_for(t: int):
         name = tasks_[t]
         images = load_split(name, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
                             cache_dir=ctx.get("cache_dir")).x
+        if random_texts:
+            generator.manual_seed(ctx.get("seed", 0) * 1000 + t)
+            return images, virtual_vocab(ctx["tokenizer"], generator)
         return images, [template_of(name).format(c) for c in classes_of(name)]
 
     return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
@@ -117,6 +126,11 @@ register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the prev
                                "images and class prompts (image and text side; text tower)",
                                _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
                                                  "ref_batch_size": 64}, needs_text=True))
+register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
+                               "10 tokens per task) as the reference texts (text tower)",
+                               lambda ctx, **kw: _build_lwf_clip(ctx, random_texts=True, **kw),
+                               {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
+                               needs_text=True))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:

@@ -20,13 +20,14 @@ reference texts' embeddings once per sequence.
 
 ZSCL's LwF baseline (scripts/lwf.sh) is the same loss with teacher = the previous task's model
 and the current task's images and class prompts as the reference set: `teacher="previous"`
-with `reference_for(task) -> (images, texts)`.
+with `reference_for(task) -> (images, texts)`. LwF-VR (scripts/lwf_vr.sh) replaces the prompts
+by random token sequences (`virtual_vocab`); reference texts may be given as token tensors.
 """
 from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,20 @@ from avalanche.core import SupervisedPlugin
 from .l2sp import l2sp_penalty
 
 log = logging.getLogger("cfbench")
+
+
+def virtual_vocab(tokenizer, generator: torch.Generator, length: int = 10, n_class: int = 1000) -> torch.Tensor:
+    """n_class random token sequences: start token, `length` tokens uniform over the vocabulary, end
+    token, zero padding to the context length (ZSCL mtil/src/models/helpers.py:54-62)."""
+    vocab = getattr(tokenizer, "encoder", None)
+    if vocab is None:
+        raise ValueError("random-vocabulary texts need open_clip's BPE tokenizer (SimpleTokenizer)")
+    context = getattr(tokenizer, "context_length", 77)
+    texts = torch.randint(0, len(vocab), (n_class, length), generator=generator)
+    start = torch.full((n_class, 1), vocab["<start_of_text>"])
+    end = torch.full((n_class, 1), vocab["<end_of_text>"])
+    zeros = torch.zeros((n_class, context - 2 - length), dtype=torch.long)
+    return torch.cat([start, texts, end, zeros], dim=1)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,18 +61,20 @@ def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 class ZSCLPlugin(SupervisedPlugin):
     checkpoint_attrs = ("teacher", "_text_embeddings")
 
-    def __init__(self, reference_images: Optional[torch.Tensor] = None, reference_texts: Sequence[str] = (),
+    def __init__(self, reference_images: Optional[torch.Tensor] = None,
+                 reference_texts: Union[Sequence[str], torch.Tensor] = (),
                  temperature: float = 2.0, weight: float = 1.0, text_loss: bool = False, l2: float = 0.0,
                  avg_freq: int = 100, ref_batch_size: int = 64, weight_ensemble: bool = True, seed: int = 0,
                  teacher: str = "pretrained",
-                 reference_for: Optional[Callable[[int], tuple[torch.Tensor, list[str]]]] = None):
+                 reference_for: Optional[Callable[[int], tuple[torch.Tensor, Union[list[str], torch.Tensor]]]] = None):
         super().__init__()
         if avg_freq < 1 or ref_batch_size < 1:
             raise ValueError("avg_freq and ref_batch_size must be positive")
         if teacher not in ("pretrained", "previous"):
             raise ValueError(f"teacher must be pretrained or previous, not {teacher!r}")
         self.teacher_source, self.reference_for = teacher, reference_for
-        self.reference_images, self.reference_texts = reference_images, list(reference_texts)
+        self.reference_images = reference_images
+        self.reference_texts = reference_texts if isinstance(reference_texts, torch.Tensor) else list(reference_texts)
         self.temperature, self.weight, self.text_loss = float(temperature), float(weight), bool(text_loss)
         self.l2, self.avg_freq, self.ref_batch_size = float(l2), int(avg_freq), int(ref_batch_size)
         self.weight_ensemble, self.seed = bool(weight_ensemble), int(seed)
@@ -83,7 +100,7 @@ class ZSCLPlugin(SupervisedPlugin):
         if self.reference_for is not None:  # a reference set per task (LwF: the task's own data)
             self.reference_images, self.reference_texts = self.reference_for(strategy.experience.current_experience)
             self._text_embeddings = self._teacher_features = None
-        if self.reference_images is None or not self.reference_texts:
+        if self.reference_images is None or len(self.reference_texts) == 0:
             raise ValueError("ZSCL needs reference_images and reference_texts")
         if self.teacher is None or self.teacher_source == "previous":
             # pretrained: the initial model, frozen for the whole sequence; previous: the model as
@@ -103,10 +120,12 @@ class ZSCLPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def _encode_texts(self, device, batch: int = 256) -> torch.Tensor:
+        """The teacher's normalized embeddings of the reference texts (strings, or token tensors)."""
         out = []
         for i in range(0, len(self.reference_texts), batch):
-            tokens = self.teacher.tokenizer(self.reference_texts[i:i + batch]).to(device)
-            out.append(F.normalize(self.teacher.encode_text(tokens).float(), dim=-1))
+            chunk = self.reference_texts[i:i + batch]
+            tokens = chunk if isinstance(chunk, torch.Tensor) else self.teacher.tokenizer(chunk)
+            out.append(F.normalize(self.teacher.encode_text(tokens.to(device)).float(), dim=-1))
         return torch.cat(out)
 
     def _next_indices(self) -> torch.Tensor:

@@ -97,7 +97,7 @@ def test_zscl_mtil_preset():
     assert (z["reference_task"], z["l2"], z["avg_freq"], z["text_loss"], z["ref_batch_size"]) == ("imagenet", 1.0, 100,
                                                                                                    True, 64)
     assert cfg.strategy_params["wise-ft"] == {"beta": 0.8}
-    assert cfg.strategies == ["ft", "lwf-clip", "wise-ft", "zscl"]
+    assert cfg.strategies == ["ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"]
     assert "eurosat_mtil" in tasks.SEQUENCES["mtil-order1"].tasks
 
 
@@ -175,12 +175,12 @@ def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
         "train": {"batch_size": 8, "iterations": 5, "schedule_steps": 4, "warmup_steps": 2},
         "eval": {"probe_max_per_class": 3},
         "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 8},
-                            "lwf-clip": {"ref_batch_size": 8}},
-        "threads": 2}))
+                            "lwf-clip": {"ref_batch_size": 8}, "lwf-vr": {"ref_batch_size": 8}},
+        "strategies": ["ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"], "threads": 2}))
     out = tmp_path / "results"
     assert main(["run", str(config), "--data-root", str(root), "--out", str(out)]) == 0
     (invocation,) = out.iterdir()
-    for strategy in ("ft", "lwf-clip", "wise-ft", "zscl"):
+    for strategy in ("ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"):
         run = invocation / f"{strategy}-s42"
         zs = Matrix.load(run / "matrices/zs.csv")
         assert zs.rows == ["pretrained", "mnist", "eurosat_mtil", "dtd"]
@@ -190,7 +190,7 @@ def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
     log = (invocation / "zscl-s42/log.txt").read_text()
     assert "reference texts are" in log and "class prompts of photo_patches" in log
     table3 = (invocation / "table3.md").read_text()
-    assert table3.count("| Transfer |") == 4 and "| zscl | Last |" in table3
+    assert table3.count("| Transfer |") == 5 and "| zscl | Last |" in table3
 
 
 def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
@@ -274,3 +274,35 @@ def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpo
     assert main(["run", "--resume", str(part)]) == 0
     for kind in ("zs", "lp", "head"):
         assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text(), kind
+
+
+def official_virtual_vocab(encoder_vocab, length=10, n_class=1000):
+    """helpers.py:54-62 (the global RNG)."""
+    voc_len = len(encoder_vocab)
+    texts = torch.randint(0, voc_len, (n_class, length))
+    start = torch.full((n_class, 1), encoder_vocab["<start_of_text>"])
+    end = torch.full((n_class, 1), encoder_vocab["<end_of_text>"])
+    zeros = torch.zeros((n_class, 75 - length), dtype=torch.long)
+    return torch.cat([start, texts, end, zeros], dim=1)
+
+
+def test_lwf_vr_reference_texts_are_zscls_random_vocabulary():
+    import open_clip
+
+    from strategies import build_plugins, resolve_params
+    from strategies.zscl import virtual_vocab
+
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    g = torch.Generator().manual_seed(3)
+    ours = virtual_vocab(tokenizer, g)
+    torch.manual_seed(3)  # the official draws from the global RNG; the same draws from a seeded generator
+    assert torch.equal(ours, official_virtual_vocab(tokenizer.encoder))
+    assert ours.shape == (1000, 77) and ours.dtype == torch.long
+    ctx = {"image_size": 16, "seed": 0, "tasks": ("digits", "faces"), "tokenizer": tokenizer,
+           "template_of": lambda n: "{}", "classes_of": lambda n: ("a", "b")}
+    (plugin,) = build_plugins("lwf-vr", resolve_params("lwf-vr", {}), ctx)
+    images0, tokens0 = plugin.reference_for(0)
+    _, tokens1 = plugin.reference_for(1)
+    assert tokens0.shape == (1000, 77) and not torch.equal(tokens0, tokens1)  # drawn anew per task
+    assert torch.equal(plugin.reference_for(0)[1], tokens0)  # seeded: a resumed run draws the same
+    assert len(images0) == len(tasks.load_split("digits", "train", 16))
