@@ -66,8 +66,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     with _run_log(run_dir):
         log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads", strategy, cfg.protocol,
                  trained, eval_only, device, threads)
-        if encoder.has_text:  # frozen, bit-identical, unless a strategy or the text head trains it
-            encoder.set_text_trainable(strategies.trains_text(strategy, params) or cfg.train.head == "text")
+        if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
+            encoder.set_text_trainable(cfg.train.head == "text")
         configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
         model = MultiHeadClassifier(encoder).to(device)
         train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
@@ -86,7 +86,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
             learner.clock.train_exp_counter = start
         else:
             start = 0
-            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, zs_for_eval, device))
+            # before any training the current text tower is the pretrained one: its classifiers serve
+            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device))
         for t in range(start, len(trained)):
             if stop_after is not None and t >= stop_after:
                 return run_dir

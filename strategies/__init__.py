@@ -27,7 +27,6 @@ class StrategySpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
-    trains_text: Callable[[dict], bool] = lambda params: False  # whether the text tower must stay trainable
     notes: str = ""  # shown by `cfbench list strategies`
 
 
@@ -60,22 +59,36 @@ register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: 
 
 
 
+def _reference_images(ctx: dict, task: str):
+    """A task's train split as the reference image set (the cached, un-augmented images)."""
+    from tasks import load_split
+
+    return load_split(task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
+                      cache_dir=ctx.get("cache_dir")).x
+
+
+def _class_prompts(ctx: dict, task: str) -> list[str]:
+    """One prompt per class: the first template over the class names the run uses (the runner's
+    `template_of` / `classes_of`; without them the task's defaults)."""
+    from tasks import get_task, task_classes
+
+    template = ctx["template_of"](task) if "template_of" in ctx else get_task(task).templates[0]
+    classes = ctx["classes_of"](task) if "classes_of" in ctx else task_classes(task, ctx.get("data_root"))
+    return [template.format(c) for c in classes]
+
+
 def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], **kw) -> list:
     """Reference images: the task's train split (not augmented); reference texts: a captions file
     (one per line, e.g. Conceptual Captions' validation captions as in the official code) or,
     without one, the reference task's class prompts (announced in the log)."""
-    from tasks import get_task, load_split, task_classes
-
-    images = load_split(reference_task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
-                        cache_dir=ctx.get("cache_dir")).x
     if reference_texts:
         texts = read_captions(reference_texts)
     else:
-        template = get_task(reference_task).templates[0]
-        texts = [template.format(c) for c in task_classes(reference_task, ctx.get("data_root"))]
+        texts = _class_prompts(ctx, reference_task)
         log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
                  len(texts), reference_task)
-    return [ZSCLPlugin(reference_images=images, reference_texts=texts, seed=ctx.get("seed", 0), **kw)]
+    return [ZSCLPlugin(reference_images=_reference_images(ctx, reference_task), reference_texts=texts,
+                       seed=ctx.get("seed", 0), **kw)]
 
 
 def _build_lwf_clip(ctx: dict, random_texts: bool = False, **kw) -> list:
@@ -84,21 +97,16 @@ def _build_lwf_clip(ctx: dict, random_texts: bool = False, **kw) -> list:
     sequences instead of the prompts (ZSCL's --ref-sentences random), drawn anew for each task."""
     import torch
 
-    from tasks import load_split
-
     from .zscl import virtual_vocab
 
-    tasks_, template_of, classes_of = ctx["tasks"], ctx["template_of"], ctx["classes_of"]
     generator = torch.Generator()
 
     def reference_for(t: int):
-        name = tasks_[t]
-        images = load_split(name, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
-                            cache_dir=ctx.get("cache_dir")).x
+        name = ctx["tasks"][t]
         if random_texts:
             generator.manual_seed(ctx.get("seed", 0) * 1000 + t)
-            return images, virtual_vocab(ctx["tokenizer"], generator)
-        return images, [template_of(name).format(c) for c in classes_of(name)]
+            return _reference_images(ctx, name), virtual_vocab(ctx["tokenizer"], generator)
+        return _reference_images(ctx, name), _class_prompts(ctx, name)
 
     return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
                        seed=ctx.get("seed", 0), **kw)]
@@ -161,11 +169,6 @@ def needs_text(combo: str) -> bool:
     return any(spec.needs_text for spec in parse_strategy(combo))
 
 
-def trains_text(combo: str, params: dict[str, dict]) -> bool:
-    """Whether any component trains the text tower (otherwise it is frozen, bit-identical)."""
-    return any(spec.trains_text(params.get(spec.name, spec.defaults)) for spec in parse_strategy(combo))
-
-
 def head_init(combo: str, default: str) -> str:
     """The head initialisation a strategy (or combination) trains with."""
     forced = {spec.head_init for spec in parse_strategy(combo) if spec.head_init}
@@ -185,5 +188,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] =
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "needs_text", "trains_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

@@ -316,7 +316,7 @@ def test_frozen_text_tower_is_out_of_the_optimizer(tiny_clip_checkpoint, tmp_pat
 
     path, _ = tiny_clip_checkpoint
     encoder = create_model("cfbench-tiny-vit", path)
-    encoder.freeze_text()
+    encoder.set_text_trainable(False)
     model = MultiHeadClassifier(encoder)
     model.ensure_head(0, 3)
     learner = _learner(tiny_config(tmp_path), model, [], [], ("digits",), "cpu")

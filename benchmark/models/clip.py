@@ -54,9 +54,6 @@ class CLIPModel(FoundationModel):
             p.requires_grad_(trainable)
         self.clip.logit_scale.requires_grad_(False)
 
-    def freeze_text(self) -> None:
-        self.set_text_trainable(False)
-
     def slice_modules(self) -> list[nn.Module]:
         """ViT: ln_pre output and the residual stream after blocks D/4, D/2, 3D/4, D (LDIFS's
         five slices, for any depth). ModifiedResNet: stem output and each of the four stages."""
