@@ -43,7 +43,7 @@ def _run_overrides(args) -> dict:
         over["model"] = model
     if args.epochs is not None:
         over["train"] = {"epochs": args.epochs}
-    for key in ("data_root", "cache_dir", "out", "device", "seed", "threads"):
+    for key in ("data_root", "cache_dir", "cache_format", "out", "device", "seed", "threads"):
         if getattr(args, key) is not None:
             over[key] = getattr(args, key)
     return over
@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data-root", help="folder holding the datasets (default $CFBENCH_DATA or ~/data); "
                    "`cfbench data check` shows the layout expected")
     r.add_argument("--cache-dir", help="preprocessed-image cache (default $CFBENCH_CACHE or ~/.cache/cfbench)")
+    r.add_argument("--cache-format", choices=("auto", "raw", "compact"),
+                   help="raw uint8 squares, compact (source pixels / JPEG, decoded per batch), or auto: raw while "
+                   "the run's splits fit cache_budget_gb (default auto; `cfbench data check --sizes` shows both)")
     r.add_argument("--out", help="output folder (default results/)")
     r.add_argument("--device", choices=("auto", "cpu", "cuda"))
     r.add_argument("--seed", type=int)

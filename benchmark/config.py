@@ -116,6 +116,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     data_root: Optional[str] = None        # null: $CFBENCH_DATA or ~/data
     cache_dir: Optional[str] = None        # null: $CFBENCH_CACHE or ~/.cache/cfbench
+    # raw: uint8 squares (fastest reads, 150 KB per 224-px image); compact: source pixels / JPEG,
+    # decoded per batch; auto: raw while the run's splits fit cache_budget_gb, else compact
+    cache_format: Literal["auto", "raw", "compact"] = "auto"
+    cache_budget_gb: float = field(default=16.0, metadata=_POSITIVE)
     out: str = "results"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

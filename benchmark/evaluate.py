@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tasks import TensorSplit
+from tasks.compact import ImageStore, gather
 
 from .multihead import MultiHeadClassifier
 from .probe import accuracy, expected_calibration_error, fit_official_probe, fit_probe
@@ -44,12 +45,12 @@ class RoundResult:
 
 
 @torch.no_grad()
-def extract_features(encoder: torch.nn.Module, x: torch.Tensor, batch_size: int = 256,
+def extract_features(encoder: torch.nn.Module, x: "torch.Tensor | ImageStore", batch_size: int = 256,
                      device: str = "cpu") -> torch.Tensor:
     """Pooled features in large no-grad batches, returned on the CPU as float32."""
     was_training = encoder.training
     encoder.eval()
-    out = [encoder(x[i:i + batch_size].to(device, non_blocking=True)).float().cpu()
+    out = [encoder(gather(x, slice(i, i + batch_size), device).to(device, non_blocking=True)).float().cpu()
            for i in range(0, len(x), batch_size)]
     encoder.train(was_training)
     return torch.cat(out) if out else torch.empty(0, getattr(encoder, "feature_dim", 0))

@@ -60,12 +60,13 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
                       tasks=list(trained), eval_only=list(eval_only),
                       strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
+    cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     with _run_log(run_dir):
-        log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads", strategy, cfg.protocol,
-                 trained, eval_only, device, threads)
+        log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s", strategy,
+                 cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
         if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
             encoder.set_text_trainable(cfg.train.head == "text")
         configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
@@ -73,7 +74,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
         pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
         plugins = strategies.build_plugins(strategy, params, {
-            "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "image_size": encoder.image_size,
+            "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "cache_format": cfg.cache_format,
+            "image_size": encoder.image_size,
             "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
             "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
             "tokenizer": getattr(encoder, "tokenizer", None)})
@@ -159,16 +161,40 @@ def seed_everything(seed: int) -> None:
 
 
 def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_registry.TensorSplit:
-    return task_registry.load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir)
+    return task_registry.load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir,
+                                    cfg.cache_format)
+
+
+def _split_specs(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
+    """(task, split, per-class cap) of the training splits, and of each eval dataset's probe-train,
+    test and (official probe) val splits."""
+    cap = cfg.eval.probe_max_per_class
+    train = [(n, cfg.train.split, cfg.train.max_train_per_class) for n in trained]
+    evals = {n: [(n, "train", cap), (n, "test", cfg.eval.test_max_per_class)]
+             + ([(n, "val", cap)] if cfg.eval.probe == "official" else []) for n in eval_names}
+    return train, evals
+
+
+def choose_cache_format(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]) -> str:
+    """cache_format as set, or for auto: raw while every split of the run fits cache_budget_gb as
+    uint8 squares, else compact."""
+    if cfg.cache_format != "auto":
+        return cfg.cache_format
+    train, evals = _split_specs(cfg, trained, eval_names)
+    specs = set(train) | {s for v in evals.values() for s in v}
+    images = sum(task_registry.split_count(n, split, cfg.data_root, cap, cfg.seed) for n, split, cap in specs)
+    raw_gb = images * 3 * cfg.model.image_size ** 2 / 1e9
+    chosen = "raw" if raw_gb <= cfg.cache_budget_gb else "compact"
+    log.info("cache_format auto: %d images = %.1f GB as raw squares, budget %.1f GB -> %s", images, raw_gb,
+             cfg.cache_budget_gb, chosen)
+    return chosen
 
 
 def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
-    cap = cfg.eval.probe_max_per_class
-    train_splits = [_split(cfg, n, cfg.train.split, cfg.train.max_train_per_class) for n in trained]
+    train, evals = _split_specs(cfg, trained, eval_names)
+    train_splits = [_split(cfg, *spec) for spec in train]
     eval_sets = [EvalDataset(n, task_class_names(n, cfg.data_root, cfg.eval.classnames),
-                             task_templates(n, cfg.eval.templates),
-                             _split(cfg, n, "train", cap), _split(cfg, n, "test", cfg.eval.test_max_per_class),
-                             _split(cfg, n, "val", cap) if cfg.eval.probe == "official" else None)
+                             task_templates(n, cfg.eval.templates), *[_split(cfg, *spec) for spec in evals[n]])
                  for n in eval_names]
     return train_splits, eval_sets
 

@@ -1,21 +1,24 @@
-"""The training loop's fast path: Avalanche's Naive, fed whole minibatches from uint8 tensors.
+"""The training loop's fast path: Avalanche's Naive, fed whole minibatches from the cache.
 
 Avalanche's default loader calls a Python __getitem__ per sample and collates; here one
 indexing operation gathers a shuffled minibatch from the task's (memory-mapped) uint8 tensor,
-pinned for asynchronous copies when training on CUDA. Batches keep the suite's layout
-(x, y, sample index, task label), so every plugin works unchanged.
+pinned for asynchronous copies when training on CUDA, or one call decodes it from a compact
+store on the training device, the next batch decoding in a thread while this one trains.
+Batches keep the suite's layout (x, y, sample index, task label), so every plugin works unchanged.
 """
 from __future__ import annotations
 
 import itertools
 import math
 from collections import defaultdict
-from typing import Callable, Iterator, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from avalanche.training import Naive
 
 from tasks import TensorSplit
+from tasks.compact import gather
 
 
 class TensorBatches:
@@ -26,9 +29,9 @@ class TensorBatches:
     """
 
     def __init__(self, split: TensorSplit, task: int, batch_size: int, shuffle: bool = True, pin: bool = False,
-                 steps: Optional[int] = None):
+                 steps: Optional[int] = None, device: Union[str, torch.device] = "cpu"):
         self.split, self.task, self.batch_size, self.shuffle, self.pin = split, task, batch_size, shuffle, pin
-        self.steps = steps
+        self.steps, self.device = steps, device
 
     def __len__(self) -> int:
         return self.steps if self.steps is not None else math.ceil(len(self.split) / self.batch_size)
@@ -42,9 +45,23 @@ class TensorBatches:
     def __iter__(self) -> Iterator[list[torch.Tensor]]:
         passes = itertools.count() if self.steps is not None else range(1)
         indices = (idx for _ in passes for idx in self._one_pass())
-        for idx in itertools.islice(indices, len(self)):
-            batch = [self.split.x[idx], self.split.y[idx], idx, torch.full((len(idx),), self.task)]
-            yield [b.pin_memory() for b in batch] if self.pin else batch
+        order = itertools.islice(indices, len(self))
+        if isinstance(self.split.x, torch.Tensor):
+            yield from (self._batch(idx) for idx in order)
+            return
+        with ThreadPoolExecutor(1) as pool:  # compact store: decode batch k + 1 while batch k trains
+            pending = None
+            for idx in order:
+                ahead = pool.submit(self._batch, idx)
+                if pending is not None:
+                    yield pending.result()
+                pending = ahead
+            if pending is not None:
+                yield pending.result()
+
+    def _batch(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        batch = [gather(self.split.x, idx, self.device), self.split.y[idx], idx, torch.full((len(idx),), self.task)]
+        return [b.pin_memory() if self.pin and b.device.type == "cpu" else b for b in batch]
 
 
 class FastNaive(Naive):
@@ -64,7 +81,8 @@ class FastNaive(Naive):
     def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
         t = self.experience.current_experience
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
-        self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps)
+        self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps,
+                                        self.device)
 
     def make_optimizer(self, **kwargs) -> None:
         """Called before each task: fresh optimizer state over the parameters that train (a frozen

@@ -64,7 +64,7 @@ def _reference_images(ctx: dict, task: str):
     from tasks import load_split
 
     return load_split(task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
-                      cache_dir=ctx.get("cache_dir")).x
+                      cache_dir=ctx.get("cache_dir"), cache_format=ctx.get("cache_format", "raw")).x
 
 
 def _class_prompts(ctx: dict, task: str) -> list[str]:

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
+from tasks.compact import gather
+
 from .l2sp import l2sp_penalty
 
 log = logging.getLogger("cfbench")
@@ -162,7 +164,7 @@ class ZSCLPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kwargs):
         index = self._next_indices()
-        x = self.reference_images[index].to(strategy.device, non_blocking=True)
+        x = gather(self.reference_images, index, strategy.device).to(strategy.device, non_blocking=True)
         self.last_reference_batch = x
         encoder = strategy.model.encoder
         penalty = self.penalty(encoder, index, x)

@@ -131,9 +131,10 @@ class Task:
 
 @dataclass
 class TensorSplit:
-    """A preprocessed split: x uint8 (N, 3, S, S), y int64 (N,)."""
+    """A preprocessed split: x uint8 (N, 3, S, S) (a tensor, or a compact `ImageStore` read with
+    `tasks.compact.gather`), y int64 (N,)."""
 
-    x: torch.Tensor
+    x: "torch.Tensor | ImageStore"  # noqa: F821
     y: torch.Tensor
 
     def __len__(self) -> int:

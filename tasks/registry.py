@@ -12,7 +12,8 @@ from benchmark.errors import CfbenchError
 
 from .base import (CorruptImage, LoadedTask, SourceSplit, Task, TaskIncomplete, TaskUnavailable, TensorSplit,
                    cap_per_class, validation_split)
-from .cache import cached_images
+from .cache import CacheFormat, cached_images
+from .compact import concat_images
 from .offline import OFFLINE_TASKS
 from .vision import MTIL_TASKS, PAPER_TASKS
 
@@ -125,19 +126,30 @@ def select(name: str, split: str, data_root: Optional[str] = None, max_per_class
     return source_name, found.splits[source_name], idx
 
 
+def split_count(name: str, split: str, data_root: Optional[str] = None, max_per_class: Optional[int] = None,
+                seed: int = 0) -> int:
+    """How many images `load_split` would return (read from the listings; nothing is decoded)."""
+    if split == "trainval" and "val" in loaded_task(name, data_root).splits:
+        return sum(split_count(name, s, data_root, max_per_class, seed) for s in ("train", "val"))
+    return len(select(name, split, data_root, max_per_class, seed)[2])
+
+
 def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
-               max_per_class: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None) -> TensorSplit:
-    """A split as uint8 (N, 3, S, S) tensors, from the on-disk preprocessed cache (built on first use)."""
-    key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir)
+               max_per_class: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None,
+               cache_format: CacheFormat = "raw") -> TensorSplit:
+    """A split as uint8 (N, 3, S, S) images (a tensor, or a compact store that decodes per batch),
+    from the on-disk preprocessed cache (built on first use)."""
+    key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir, cache_format)
     if key in _SPLITS:
         return _SPLITS[key]
     if split == "trainval" and "val" in loaded_task(name, data_root).splits:  # two source splits, one tensor
-        parts = [load_split(name, s, image_size, data_root, max_per_class, seed, cache_dir) for s in ("train", "val")]
-        _SPLITS[key] = TensorSplit(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]))
+        parts = [load_split(name, s, image_size, data_root, max_per_class, seed, cache_dir, cache_format)
+                 for s in ("train", "val")]
+        _SPLITS[key] = TensorSplit(concat_images([p.x for p in parts]), torch.cat([p.y for p in parts]))
         return _SPLITS[key]
     source_name, source, idx = select(name, split, data_root, max_per_class, seed)
     try:
-        x = cached_images(name, source_name, source, idx, image_size, cache_dir)
+        x = cached_images(name, source_name, source, idx, image_size, cache_dir, cache_format)
     except CorruptImage as err:
         raise CfbenchError(f"{name}: {err}") from None
     _SPLITS[key] = TensorSplit(x, torch.from_numpy(source.labels[idx].copy()))
