@@ -100,9 +100,10 @@ class NativeImages(ImageStore):
 class JpegImages(ImageStore):
     """JPEG files back to back in `data`; image i is data[offsets[i]:offsets[i + 1]]."""
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray, size: int, workers: int = 0):
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, size: int, workers: int = 0, gpu_decode: bool = True):
         self.data, self.offsets, self.side = data, offsets, size
         self.workers = workers or min(16, os.cpu_count() or 1)
+        self.gpu_decode = gpu_decode  # False: decode on CPU threads even for a CUDA device, then copy
         self._pool = None
 
     def __len__(self) -> int:
@@ -117,7 +118,12 @@ class JpegImages(ImageStore):
             return torch.empty((0, 3, self.side, self.side), dtype=torch.uint8, device=device)
         mode = torchvision.io.ImageReadMode.RGB
         if torch.device(device).type == "cuda":
-            return torch.stack(torchvision.io.decode_jpeg(files, mode=mode, device=device))
+            if self.gpu_decode:
+                return torch.stack(torchvision.io.decode_jpeg(files, mode=mode, device=device))
+            return self._decode_cpu(files, mode).pin_memory().to(device, non_blocking=True)
+        return self._decode_cpu(files, mode)
+
+    def _decode_cpu(self, files: list[torch.Tensor], mode) -> torch.Tensor:
         chunks = [files[s:s + DECODE_CHUNK] for s in range(0, len(files), DECODE_CHUNK)]
         if len(chunks) == 1 or self.workers == 1:
             images = [img for chunk in chunks for img in torchvision.io.decode_jpeg(chunk, mode=mode)]

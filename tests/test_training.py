@@ -5,7 +5,7 @@ import torch
 import tasks
 from benchmark.runner import _benchmark, run_strategy
 from benchmark.store import Matrix
-from benchmark.training import TensorBatches
+from benchmark.batches import TensorBatches
 from tests.helpers import tiny_config
 
 
