@@ -198,8 +198,27 @@ def cmd_data_check(args) -> int:
             print(f"{name:<17} {status:<11} {'-':>8} {'-':>7} {'-':>7} {TASKS[name].num_classes:>7}")
             print(f"  {detail}")
     print(f"{len(names) - len(unusable)} of {len(names)} tasks usable")
+    if args.sizes and args.image_size < 8:
+        raise CfbenchError(f"--image-size must be at least 8, not {args.image_size}")
+    if args.sizes:
+        _print_cache_sizes([n for n in names if n not in unusable], args.image_size, args.data_root)
     requested = bool(args.tasks or args.sequence)
     return 1 if unusable and requested else 0
+
+
+def _print_cache_sizes(names, image_size: int, data_root) -> None:
+    from tasks.cache import JPEG_QUALITY
+    from tasks.registry import cache_sizes
+
+    print(f"\ncache at {image_size} px (every image of each task; nothing is built; "
+          f"jpeg = q{JPEG_QUALITY}, estimated from 32 sampled images)")
+    print(f"{'task':<17} {'images':>9} {'raw GB':>9} {'compact GB':>11}  compact form")
+    totals = [0, 0.0, 0.0]
+    for name in names:
+        size = cache_sizes(name, image_size, data_root)
+        print(f"{name:<17} {size['images']:>9} {size['raw'] / 1e9:>9.3f} {size['compact'] / 1e9:>11.3f}  {size['form']}")
+        totals = [totals[0] + size["images"], totals[1] + size["raw"], totals[2] + size["compact"]]
+    print(f"{'total':<17} {totals[0]:>9} {totals[1] / 1e9:>9.3f} {totals[2] / 1e9:>11.3f}")
 
 
 def cmd_data_download(args) -> int:
@@ -302,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")
     dc.add_argument("--tasks", help="comma-separated task names (default: all, reported without failing)")
     dc.add_argument("--sequence", help="check the tasks of a named sequence")
+    dc.add_argument("--sizes", action="store_true", help="also print, per usable task and in total, the images "
+                    "and the raw and compact cache bytes at --image-size, before anything is built")
+    dc.add_argument("--image-size", type=int, default=224, help="resolution for --sizes (default 224)")
     dc.set_defaults(func=cmd_data_check)
     dd = dsub.add_parser("download", help="download tasks whose sources allow it (torchvision's downloaders)")
     dd.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")

@@ -177,6 +177,40 @@ def run(device: str, images: int, batch: int, steps: int, repeats: int, size: in
     return "\n".join(lines)
 
 
+def accuracy_effect(size: int = 224, per_class: tuple[int, int] = (40, 60), photos_dir: Optional[str] = None) -> str:
+    """Pretrained EfficientNet-Lite0 (packaged ImageNet weights) linear probes, raw vs compact
+    cache, on the offline photo tasks at `size` px: which-photo crops saved as JPEG files (stored
+    as JPEG), and the array tasks photo_patches, faces and digits (stored natively)."""
+    import tasks as registry
+    from benchmark.evaluate import extract_features
+    from benchmark.models import create_model
+    from benchmark.probe import accuracy, fit_probe
+
+    encoder = create_model("efficientnet_lite0", "package", size).eval()
+    lines = [f"## pretrained LP accuracy (EfficientNet-Lite0, {size} px, sklearn C=1 probe): raw vs compact"]
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = load_photos(photos_dir)
+        sets = {"photo crops (JPEG files)": (photo_files(Path(tmp) / "tr", photos, per_class[0], (0.0, 0.6), seed=1),
+                                             photo_files(Path(tmp) / "te", photos, per_class[1], (0.6, 1.0), seed=2))}
+        for name in ("photo_patches", "faces", "digits"):
+            found = registry.loaded_task(name)
+            sets[name] = (found.splits["train"], found.splits["test"])
+        for name, (train, test) in sets.items():
+            acc, forms = {}, {}
+            for fmt in ("raw", "compact"):
+                feats = []
+                for split, source in (("train", train), ("test", test)):
+                    x = cached_images(f"acc-{name.split()[0]}", split, source, np.arange(len(source)), size,
+                                      str(Path(tmp) / "cache"), fmt)
+                    forms[fmt] = type(x).__name__
+                    feats.append(extract_features(encoder, x, 64))
+                probe = fit_probe(feats[0], torch.from_numpy(train.labels), int(train.labels.max()) + 1)
+                acc[fmt] = accuracy(probe.logits(feats[1]), torch.from_numpy(test.labels))
+            lines.append(f"{name:<26} train {len(train):>5} test {len(test):>5}  raw {acc['raw']:6.2f}  "
+                         f"compact ({forms['compact']}) {acc['compact']:6.2f}  delta {acc['compact'] - acc['raw']:+.2f}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,6 +220,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--photos", help="folder of PNG copies of the photographs (default: scikit-image's)")
+    p.add_argument("--accuracy", action="store_true", help="instead: pretrained LP accuracy, raw vs compact (CPU; "
+                   "needs the suite's packaged EfficientNet-Lite0)")
     p.add_argument("--save-photos", metavar="DIR", help="write PNG copies of the photographs to DIR and exit")
     args = p.parse_args()
     if args.save_photos:
@@ -194,6 +230,9 @@ def main() -> None:
             Image.fromarray(img).save(Path(args.save_photos) / f"{name}.png")
         return
     torch.set_num_threads(args.threads)
+    if args.accuracy:
+        print(accuracy_effect(photos_dir=args.photos), flush=True)
+        return
     print(run(args.device, args.images, args.batch, args.steps, args.repeats, photos_dir=args.photos), flush=True)
 
 

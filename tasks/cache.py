@@ -2,7 +2,9 @@
 
 Three stored forms (`cache_format`): `raw` uint8 (N, 3, S, S) squares, memory-mapped as one
 tensor; `compact`: the source's own pixels for small array sources (`native`), else the square
-as JPEG (`jpeg`), both decoded per batch (tasks/compact.py). A JSON manifest, written last and
+as JPEG (`jpeg`), both decoded per batch (tasks/compact.py). Small array sources are resized
+by the same torch code in both formats (PIL's result to <= 2 levels), so for them the format
+never changes a result. A JSON manifest, written last and
 atomically, records the source fingerprint and each file's size and content digest; an entry
 is trusted only when all of them match (checked on every open), else it is rebuilt, so an
 interrupted build, a truncated or overwritten file, or a changed source never reaches training.
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from benchmark.store import atomic_write_json
 
 from .base import ArraySource, SourceSplit
-from .compact import ImageStore, JpegImages, NativeImages, encode_jpeg
+from .compact import ImageStore, JpegImages, NativeImages, encode_jpeg, resize_square
 
 CACHE_VERSION = 3  # bump when preprocessing changes: old entries stop matching
 ENV_VAR = "CFBENCH_CACHE"
@@ -98,6 +100,22 @@ def stored_form(source: SourceSplit, size: int, cache_format: CacheFormat) -> st
     if isinstance(source, ArraySource) and max(source.images.shape[1:3]) <= size:
         return "native"
     return "jpeg"
+
+
+def estimated_bytes(source: SourceSplit, idx: np.ndarray, size: int, sample: int = 32, seed: int = 0) -> dict:
+    """What caching the selection at `size` would take, before anything is built: raw and native
+    exactly; JPEG from a seeded sample of `sample` images encoded in memory."""
+    form = stored_form(source, size, "compact")
+    if form == "native":
+        channels = 1 if source.images.ndim == 3 else 3
+        compact = float(len(idx) * channels * source.images.shape[1] * source.images.shape[2])
+    elif len(idx):
+        pick = np.random.default_rng(seed).choice(idx, min(sample, len(idx)), replace=False)
+        mean = np.mean([len(encode_jpeg(to_square_uint8(source.read(int(i), size), size), JPEG_QUALITY)) for i in pick])
+        compact = float(mean * len(idx))
+    else:
+        compact = 0.0
+    return {"images": len(idx), "raw": float(len(idx) * 3 * size * size), "compact": compact, "form": form}
 
 
 def file_digest(path: Path, workers: Optional[int] = None) -> str:
@@ -176,7 +194,11 @@ def _build(form: str, source: SourceSplit, idx: np.ndarray, size: int, files: li
     try:
         if form == "raw":
             out = np.lib.format.open_memmap(tmps[0], mode="w+", dtype=np.uint8, shape=(len(idx), 3, size, size))
-            decode(source, idx, size, out, desc=desc)
+            if stored_form(source, size, "compact") == "native":  # the very pixels compact would give
+                for s in range(0, len(idx), 1024):
+                    out[s:s + 1024] = resize_square(torch.from_numpy(_native_pixels(source, idx[s:s + 1024])), size)
+            else:
+                decode(source, idx, size, out, desc=desc)
             out.flush()
             del out
         elif form == "native":

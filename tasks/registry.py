@@ -156,6 +156,21 @@ def load_split(name: str, split: str, image_size: int, data_root: Optional[str] 
     return _SPLITS[key]
 
 
+def cache_sizes(name: str, image_size: int, data_root: Optional[str] = None) -> dict:
+    """Every image of the task (each source split once, as runs with uncapped splits read them):
+    images, raw and compact cache bytes at `image_size` (JPEG estimated from a sample)."""
+    from .cache import estimated_bytes
+
+    found, total = loaded_task(name, data_root), {"images": 0, "raw": 0.0, "compact": 0.0, "form": set()}
+    for source in found.splits.values():
+        est = estimated_bytes(source, np.arange(len(source)), image_size)
+        for key in ("images", "raw", "compact"):
+            total[key] += est[key]
+        total["form"].add(est["form"])
+    total["form"] = "+".join(sorted(total["form"]))
+    return total
+
+
 def task_status(name: str, given_root: Optional[str] = None) -> tuple[str, str, dict[str, int]]:
     """("found" | "missing" | "incomplete", what is wrong, split sizes) for `cfbench data check`."""
     try:

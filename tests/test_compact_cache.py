@@ -36,9 +36,9 @@ def _real_arrays() -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("size", [224, 64, 32])
 def test_native_pixels_resized_on_the_device_match_pil(size, tmp_path):
-    """Source pixels + a per-batch torch resize vs PIL's resize of each image (what the raw cache
-    stores): at most 2 levels apart anywhere and < 0.01 levels on average (PIL's two uint8 passes
-    are reproduced; torch's antialiased bicubic uses PIL's a = -0.5 kernel)."""
+    """Source pixels + a per-batch torch resize vs PIL's resize of each image: at most 2 levels
+    apart anywhere and < 0.01 levels on average (PIL's two uint8 passes are reproduced; torch's
+    antialiased bicubic uses PIL's a = -0.5 kernel). The raw cache stores exactly these pixels."""
     for name, images in _real_arrays().items():
         source = ArraySource(images, np.zeros(len(images)))
         store = cached_images(name.split()[0], "test", source, np.arange(len(images)), size, str(tmp_path), "compact")
@@ -46,7 +46,7 @@ def test_native_pixels_resized_on_the_device_match_pil(size, tmp_path):
         diff = np.abs(store[:].numpy().astype(int) - _reference(source, size))
         assert diff.max() <= 2 and diff.mean() < 0.01, (name, size, diff.max(), diff.mean())
         raw = cached_images(name.split()[0], "test", source, np.arange(len(images)), size, str(tmp_path), "raw")
-        assert isinstance(raw, torch.Tensor) and np.array_equal(raw.numpy(), _reference(source, size))
+        assert isinstance(raw, torch.Tensor) and torch.equal(raw, store[:])  # one resize for both formats
 
 
 def _photo_files(folder: Path, n: int = 24) -> FileSource:
@@ -135,13 +135,13 @@ def test_stale_temporary_files_of_dead_builds_are_removed(tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-def test_compact_run_equals_raw_run_where_no_resize_is_needed(tmp_path):
-    """photo_patches is 32x32: at 32 px the native form needs no resize, so a whole run (training
-    batches decoded ahead in a thread, LP-init, evaluation) must give the raw run's matrices."""
+def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
+    """Array sources are resized by the same code in both formats, so a whole run (training
+    batches decoded ahead in a thread, LP-init, evaluation) gives the raw run's matrices."""
     out = {}
     for form in ("raw", "compact"):
         folder = tmp_path / form
-        assert main(["run", "--tasks", "photo_patches", "--eval-only", "", "--image-size", "32", "--epochs", "1",
+        assert main(["run", "--tasks", "photo_patches", "--eval-only", "faces", "--image-size", "40", "--epochs", "1",
                      "--cache-format", form, "--cache-dir", str(tmp_path / "cache"), "--out", str(folder),
                      "--threads", "2", "--strategy", "ft"]) == 0
         run = next(folder.glob("*/ft-s0"))
@@ -150,3 +150,23 @@ def test_compact_run_equals_raw_run_where_no_resize_is_needed(tmp_path):
         out[form] = {p.name: p.read_bytes() for p in (run / "matrices").glob("*.csv")}
         tasks.clear_memory()
     assert out["raw"] and out["raw"] == out["compact"]
+
+
+def test_sizes_are_reported_before_anything_is_built(tmp_path, capsys):
+    """`data check --sizes`: raw and native bytes exact, JPEG estimated from a sample; no cache written."""
+    from tasks.cache import estimated_bytes
+    from tasks.registry import cache_sizes
+
+    digits = cache_sizes("digits", 32)  # 1,797 8x8 grey images, kept natively
+    assert digits == {"images": 1797, "raw": 1797 * 3 * 32 * 32, "compact": 1797 * 8 * 8, "form": "native"}
+    source = _photo_files(tmp_path, 24)
+    estimate = estimated_bytes(source, np.arange(24), 224, sample=8)
+    built = cached_images("p", "test", source, np.arange(24), 224, str(tmp_path / "c"), "compact")
+    assert estimate["form"] == "jpeg" and abs(estimate["compact"] / built.data.nbytes - 1) < 0.2
+    cache = Path(os.environ["CFBENCH_CACHE"])
+    before = sorted(cache.rglob("*"))
+    assert main(["data", "check", "--tasks", "digits,faces", "--sizes", "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "compact GB" in out and out.strip().splitlines()[-1].split()[:2] == ["total", str(1797 + 200)]
+    assert sorted(cache.rglob("*")) == before
+    assert main(["data", "check", "--tasks", "digits", "--sizes", "--image-size", "4"]) == 2
