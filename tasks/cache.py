@@ -30,7 +30,7 @@ from benchmark.store import atomic_write_json
 from .base import ArraySource, SourceSplit
 from .compact import ImageStore, JpegImages, NativeImages, encode_jpeg, resize_square
 
-CACHE_VERSION = 3  # bump when preprocessing changes: old entries stop matching
+CACHE_VERSION = 4  # bump when preprocessing changes: old entries stop matching
 ENV_VAR = "CFBENCH_CACHE"
 JPEG_QUALITY = 90  # with 4:4:4 chroma: the measured choice, see BENCHMARKS.md "Compact cache"
 DIGEST_CHUNK = 16 << 20
