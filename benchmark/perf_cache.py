@@ -177,6 +177,26 @@ def run(device: str, images: int, batch: int, steps: int, repeats: int, size: in
     return "\n".join(lines)
 
 
+def device_agreement(device: str, images: int = 560, size: int = 224, photos_dir: Optional[str] = None) -> str:
+    """Compact stores decoded on `device` (nvJPEG, the device-side resize) vs on the CPU."""
+    lines = [f"## compact stores decoded on {device} vs on the CPU ({images} images, {size} px)"]
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = load_photos(photos_dir)
+        files = photo_files(Path(tmp) / "photos", photos, max(1, images // len(photos)))
+        rng = np.random.default_rng(0)
+        cut = np.concatenate([_patches(p, (0, p.shape[0]), images // len(photos), 32, rng) for p in photos.values()])
+        patches = ArraySource(cut, np.zeros(len(cut), dtype=np.int64))
+        for name, source in (("JPEG", files), ("native 32 px", patches)):
+            store = cached_images(name.split()[0], "test", source, np.arange(len(source)), size, str(Path(tmp) / "c"),
+                                  "compact")
+            cpu = store.gather(np.arange(len(store)), "cpu").int()
+            dev = store.gather(np.arange(len(store)), device).cpu().int()
+            diff = (cpu - dev).abs()
+            lines.append(f"{name:<14} max |diff| {int(diff.max())}  mean {diff.float().mean():.5f}  "
+                         f"pixels differing {100 * (diff > 0).float().mean():.3f} %")
+    return "\n".join(lines)
+
+
 def accuracy_effect(size: int = 224, per_class: tuple[int, int] = (40, 60), photos_dir: Optional[str] = None) -> str:
     """Pretrained EfficientNet-Lite0 (packaged ImageNet weights) linear probes, raw vs compact
     cache, on the offline photo tasks at `size` px: which-photo crops saved as JPEG files (stored
@@ -220,6 +240,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--photos", help="folder of PNG copies of the photographs (default: scikit-image's)")
+    p.add_argument("--agreement", action="store_true", help="instead: compact stores decoded on --device vs on "
+                   "the CPU (max / mean pixel difference)")
     p.add_argument("--accuracy", action="store_true", help="instead: pretrained LP accuracy, raw vs compact (CPU; "
                    "needs the suite's packaged EfficientNet-Lite0)")
     p.add_argument("--save-photos", metavar="DIR", help="write PNG copies of the photographs to DIR and exit")
@@ -230,6 +252,9 @@ def main() -> None:
             Image.fromarray(img).save(Path(args.save_photos) / f"{name}.png")
         return
     torch.set_num_threads(args.threads)
+    if args.agreement:
+        print(device_agreement(args.device, photos_dir=args.photos), flush=True)
+        return
     if args.accuracy:
         print(accuracy_effect(photos_dir=args.photos), flush=True)
         return

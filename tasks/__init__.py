@@ -5,5 +5,5 @@ from .registry import (TASKS, DataUnavailable, clear_memory, get_task, load_spli
 from .sequences import SEQUENCES, Sequence, parse_task_list, resolve_sequence
 
 __all__ = ["LoadedTask", "Task", "TensorSplit", "TASKS", "DataUnavailable", "clear_memory", "get_task", "load_split",
-           "loaded_task", "register_task", "resolve_data_root", "split_count", "task_classes", "task_status", "SEQUENCES", "Sequence",
-           "parse_task_list", "resolve_sequence"]
+           "loaded_task", "register_task", "resolve_data_root", "split_count", "task_classes", "task_status",
+           "SEQUENCES", "Sequence", "parse_task_list", "resolve_sequence"]

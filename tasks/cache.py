@@ -147,7 +147,8 @@ def _trusted(manifest: Path, expected: dict, files: list[Path]) -> bool:
     if found != expected or not isinstance(recorded, dict) or set(recorded) != {f.name for f in files}:
         return False
     for f in files:
-        if not f.exists() or os.path.getsize(f) != recorded[f.name]["bytes"] or file_digest(f) != recorded[f.name]["blake2b"]:
+        entry = recorded[f.name]
+        if not f.exists() or os.path.getsize(f) != entry["bytes"] or file_digest(f) != entry["blake2b"]:
             log.warning("cache entry %s does not match its manifest (size or checksum); rebuilding it", f)
             return False
     return True

@@ -160,3 +160,18 @@ def test_reference_batches_pass_over_the_set_before_repeating():
     plugin._generator.manual_seed(0)
     seen = [plugin._next_indices() for _ in range(3)]  # 4 + 4 + 2: one shuffled pass
     assert sorted(torch.cat(seen).tolist()) == list(range(10)) and [len(s) for s in seen] == [4, 4, 2]
+
+
+def test_reference_images_may_be_a_compact_store():
+    """ZSCL reads its reference set through `gather`: a compact store (here native pixels at the
+    model's size) gives the same losses as the uint8 tensor."""
+    from tasks.compact import NativeImages
+
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    losses = []
+    for refs in (images, NativeImages(images.numpy(), 32)):
+        torch.manual_seed(0)
+        plugin = ZSCLPlugin(refs, TEXTS, ref_batch_size=4, l2=0.3)
+        _, _, rows = _train(plugin)
+        losses.append(torch.stack([r["loss"] for r in rows]))
+    assert torch.equal(losses[0], losses[1])
