@@ -138,6 +138,24 @@ def _files_of(base: Path, form: str) -> list[Path]:
     return [base.with_name(n) for n in names[form]]
 
 
+_VERIFIED: set[tuple[str, int, int, str]] = set()  # (path, size, mtime_ns, digest) hashed by this process
+
+
+def _matches(f: Path, entry: dict) -> bool:
+    """Size and content digest as recorded; a file this process already hashed unchanged is not
+    hashed again (the digest costs ~1 s per GB)."""
+    if not f.exists():
+        return False
+    st = f.stat()
+    key = (str(f), st.st_size, st.st_mtime_ns, entry["blake2b"])
+    if key in _VERIFIED:
+        return True
+    if st.st_size != entry["bytes"] or file_digest(f) != entry["blake2b"]:
+        return False
+    _VERIFIED.add(key)
+    return True
+
+
 def _trusted(manifest: Path, expected: dict, files: list[Path]) -> bool:
     try:
         found = json.loads(manifest.read_text())
@@ -147,8 +165,7 @@ def _trusted(manifest: Path, expected: dict, files: list[Path]) -> bool:
     if found != expected or not isinstance(recorded, dict) or set(recorded) != {f.name for f in files}:
         return False
     for f in files:
-        entry = recorded[f.name]
-        if not f.exists() or os.path.getsize(f) != entry["bytes"] or file_digest(f) != entry["blake2b"]:
+        if not _matches(f, recorded[f.name]):
             log.warning("cache entry %s does not match its manifest (size or checksum); rebuilding it", f)
             return False
     return True
