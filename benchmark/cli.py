@@ -256,8 +256,10 @@ def cmd_compare(args) -> int:
 
     dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else dirs[0].parent
-    print(compare_runs(dirs, out))
-    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison.png")
+    print(compare_runs(dirs, out, args.format, args.latex))
+    tex = ", comparison.tex" if args.latex else ""
+    print(f"wrote {out / 'comparison.md'}, comparison.csv{tex}, comparison.{args.format} (forgetting | accuracy), "
+          f"curves_<kind>.{args.format} (accuracy after each task)")
     return 0
 
 
@@ -267,7 +269,7 @@ def cmd_plot(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "matrices").is_dir():
         raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
-    for path in plot_run(run_dir):
+    for path in plot_run(run_dir, args.format):
         print(path)
     return 0
 
@@ -333,12 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("matrix")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=cmd_metrics)
-    c = sub.add_parser("compare", help="compare finished runs: Markdown + CSV table and a bar chart")
+    c = sub.add_parser("compare", help="compare finished runs: Markdown + CSV (+ LaTeX) table, forgetting | "
+                       "accuracy figure, accuracy curves; runs differing only in seed are grouped (mean, std)")
     c.add_argument("run_dirs", nargs="+")
     c.add_argument("--out", help="where to write comparison.* (default: the first run's parent)")
+    c.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="figure format (pdf / svg: "
+                   "vector, for papers; default png)")
+    c.add_argument("--latex", action="store_true", help="also print and write comparison.tex: a booktabs table "
+                   "of the CSV's numbers, best per column in bold")
     c.set_defaults(func=cmd_compare)
-    pl = sub.add_parser("plot", help="redraw a run's heatmaps from its CSVs")
+    pl = sub.add_parser("plot", help="redraw a run's heatmaps and accuracy curves from its CSVs")
     pl.add_argument("run_dir")
+    pl.add_argument("--format", choices=("png", "pdf", "svg"), default="png",
+                    help="also write the figures in this format (PNG is always written)")
     pl.set_defaults(func=cmd_plot)
     pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md)")
     pf.add_argument("--model", default="efficientnet_lite0",

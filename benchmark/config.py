@@ -124,6 +124,8 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     threads: Optional[int] = field(default=None, metadata=_POSITIVE)  # null: every core
+    # experiment trackers (benchmark/trackers.py): loss, penalties, lr per step; every eval round
+    loggers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

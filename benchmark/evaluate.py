@@ -7,11 +7,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tasks import TensorSplit
 from tasks.compact import ImageStore, gather
 
+from . import progress
 from .multihead import MultiHeadClassifier
 from .probe import accuracy, expected_calibration_error, fit_official_probe, fit_probe
 
@@ -106,7 +106,7 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
     the current text tower builds them."""
     result = RoundResult()
     encoder, batch_size = model.encoder, settings.batch_size
-    for ds in tqdm(datasets, desc=desc, leave=False, unit="dataset"):
+    for ds in progress.bar(datasets, desc=desc, leave=False, unit="dataset"):
         train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
         val = None

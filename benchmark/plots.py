@@ -1,9 +1,9 @@
-"""Heatmaps of a run's matrices and the cross-run comparison chart (matplotlib, PNG)."""
+"""A run's figures: a heatmap per matrix (and its change vs pretrained), accuracy curves."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import matplotlib
 
@@ -13,19 +13,11 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .store import Matrix, atomic_write_bytes  # noqa: E402
+from .figures import RunGroup, curves_figure, save  # noqa: E402
+from .store import Matrix  # noqa: E402
 
 TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
           "lp_ece": "linear-probe calibration error (%)", "zs_ece": "zero-shot calibration error (%)"}
-
-
-def _save(fig, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _figure(matrix: Matrix):
@@ -57,7 +49,7 @@ def _decorate(ax, rows: Sequence[str], columns: Sequence[str], pretrained_first:
                                    linewidth=2))
 
 
-def heatmap(matrix: Matrix, path: Path, title: str) -> None:
+def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
     values = matrix.array()
     fig, ax = _figure(matrix)
     image = ax.imshow(np.ma.masked_invalid(values), cmap=plt.get_cmap("viridis").with_extremes(bad="0.92"),
@@ -67,10 +59,10 @@ def heatmap(matrix: Matrix, path: Path, title: str) -> None:
     _annotate(ax, values, image, ".1f")
     _decorate(ax, matrix.rows, matrix.columns, matrix.has_pretrained, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    _save(fig, path)
+    return save(fig, path, fmt)
 
 
-def delta_heatmap(matrix: Matrix, path: Path, title: str) -> None:
+def delta_heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
     """Each row after a task minus the pretrained row; diverging colours centred on 0."""
     values = matrix.array()
     delta = values[1:] - values[0]
@@ -82,39 +74,25 @@ def delta_heatmap(matrix: Matrix, path: Path, title: str) -> None:
     _annotate(ax, delta, image, "+.1f")
     _decorate(ax, rows, matrix.columns, False, title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="points vs pretrained")
-    _save(fig, path)
+    return save(fig, path, fmt)
 
 
-def plot_run(run_dir: Path) -> list[Path]:
-    """Redraw every heatmap of a run from its CSVs alone."""
+def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
+    """Redraw a run's figures from its CSVs alone: heatmap_<kind> (always PNG, and `fmt`),
+    heatmap_delta_<kind> for lp / zs, and curves_<kind>: accuracy on each dataset after each task."""
     written = []
+    formats = ["png"] + ([fmt] if fmt != "png" else [])
     for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
         kind = csv_path.stem
         matrix = Matrix.load(csv_path)
         if not matrix.rows:
             continue
-        out = run_dir / f"heatmap_{kind}.png"
-        heatmap(matrix, out, TITLES.get(kind, kind))
-        written.append(out)
-        if matrix.has_pretrained and len(matrix.rows) > 1 and kind in ("lp", "zs"):
-            out = run_dir / f"heatmap_delta_{kind}.png"
-            delta_heatmap(matrix, out, f"change vs pretrained: {TITLES[kind]}")
-            written.append(out)
+        for f in formats:
+            written.append(heatmap(matrix, run_dir / f"heatmap_{kind}", TITLES.get(kind, kind), f))
+            if matrix.has_pretrained and len(matrix.rows) > 1 and kind in ("lp", "zs"):
+                written.append(delta_heatmap(matrix, run_dir / f"heatmap_delta_{kind}",
+                                             f"change vs pretrained: {TITLES[kind]}", f))
+            if kind in ("lp", "zs", "head"):
+                group = RunGroup(run_dir.name, [run_dir.name], [0], [{kind: matrix}], [{}])
+                written.append(curves_figure([group], kind, run_dir / f"curves_{kind}", f))
     return written
-
-
-def comparison_chart(labels: Sequence[str], metrics: dict[str, Sequence[Optional[float]]], path: Path) -> None:
-    """Grouped bars: one group per metric, one bar per run."""
-    names = list(metrics)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.8 * len(names)), 4.0))
-    width = 0.8 / max(1, len(labels))
-    for i, label in enumerate(labels):
-        heights = [np.nan if metrics[m][i] is None else metrics[m][i] for m in names]
-        bars = ax.bar(np.arange(len(names)) + (i - (len(labels) - 1) / 2) * width, heights, width, label=label)
-        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(names)), labels=names)
-    ax.set_ylabel("percent / points")
-    ax.legend(fontsize=8)
-    ax.set_title("strategy comparison")
-    _save(fig, path)

@@ -1,25 +1,57 @@
-"""tqdm progress for training iterations, as an Avalanche plugin."""
+"""Progress output: live tqdm bars on a terminal, one line per finished stage otherwise
+(CI logs, nohup, cluster jobs), so captured output never fills with carriage returns.
+(No Avalanche import: the cache uses this on bare machines too.)"""
 from __future__ import annotations
 
-from avalanche.core import SupervisedPlugin
+import sys
+import time
+from typing import Any, Optional
+
 from tqdm.auto import tqdm
 
 
-class ProgressPlugin(SupervisedPlugin):
-    def __init__(self, task_names):
-        super().__init__()
-        self.task_names = list(task_names)
-        self.bar = None
+def interactive() -> bool:
+    return sys.stderr.isatty()
 
-    def before_training_exp(self, strategy, **kwargs):
-        t = strategy.experience.current_experience
-        steps = len(strategy.dataloader) * strategy.train_epochs
-        self.bar = tqdm(total=steps, desc=f"train {self.task_names[t]}", leave=False, unit="step")
 
-    def after_training_iteration(self, strategy, **kwargs):
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
+class StageLine:
+    """The tqdm calls the suite uses, printing one summary line when the stage closes."""
 
-    def after_training_exp(self, strategy, **kwargs):
-        self.bar.close()
-        self.bar = None
+    def __init__(self, total: Optional[int] = None, desc: str = "", unit: str = "it", disable: bool = False, **_: Any):
+        self.total, self.desc, self.unit, self.disable = total, desc, unit, disable
+        self.n, self.postfix, self.start = 0, "", time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.disable:
+            return
+        self.disable = True  # print once
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc}: {self.n} {self.unit}{'s' if self.n != 1 else ''} in "
+              f"{time.monotonic() - self.start:.1f} s{extra}", file=sys.stderr, flush=True)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update()
+        self.close()
+
+    def __enter__(self) -> "StageLine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def bar(iterable=None, **kwargs):
+    """tqdm(iterable, **kwargs) on a terminal, else a StageLine with the same calls."""
+    if interactive():
+        return tqdm(iterable, file=sys.stderr, **kwargs)
+    line = StageLine(total=kwargs.get("total", len(iterable) if iterable is not None else None), **kwargs)
+    line.iterable = iterable
+    return line

@@ -11,15 +11,16 @@ import numpy as np
 import yaml
 
 from .errors import CfbenchError
+from .figures import comparison_figure, curves_figure, group_runs
 from .metrics import compute_metrics
-from .plots import comparison_chart, plot_run
+from .plots import plot_run
 from .store import PRETRAINED, Matrix, atomic_write_json, atomic_write_text
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
                    ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
                    ("lp", "delta_untrained", "ΔLP untrained"), ("lp", "delta_all", "ΔLP all"),
                    ("head", "avg", "Head Avg"), ("head", "last", "Head Last")]
-CHART_COLUMNS = ("LP Avg", "LP Last", "LP Transfer", "ΔLP untrained")
+LOWER_IS_BETTER = {"LP Forgetting"}
 
 
 def run_metrics(run_dir: Path) -> dict:
@@ -28,6 +29,37 @@ def run_metrics(run_dir: Path) -> dict:
     for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
         out[csv_path.stem] = compute_metrics(Matrix.load(csv_path))
     return out
+
+
+def _matrices(run_dir: Path) -> dict[str, Matrix]:
+    return {p.stem: Matrix.load(p) for p in sorted((run_dir / "matrices").glob("*.csv"))}
+
+
+def latex_table(header: list[str], rows: list[list]) -> str:
+    """A booktabs table of the comparison rows (same numbers as comparison.csv, 2 decimals); the
+    best value of each numeric column in bold (lowest for forgetting, highest otherwise)."""
+    def tex(text: str) -> str:
+        return str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%") \
+            .replace("&", r"\&").replace("#", r"\#").replace("Δ", r"$\Delta$")
+
+    best = {}
+    for j, name in enumerate(header[2:], start=2):
+        known = [row[j] for row in rows if isinstance(row[j], (int, float))]
+        if known:
+            best[j] = min(known) if name in LOWER_IS_BETTER else max(known)
+    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+             " & ".join(tex(h) for h in header) + r" \\", r"\midrule"]
+    for row in rows:
+        cells = [tex(row[0]), tex(row[1])]
+        for j, v in enumerate(row[2:], start=2):
+            if not isinstance(v, (int, float)):
+                cells.append("--")
+                continue
+            text = f"{v:.2f}"
+            cells.append(rf"\textbf{{{text}}}" if f"{best[j]:.2f}" == text else text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
 
 
 def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool) -> None:
@@ -76,16 +108,20 @@ def _is_mtil(cfg: dict) -> bool:
     return cfg.get("protocol") == "zscl-mtil" or str(cfg.get("sequence", "")).startswith("mtil")
 
 
-def compare_runs(run_dirs: list[Path], out_dir: Path) -> str:
-    """Writes comparison.md, comparison.csv and comparison.png (and, for MTIL runs with zero-shot
-    matrices, table3.md in ZSCL's layout); returns the Markdown printed."""
+def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: bool = False) -> str:
+    """Writes comparison.md, comparison.csv, the figures comparison.<fmt> (forgetting on the
+    never-trained datasets | accuracy) and curves_<kind>.<fmt> (accuracy after each task), with
+    `latex` comparison.tex (and, for MTIL runs with zero-shot matrices, table3.md in ZSCL's
+    layout); returns the Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
     header = ["run", "strategy", *(label for _, _, label in COMPARE_COLUMNS)]
     rows: list[list] = []
     mtil: list[tuple[str, Matrix]] = []
+    runs = []
     for run_dir in run_dirs:
         cfg, metrics = _finished_run(run_dir)
+        runs.append((run_dir.name, cfg, metrics, _matrices(run_dir)))
         if _is_mtil(cfg) and (run_dir / "matrices/zs.csv").is_file():
             mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
@@ -100,9 +136,14 @@ def compare_runs(run_dirs: list[Path], out_dir: Path) -> str:
     writer.writerows([[("" if v is None else v) for v in row] for row in rows])
     atomic_write_text(out_dir / "comparison.md", table)
     atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
-    chart = {label: [row[2 + i] for row in rows] for i, (_, _, label) in enumerate(COMPARE_COLUMNS)
-             if label in CHART_COLUMNS}
-    comparison_chart([row[1] for row in rows], chart, out_dir / "comparison.png")
+    groups = group_runs(runs)
+    comparison_figure(groups, out_dir / "comparison", fmt)
+    for kind in ("lp", "zs"):
+        curves_figure(groups, kind, out_dir / f"curves_{kind}", fmt)
+    if latex:
+        tex = latex_table(header, rows)
+        atomic_write_text(out_dir / "comparison.tex", tex)
+        table += "\n" + tex
     if mtil and len(mtil) == len(run_dirs) and len({tuple(m.rows) for _, m in mtil}) == 1:
         table3 = zscl_table3(mtil)
         atomic_write_text(out_dir / "table3.md", table3)

@@ -15,7 +15,7 @@ import random
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,12 +35,12 @@ from .evaluate import EvalDataset, RoundResult, ZeroShotClassifier, evaluate_rou
 from .models import build_model
 from .multihead import MultiHeadClassifier
 from .probe import fit_normalized_head, fit_official_probe
-from .progress import ProgressPlugin
 from .report import finalize_run
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .templates import task_class_names, task_templates
-from .training import FastNaive, configure_for_device
+from .trackers import Trackers
+from .training import FastNaive, ProgressPlugin, configure_for_device
 
 CHECKPOINT = "checkpoints/state.pt"
 log = logging.getLogger("cfbench")
@@ -64,7 +64,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    with _run_log(run_dir):
+    with _run_log(run_dir), Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
         log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s", strategy,
                  cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
         if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
@@ -79,7 +79,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
             "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
             "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
             "tokenizer": getattr(encoder, "tokenizer", None)})
-        learner = _learner(cfg, model, train_splits, plugins, trained, device)
+        learner = _learner(cfg, model, train_splits, plugins, trained, device, trackers.plugins(plugins))
         stream = _benchmark(train_splits).train_stream
         matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
         zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
@@ -89,7 +89,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         else:
             start = 0
             # before any training the current text tower is the pretrained one: its classifiers serve
-            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device))
+            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device), trackers)
         for t in range(start, len(trained)):
             if stop_after is not None and t >= stop_after:
                 return run_dir
@@ -100,10 +100,11 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
             learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
             result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
                                     cfg.seed, zs_for_eval, desc=f"eval after {name}")
-            _add_rows(matrices, name, result)
+            _add_rows(matrices, name, result, trackers)
             _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
             log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
         finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+        trackers.log_metrics(json.loads((run_dir / "metrics.json").read_text()), len(trained))
         return run_dir
 
 
@@ -235,7 +236,8 @@ def _silent_evaluator() -> EvaluationPlugin:
         return EvaluationPlugin(loggers=[])
 
 
-def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device: str) -> FastNaive:
+def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device: str,
+             observers: Sequence = ()) -> FastNaive:
     t = cfg.train
     lrs = [t.lr_for(name) for name in trained]
     controls = [WarmupCosinePlugin(lrs, t.warmup_steps, t.schedule_steps)]
@@ -245,7 +247,7 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
                      train_splits=train_splits, train_steps=t.iterations,
                      train_augment=build_augment(t.augment), train_mb_size=t.batch_size, train_epochs=1,
                      eval_mb_size=cfg.eval.batch_size, device=device,
-                     plugins=[*plugins, *controls, ProgressPlugin(trained)], evaluator=_silent_evaluator())
+                     plugins=[*plugins, *controls, ProgressPlugin(trained), *observers], evaluator=_silent_evaluator())
 
 
 def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
@@ -259,9 +261,10 @@ def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) 
     return _PRETRAINED_ROUNDS[key]
 
 
-def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult) -> None:
+def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult, trackers: Trackers) -> None:
     for kind, matrix in matrices.items():
         matrix.add_row(label, result.cells[kind])
+    trackers.log_round(len(matrices["lp"].rows) - 1, {kind: result.cells[kind] for kind in matrices})
 
 
 def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: int, name: str,

@@ -8,10 +8,12 @@ from collections import defaultdict
 from typing import Callable, Optional
 
 import torch
+from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
 from tasks import TensorSplit
 
+from . import progress
 from .batches import TensorBatches
 
 
@@ -61,3 +63,25 @@ def configure_for_device(encoder, device: str, precision: str, compile: bool = F
         encoder.to(memory_format=torch.channels_last)
     if compile:
         encoder.compile()
+
+
+class ProgressPlugin(SupervisedPlugin):
+    """Training progress per task, as an Avalanche plugin."""
+
+    def __init__(self, task_names):
+        super().__init__()
+        self.task_names = list(task_names)
+        self.bar = None
+
+    def before_training_exp(self, strategy, **kwargs):
+        t = strategy.experience.current_experience
+        steps = len(strategy.dataloader) * strategy.train_epochs
+        self.bar = progress.bar(total=steps, desc=f"train {self.task_names[t]}", leave=False, unit="step")
+
+    def after_training_iteration(self, strategy, **kwargs):
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{strategy.loss.item():.3f}", refresh=False)
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.bar.close()
+        self.bar = None

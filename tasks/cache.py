@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal, Optional, Union
@@ -23,8 +22,8 @@ from typing import Literal, Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
+from benchmark.progress import bar as progress_bar
 from benchmark.store import atomic_write_json
 
 from .base import ArraySource, SourceSplit
@@ -81,7 +80,7 @@ def decode(source: SourceSplit, idx: np.ndarray, size: int, out: Optional[np.nda
             out[j] = to_square_uint8(source.read(int(idx[j]), size), size)
         return len(chunk)
 
-    with tqdm(total=len(idx), desc=desc, unit="img", file=sys.stderr, disable=len(idx) < 5000,
+    with progress_bar(total=len(idx), desc=desc, unit="img", disable=len(idx) < 5000,
               leave=False) as bar, ThreadPoolExecutor(workers) as pool:
         for done in pool.map(work, chunks):
             bar.update(done)
@@ -197,7 +196,7 @@ def _write_jpeg(source: SourceSplit, idx: np.ndarray, size: int, data_tmp: Path,
         return [encode_jpeg(to_square_uint8(source.read(int(i), size), size), JPEG_QUALITY) for i in chunk]
 
     with open(data_tmp, "wb") as fh, ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool, \
-            tqdm(total=len(idx), desc=desc, unit="img", file=sys.stderr, disable=len(idx) < 5000, leave=False) as bar:
+            progress_bar(total=len(idx), desc=desc, unit="img", disable=len(idx) < 5000, leave=False) as bar:
         for encoded in pool.map(work, chunks):
             for blob in encoded:
                 fh.write(blob)
