@@ -171,7 +171,7 @@ def build_curves(groups: Sequence[RunGroup], kind: str):
     columns = drawn[0][2].columns
     ncols = min(4, len(columns))
     nrows = math.ceil(len(columns) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows + 0.8), squeeze=False)
     for j, column in enumerate(columns):
         ax = axes[j // ncols][j % ncols]
         for g, stack, first in drawn:
@@ -183,7 +183,7 @@ def build_curves(groups: Sequence[RunGroup], kind: str):
                 mean = np.nanmean(values, axis=0)
                 std = np.nanstd(values, axis=0, ddof=1) if g.n > 1 else None
             x = np.arange(len(first.rows))
-            line, = ax.plot(x, mean, marker="o", markersize=3, label=g.label)
+            line, = ax.plot(x, mean, marker="o", markersize=3, label=f"{g.label} (n={g.n})" if g.n > 1 else g.label)
             if std is not None:
                 ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
             if first.has_pretrained and not math.isnan(mean[0]):
@@ -197,7 +197,7 @@ def build_curves(groups: Sequence[RunGroup], kind: str):
     for k in range(len(columns), nrows * ncols):
         axes[k // ncols][k % ncols].set_visible(False)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(4, len(labels)), fontsize=8)
-    fig.suptitle(f"{KIND_LABELS.get(kind, kind)} accuracy after each task (dashed: pretrained)", y=1.04)
-    fig.tight_layout()
+    fig.suptitle(f"{KIND_LABELS.get(kind, kind)} accuracy after each task (dashed: pretrained)")
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)
     return fig

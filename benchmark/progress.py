@@ -52,6 +52,7 @@ def bar(iterable=None, **kwargs):
     """tqdm(iterable, **kwargs) on a terminal, else a StageLine with the same calls."""
     if interactive():
         return tqdm(iterable, file=sys.stderr, **kwargs)
-    line = StageLine(total=kwargs.get("total", len(iterable) if iterable is not None else None), **kwargs)
+    kwargs.setdefault("total", len(iterable) if iterable is not None else None)
+    line = StageLine(**kwargs)
     line.iterable = iterable
     return line

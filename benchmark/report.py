@@ -126,9 +126,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
             mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
         rows.append([run_dir.name, cfg["strategies"][0], *values])
-    fmt = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    cell = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     table = "\n".join(md) + "\n"
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -74,8 +75,10 @@ def _wandb_logger(run_dir: Path, run_name: str, cfg: dict) -> BaseLogger:
             self.wandb.log({name: value, "round" if name.startswith(("eval/", "metrics/")) else "step": x_plot})
 
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    # an explicit id: Avalanche 0.6 would call wandb.util.generate_id, which wandb 0.31 no longer has
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(8)
     logger = Logger(project_name=os.environ.get("WANDB_PROJECT", "cfbench"), run_name=run_name, dir=str(run_dir),
-                    save_code=False, config=_flat(cfg), params={"mode": mode})
+                    save_code=False, config=_flat(cfg), params={"mode": mode, "id": run_id})
     for axis, pattern in (("step", "train/*"), ("round", "eval/*"), ("round", "metrics/*")):
         logger.wandb.define_metric(axis)
         logger.wandb.define_metric(pattern, step_metric=axis)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from matplotlib.container import BarContainer
 
 from benchmark.cli import main
 from benchmark.figures import build_comparison, build_curves, group_runs
@@ -53,17 +54,18 @@ def test_forgetting_panel_draws_the_mean_change_and_its_std_over_seeds(tmp_path)
     fig = build_comparison(groups)
     left, right = fig.axes[:2]
     assert left.get_ylim()[0] == -left.get_ylim()[1]  # zero at the centre
+    bar_sets = lambda ax: [c for c in ax.containers if isinstance(c, BarContainer)]  # noqa: E731
     for g_index, strategy in enumerate(("ft", "ldifs")):
         delta = np.stack([TABLES[(strategy, s)][-1, 2:] - TABLES[(strategy, s)][0, 2:] for s in (0, 1, 2)])
         expected = np.concatenate([delta, delta.mean(axis=1, keepdims=True)], axis=1)  # x, y, mean
-        bars = left.containers[g_index]
+        bars = bar_sets(left)[g_index]
         heights = [p.get_height() for p in bars.patches]
         np.testing.assert_allclose(heights, expected.mean(axis=0), atol=1e-9)
         # error bar = sample std over the three seeds: the segment's half length
         segments = bars.errorbar.lines[2][0].get_segments()
         np.testing.assert_allclose([(s[1][1] - s[0][1]) / 2 for s in segments], expected.std(axis=0, ddof=1),
                                    atol=1e-9)
-        acc = right.containers[g_index]
+        acc = bar_sets(right)[g_index]
         metrics = [compute_metrics(Matrix(["pretrained", "a", "b"], COLUMNS, TABLES[(strategy, s)].tolist()))
                    for s in (0, 1, 2)]
         np.testing.assert_allclose([p.get_height() for p in acc.patches],
@@ -148,16 +150,16 @@ def test_trackers_log_loss_penalty_lr_and_every_round(tmp_path, monkeypatch):
     for j, name in enumerate(lp.columns):
         events = acc.Scalars(f"eval/lp/{name}")
         assert [e.step for e in events] == [0, 1]
-        np.testing.assert_allclose([e.value for e in events], lp.array()[:, j], rtol=1e-6)
+        np.testing.assert_allclose([e.value for e in events], lp.array()[:, j], atol=6e-5)  # CSV: 4 decimals
     metrics = json.loads((run / "metrics.json").read_text())
-    assert acc.Scalars("metrics/lp/avg")[0].value == pytest.approx(metrics["lp"]["avg"], rel=1e-6)
+    assert acc.Scalars("metrics/lp/avg")[0].value == pytest.approx(metrics["lp"]["avg"], abs=1e-4)
     import mlflow
 
     client = mlflow.tracking.MlflowClient((run / "mlruns").resolve().as_uri())
     found = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(found) == 1
     history = client.get_metric_history(found[0].info.run_id, "eval/lp/digits")
-    np.testing.assert_allclose([m.value for m in sorted(history, key=lambda m: m.step)], lp.array()[:, 0], rtol=1e-6)
+    np.testing.assert_allclose([m.value for m in sorted(history, key=lambda m: m.step)], lp.array()[:, 0], atol=6e-5)
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     rows = list(csv.DictReader((run / "tracker.csv").open()))
     assert {r["name"] for r in rows} >= {"train/loss", "train/penalty/LDIFSPlugin", "eval/lp/faces"}
