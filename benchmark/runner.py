@@ -26,6 +26,7 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.training.plugins import EvaluationPlugin
 
 import strategies
+from strategies.checkpoint import plugin_states, restore_plugins
 import tasks as task_registry
 
 from .augment import build_augment
@@ -305,8 +306,9 @@ def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str)
 
 def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) -> None:
     state = {"completed": completed, "model": model.state_dict(),
+             "known_tasks": sorted(model.known_train_tasks_labels),  # Avalanche's, outside the state dict
              "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
-             "plugins": [{a: getattr(p, a) for a in getattr(p, "checkpoint_attrs", ())} for p in plugins]}
+             "plugins": plugin_states(plugins, model)}
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
@@ -318,16 +320,20 @@ def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) ->
 
 def _restore(cfg: RunConfig, run_dir: Path, model, plugins, matrices, trained, device: str) -> int:
     """Model, plugin state and matrices of the last finished task; returns how many tasks are done."""
-    state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=False)
-    start = state["completed"]
+    try:  # tensors and plain types only: a foreign run folder cannot execute code here
+        state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
+        start = state["completed"]
+    except Exception as err:  # unpickling raises many types for corrupt, truncated or crafted files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CfbenchError(f"{run_dir / CHECKPOINT}: not a loadable cfbench checkpoint ({reason[:200]}); "
+                           "nothing was resumed") from None
     for t in range(start):
         _make_head(cfg, model, t, trained[t])
     model.load_state_dict(state["model"])
+    model.known_train_tasks_labels = set(state.get("known_tasks", range(start)))
     for k, (rows, cols, values) in state["matrices"].items():
         matrices[k] = Matrix(rows, cols, values)
-    for plugin, attrs in zip(plugins, state["plugins"]):
-        for name, value in attrs.items():
-            setattr(plugin, name, value)
+    restore_plugins(plugins, state["plugins"], model)
     log.info("resumed after %d task(s)", start)
     return start
 

@@ -1,10 +1,12 @@
 """A real run on a tiny real subset with the packaged pretrained encoder, through the CLI."""
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -147,3 +149,34 @@ def test_every_image_only_strategy_runs_on_the_offline_tasks(tiny_cfg, tmp_path,
     assert lp.rows == ["pretrained", "digits", "faces"]
     assert np.all((lp.array() >= 0) & (lp.array() <= 100))
     assert json.loads((run / "progress.json").read_text())["finished"]
+
+
+@pytest.mark.parametrize("strategy", ["ewc", "lwf"])
+def test_resume_restores_plugin_state_saved_as_plain_tensors(tiny_cfg, tmp_path, strategy):
+    """EWC's ParamData and LwF's previous model go into state.pt as tensors and plain types
+    (loaded with weights_only=True) and the resumed run equals the uninterrupted one."""
+    cfg = tiny_cfg.replace(strategies=[strategy], eval_only=[])
+    full = run_strategy(cfg, strategy, tmp_path / "full")
+    part = run_strategy(cfg, strategy, tmp_path / "part", stop_after=1)
+    torch.load(part / "checkpoints" / "state.pt", weights_only=True)  # nothing but plain state
+    assert main(["run", "--resume", str(part)]) == 0
+    for kind in ("lp", "head"):
+        assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text()
+
+
+def test_resume_refuses_a_crafted_checkpoint_without_running_it(tiny_cfg, tmp_path, capsys):
+    """A state.pt that would run code when unpickled (weights_only=False) is refused in one line."""
+    part = run_strategy(tiny_cfg.replace(strategies=["ft"], eval_only=[]), "ft", tmp_path / "part", stop_after=1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"completed": 1, "model": Payload()}, part / "checkpoints" / "state.pt")
+    assert main(["run", "--resume", str(part)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cfbench: error:")]
+    assert len(err) == 1 and "not a loadable cfbench checkpoint" in err[0]
+    assert not marker.exists()
+    (part / "checkpoints" / "state.pt").write_bytes(b"")  # empty / truncated: the same one line
+    assert main(["run", "--resume", str(part)]) == 2
