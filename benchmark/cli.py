@@ -244,10 +244,10 @@ def cmd_data_download(args) -> int:
 
 def cmd_metrics(args) -> int:
     from .metrics import compute_metrics, metrics_table
-    from .store import Matrix
+    from .store import Matrix, strict_json
 
     metrics = compute_metrics(Matrix.load(args.matrix))
-    print(json.dumps(metrics) if args.json else metrics_table(metrics))
+    print(strict_json(metrics) if args.json else metrics_table(metrics))
     return 0
 
 

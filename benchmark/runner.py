@@ -41,7 +41,7 @@ from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .templates import task_class_names, task_templates
 from .trackers import Trackers
-from .training import FastNaive, ProgressPlugin, configure_for_device
+from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_device
 
 CHECKPOINT = "checkpoints/state.pt"
 log = logging.getLogger("cfbench")
@@ -248,7 +248,8 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
                      train_splits=train_splits, train_steps=t.iterations,
                      train_augment=build_augment(t.augment), train_mb_size=t.batch_size, train_epochs=1,
                      eval_mb_size=cfg.eval.batch_size, device=device,
-                     plugins=[*plugins, *controls, ProgressPlugin(trained), *observers], evaluator=_silent_evaluator())
+                     plugins=[*plugins, *controls, ProgressPlugin(trained), *observers, FiniteLossGuard(trained)],
+                     evaluator=_silent_evaluator())
 
 
 def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
@@ -346,6 +347,9 @@ def _run_log(run_dir: Path) -> Iterator[None]:
     log.setLevel(logging.INFO)
     try:
         yield
+    except CfbenchError as err:  # the one line the user sees goes into the run's log too
+        log.error("error: %s", err)
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()

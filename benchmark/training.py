@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -14,6 +15,7 @@ from avalanche.training import Naive
 from tasks import TensorSplit
 
 from . import progress
+from .errors import CfbenchError
 from .batches import TensorBatches
 
 
@@ -85,3 +87,20 @@ class ProgressPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         self.bar.close()
         self.bar = None
+
+
+class FiniteLossGuard(SupervisedPlugin):
+    """Stops the run at the first NaN or infinite loss (after every plugin added its penalty),
+    naming the task and step; the checkpoint of the last finished task stays as it was."""
+
+    def __init__(self, task_names):
+        super().__init__()
+        self.task_names = list(task_names)
+
+    def before_backward(self, strategy, **kwargs):
+        loss = float(strategy.loss.detach())
+        if not math.isfinite(loss):
+            name, clock = self.task_names[strategy.experience.current_experience], strategy.clock
+            raise CfbenchError(f"non-finite loss ({loss}) in task {name} at step {clock.train_epoch_iterations + 1} "
+                               f"of epoch {clock.train_exp_epochs + 1}; stopped. The checkpoint after the last "
+                               "finished task is unchanged: --resume continues from it (e.g. with a lower lr)")

@@ -180,3 +180,27 @@ def test_resume_refuses_a_crafted_checkpoint_without_running_it(tiny_cfg, tmp_pa
     assert not marker.exists()
     (part / "checkpoints" / "state.pt").write_bytes(b"")  # empty / truncated: the same one line
     assert main(["run", "--resume", str(part)]) == 2
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"lr": {"digits": 1.0e-3, "faces": 1.0e30}, "warmup_steps": 0}}))
+    assert main(["run", str(cfg), "--tasks", "digits,faces", "--eval-only", "", "--strategy", "ft",
+                 "--image-size", "32", "--epochs", "2", "--out", str(tmp_path / "out"), "--threads", "2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cfbench: error:")]
+    assert len(err) == 1 and "non-finite loss" in err[0] and "task faces" in err[0]
+    run = next((tmp_path / "out").glob("*/ft-s0"))
+    assert "non-finite loss" in (run / "log.txt").read_text()
+    assert torch.load(run / "checkpoints" / "state.pt", weights_only=True)["completed"] == 1
+    assert json.loads((run / "progress.json").read_text()) == {"completed_tasks": ["digits"], "finished": False}
+    assert not (run / "metrics.json").exists()
+
+
+def test_metrics_json_is_strict_json(tmp_path, capsys):
+    """Infinite or NaN cells (a published matrix can hold them) become null, never -Infinity."""
+    path = tmp_path / "m.csv"
+    path.write_text("after,a,b\npretrained,50,50\na,-inf,60\nb,70,nan\n")
+    assert main(["metrics", str(path), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "Infinity" not in out and "NaN" not in out
+    json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))

@@ -296,7 +296,7 @@ def test_text_tower_and_logit_scale_stay_bit_identical(tiny_clip_checkpoint, tmp
     cfg = tiny_config(tmp_path, _clip_layer(path), {"strategies": [strategy],
                                                     "train": {"weight_decay": 0.5, "lr": 1e-2}})
     run = run_strategy(cfg, strategy, tmp_path / strategy)
-    checkpoint = torch.load(run / "checkpoints/state.pt", weights_only=False)
+    checkpoint = torch.load(run / "checkpoints/state.pt", weights_only=True)
     state, reference = checkpoint["model"], pretrained.state_dict()
     text_keys = [k for k in reference if not k.startswith("visual.")]
     assert "logit_scale" in text_keys and any(k.startswith("transformer.") for k in text_keys)
@@ -306,8 +306,8 @@ def test_text_tower_and_logit_scale_stay_bit_identical(tiny_clip_checkpoint, tmp
                if k.startswith("visual.")), "the image tower trained"
     if strategy == "ewc":  # out of EWC's sums altogether, not just weighted by a zero importance
         (plugin,) = checkpoint["plugins"]
-        for store in (plugin["saved_params"], plugin["importances"]):
-            names = [k for params in store.values() for k in params]
+        for store in (plugin["saved_params"], plugin["importances"]):  # {exp: {name: ParamData}}, exported
+            names = [k for _, params in store["items"] for k, _ in params["items"]]
             assert names and all(k.startswith(("encoder.clip.visual.", "heads.")) for k in names), names
 
 
