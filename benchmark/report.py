@@ -62,7 +62,8 @@ def latex_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool) -> None:
+def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool) -> dict:
+    """Writes the matrices, metrics.json, the figures and the finished progress.json; returns the metrics."""
     for kind, matrix in matrices.items():
         matrix.save(run_dir / "matrices" / f"{kind}.csv")
     metrics = run_metrics(run_dir)
@@ -71,6 +72,7 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
     atomic_write_json(run_dir / "metrics.json", metrics)
     plot_run(run_dir)
     atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:], "finished": True})
+    return metrics
 
 
 def _finished_run(run_dir: Path) -> tuple[dict, dict]:

@@ -104,8 +104,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
             _add_rows(matrices, name, result, trackers)
             _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
             log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
-        finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
-        trackers.log_metrics(json.loads((run_dir / "metrics.json").read_text()), len(trained))
+        metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+        trackers.log_metrics(metrics, len(trained))
         return run_dir
 
 
