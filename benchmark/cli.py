@@ -178,7 +178,8 @@ def cmd_list(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from tasks import TASKS, parse_task_list, resolve_data_root, resolve_sequence, task_status
+    from tasks import TASKS, loaded_task, parse_task_list, resolve_data_root, resolve_sequence, task_status
+    from tasks.validate import deep_check
 
     if args.sequence:
         seq = resolve_sequence(args.sequence, args.data_root)
@@ -190,6 +191,10 @@ def cmd_data_check(args) -> int:
     unusable = []
     for name in names:
         status, detail, counts = task_status(name, args.data_root)
+        problems = deep_check(name, loaded_task(name, args.data_root)) if status == "found" and args.deep else []
+        if problems:  # one line per corrupt image, the first 20
+            more = [f"... and {len(problems) - 20} more"] if len(problems) > 20 else []
+            status, detail = "corrupt", "\n  ".join(problems[:20] + more)
         if status == "found":
             print(f"{name:<17} {status:<11} {counts['train']:>8} {counts['val']:>7} {counts['test']:>7} "
                   f"{TASKS[name].num_classes:>7}")
@@ -319,13 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="which tasks are usable: split sizes, or the layout expected and where to "
-                         "get it; exit 1 if a requested task is unusable")
+                         "get it, or what is wrong (absent image files, labels out of range, a class without "
+                         "training images, checksums, archives to extract); exit 1 if a requested task is unusable")
     dc.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")
     dc.add_argument("--tasks", help="comma-separated task names (default: all, reported without failing)")
     dc.add_argument("--sequence", help="check the tasks of a named sequence")
     dc.add_argument("--sizes", action="store_true", help="also print, per usable task and in total, the images "
                     "and the raw and compact cache bytes at --image-size, before anything is built")
     dc.add_argument("--image-size", type=int, default=224, help="resolution for --sizes (default 224)")
+    dc.add_argument("--deep", action="store_true", help="also decode every image of every split and name each "
+                    "one that cannot be decoded (long on full datasets; the default checks open no image)")
     dc.set_defaults(func=cmd_data_check)
     dd = dsub.add_parser("download", help="download tasks whose sources allow it (torchvision's downloaders)")
     dd.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")

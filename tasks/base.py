@@ -23,6 +23,11 @@ class TaskIncomplete(TaskUnavailable):
     """Part of the task's data is there, part is missing."""
 
 
+class TaskDefect(TaskIncomplete):
+    """The data is there but wrong (a file a listing names is absent, a label out of range, a
+    checksum mismatch): the message names the file or value, so no layout hint is added to it."""
+
+
 class CorruptImage(Exception):
     """An image file of a task cannot be decoded; the message names the file."""
 

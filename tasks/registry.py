@@ -10,11 +10,12 @@ import torch
 
 from benchmark.errors import CfbenchError
 
-from .base import (CorruptImage, LoadedTask, SourceSplit, Task, TaskIncomplete, TaskUnavailable, TensorSplit,
-                   cap_per_class, validation_split)
+from .base import (CorruptImage, LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable,
+                   TensorSplit, cap_per_class, validation_split)
 from .cache import CacheFormat, cached_images
 from .compact import concat_images
 from .offline import OFFLINE_TASKS
+from .validate import archive_hint, check_loaded
 from .vision import MTIL_TASKS, PAPER_TASKS
 
 DATA_ENV_VAR = "CFBENCH_DATA"
@@ -63,25 +64,35 @@ def _expected(task: Task) -> str:
 
 
 def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
-    """The task's class names and source splits (listing only: no image is decoded here)."""
+    """The task's class names and source splits, checked by `validate.check_loaded` (listing and
+    file existence only: no image is decoded here)."""
     task, root = get_task(name), resolve_data_root(given_root)
     key = (name, str(root))
     if key in _LOADED:
         return _LOADED[key]
     missing = _missing_anchors(task, root)
+    archive = archive_hint(name, root) if missing else None
     if missing and len(missing) == len(task.anchors):
+        if archive:
+            raise DataUnavailable(name, "missing", f"nothing extracted under {root}: {archive}")
         raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task)}")
     if missing:
         raise DataUnavailable(name, "incomplete", f"missing {', '.join(str(root / m) for m in missing)}; "
-                              + _expected(task))
+                              + (archive or _expected(task)))
     try:
         found = task.loader(root)
+    except TaskDefect as err:
+        raise DataUnavailable(name, "incomplete", str(err)) from None
     except TaskIncomplete as err:
         raise DataUnavailable(name, "incomplete", f"{err}; " + _expected(task)) from None
     except TaskUnavailable as err:
         raise DataUnavailable(name, "missing", str(err)) from None
     if len(found.classes) != task.num_classes:
         raise DataUnavailable(name, "incomplete", f"{len(found.classes)} class names for {task.num_classes} classes")
+    try:
+        check_loaded(task, found)
+    except TaskDefect as err:
+        raise DataUnavailable(name, "incomplete", str(err)) from None
     _LOADED[key] = found
     return found
 

@@ -17,17 +17,22 @@ import numpy as np
 import torchvision.datasets as tvd
 
 from . import metadata
-from .base import ArraySource, FileSource, LoadedTask, Task, TaskIncomplete, random_split_indices
+from .base import ArraySource, FileSource, LoadedTask, Task, TaskDefect, TaskIncomplete, random_split_indices
+from .validate import checksum_failure
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
 RS_SPLITS = "https://storage.googleapis.com/remote_sensing_representations/{}-{}.txt"
 
 
 def _tv(cls, *args, **kwargs):
-    """A torchvision dataset, download off; its own failures become TaskIncomplete."""
+    """A torchvision dataset, download off; its own failures become TaskIncomplete (TaskDefect
+    naming the file where one fails torchvision's md5 check)."""
     try:
         return cls(*args, download=False, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError, ValueError, KeyError) as err:
+        failed = checksum_failure(cls, str(args[0]), kwargs)
+        if failed:
+            raise TaskDefect(failed) from None
         raise TaskIncomplete(f"torchvision {cls.__name__} could not read it: {err}") from None
 
 
@@ -94,19 +99,25 @@ def _load_svhn(root: Path) -> LoadedTask:
 
 
 def _listed_split(list_file: Path, data: Path) -> FileSource:
-    """Images under data/<class>/ whose file name is listed in list_file; labels = sorted class folders."""
-    wanted = {line.strip() for line in list_file.read_text().splitlines() if line.strip()}
+    """Images under data/<class>/ whose file name is listed in list_file; labels = sorted class folders.
+    Every listed name must be there."""
+    wanted = dict.fromkeys(line.strip() for line in list_file.read_text().splitlines() if line.strip())
     classes = sorted(d.name for d in data.iterdir() if d.is_dir())
     samples = [(str(data / c / f), y) for y, c in enumerate(classes)
                for f in sorted(os.listdir(data / c)) if f in wanted]
+    listed = {os.path.basename(p) for p, _ in samples}
+    absent = [f for f in wanted if f not in listed]
+    if absent:
+        raise TaskDefect(f"{list_file} lists {len(absent)} image{'s' if len(absent) > 1 else ''} not found in "
+                         f"any class folder of {data}, first {absent[0]}")
     return _files(samples)
 
 
 def _load_eurosat(root: Path) -> LoadedTask:
     data, base = root / "eurosat" / "2750", root / "eurosat"
-    classes = sorted(d.name for d in data.iterdir() if d.is_dir())
+    names = _names(sorted(d.name for d in data.iterdir() if d.is_dir()), "eurosat", expected=10)
     splits = {s: _listed_split(base / f"eurosat-{s}.txt", data) for s in ("train", "val", "test")}
-    return _loaded(_names(classes, "eurosat", expected=10), **splits)
+    return _loaded(names, **splits)
 
 
 def _load_eurosat_mtil(root: Path) -> LoadedTask:
@@ -124,21 +135,27 @@ def _load_eurosat_mtil(root: Path) -> LoadedTask:
 
 def _load_resisc45(root: Path) -> LoadedTask:
     data, base = root / "resisc45" / "NWPU-RESISC45", root / "resisc45"
-    classes = sorted(d.name for d in data.iterdir() if d.is_dir())
+    names = _names(sorted(d.name for d in data.iterdir() if d.is_dir()), expected=45)
     splits = {s: _listed_split(base / f"resisc45-{s}.txt", data) for s in ("train", "test")}
-    return _loaded(_names(classes, expected=45), **splits)
+    return _loaded(names, **splits)
 
 
 def _load_gtsrb(root: Path) -> LoadedTask:
     splits = {s: _files(_tv(tvd.GTSRB, str(root), split=s)._samples) for s in ("train", "test")}
-    n_found = len(np.unique(splits["train"].labels))
-    return _loaded(_names([str(i) for i in range(n_found)], "gtsrb", expected=43), **splits)
+    return _loaded(_names([str(i) for i in range(43)], "gtsrb"), **splits)  # labels are checked against 43
+
+
+def _one_numbering(ds: dict) -> tuple[list[str], dict[str, FileSource]]:
+    """torchvision's DTD and Food101 number the classes of each split apart (sorted names in that
+    split's label file), so a split lacking a class would shift its labels: number them by name."""
+    classes = sorted(set().union(*(d.classes for d in ds.values())))
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, {s: FileSource(d._image_files, [index[d.classes[y]] for y in d._labels]) for s, d in ds.items()}
 
 
 def _load_dtd(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.DTD, str(root), split=s, partition=1) for s in ("train", "test")}
-    splits = {s: FileSource(d._image_files, d._labels) for s, d in ds.items()}
-    return _loaded(_names(ds["train"].classes, expected=47), **splits)
+    classes, splits = _one_numbering({s: _tv(tvd.DTD, str(root), split=s, partition=1) for s in ("train", "test")})
+    return _loaded(_names(classes, expected=47), **splits)
 
 
 def _load_cars(root: Path) -> LoadedTask:
@@ -158,7 +175,11 @@ def _load_imagenet(root: Path) -> LoadedTask:
             raise TaskIncomplete(f"{base}: folders {unknown[:3]} are not ImageNet-1k WordNet ids "
                                  "(is val/ sorted into class folders?)")
         if len(present) != len(wnids):
-            raise TaskIncomplete(f"{base}: {len(present)} of the 1000 class folders are present")
+            there = set(present)
+            absent = [w for w in wnids if w not in there]
+            shown = ", ".join(f"{w} ({metadata.imagenet_classnames()[index[w]]})" for w in absent[:3])
+            raise TaskIncomplete(f"{base}: {len(present)} of the 1000 class folders are present; missing "
+                                 f"{len(absent)}: {shown}{', ...' if len(absent) > 3 else ''}")
         splits[split] = _files((str(base / w / f), index[w]) for w in present
                                for f in sorted(os.listdir(base / w)) if f.lower().endswith(IMAGE_EXTENSIONS))
     return _loaded(metadata.imagenet_classnames(), **splits)
@@ -182,15 +203,13 @@ def _load_caltech101(root: Path) -> LoadedTask:
 
 def _load_flowers(root: Path) -> LoadedTask:
     ds = {s: _tv(tvd.Flowers102, str(root), split=s) for s in ("train", "test")}
-    n_found = len(np.unique(ds["test"]._labels))
-    return _loaded(_names([str(i) for i in range(n_found)], "flowers", expected=102),
+    return _loaded(_names([str(i) for i in range(102)], "flowers"),  # labels are checked against 102
                    **{s: FileSource(d._image_files, d._labels) for s, d in ds.items()})
 
 
 def _load_food101(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.Food101, str(root), split=s) for s in ("train", "test")}
-    return _loaded(_names(ds["train"].classes, expected=101),
-                   **{s: FileSource(d._image_files, d._labels) for s, d in ds.items()})
+    classes, splits = _one_numbering({s: _tv(tvd.Food101, str(root), split=s) for s in ("train", "test")})
+    return _loaded(_names(classes, expected=101), **splits)
 
 
 def _load_pets(root: Path) -> LoadedTask:

@@ -57,8 +57,9 @@ def cifar(root: Path, n_classes: int, per_batch: int = 4, test: int = 10) -> dic
         data = _array(labels).transpose(0, 3, 1, 2).reshape(len(labels), -1)  # CIFAR rows are CHW
         path.write_bytes(pickle.dumps({"data": data, key: labels}))
 
-    if n_classes == 10:
-        train = [[int(v) for v in rng.integers(0, 10, per_batch)] for _ in range(5)]
+    if n_classes == 10:  # shuffled labels, every class in train (the data check requires it)
+        labels = rng.permutation(np.arange(5 * per_batch) % 10)
+        train = [[int(v) for v in labels[i::5]] for i in range(5)]
         for i, labels in enumerate(train, 1):
             batch(folder / f"data_batch_{i}", labels)
         batch(folder / "test_batch", list(range(test)))
@@ -71,7 +72,7 @@ def cifar(root: Path, n_classes: int, per_batch: int = 4, test: int = 10) -> dic
     return {"train": train, "test": list(range(n_classes)), "names": names}
 
 
-def _idx(path: Path, array: np.ndarray) -> None:
+def write_idx(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     magic = 0x0800 + array.ndim  # uint8 type code, then the number of dimensions
     path.write_bytes(struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.tobytes())
@@ -81,8 +82,8 @@ def mnist(root: Path) -> dict:
     train, test = [i % 10 for i in range(30)], list(range(10))
     for prefix, labels in (("train", train), ("t10k", test)):
         images = np.stack([np.full((28, 28), color(y)[0], dtype=np.uint8) for y in labels])
-        _idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", images)
-        _idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", np.array(labels, dtype=np.uint8))
+        write_idx(root / "MNIST" / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / "MNIST" / "raw" / f"{prefix}-labels-idx1-ubyte", np.array(labels, dtype=np.uint8))
     return {"train": train, "test": test}
 
 
@@ -169,15 +170,20 @@ def stanford_cars(root: Path) -> dict:
     for split, folder, annos in (("train", "cars_train", base / "devkit" / "cars_train_annos.mat"),
                                  ("test", "cars_test", base / "cars_test_annos_withlabels.mat")):
         labels = list(range(196))
-        records = np.zeros(len(labels), dtype=[("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"),
-                                                ("bbox_y2", "O"), ("class", "O"), ("fname", "O")])
         for i, y in enumerate(labels):
-            fname = f"{i + 1:05d}.jpg"
-            _save(solid(y), base / folder / fname)
-            records[i] = (1, 1, 11, 9, y + 1, fname)  # classes are 1-based in the .mat files
-        sio.savemat(annos, {"annotations": records})
+            _save(solid(y), base / folder / f"{i + 1:05d}.jpg")
+        write_cars_annotations(annos, labels)
         out[split] = labels
     return {**out, "names": names}
+
+
+def write_cars_annotations(path: Path, labels: list[int]) -> None:
+    """Stanford Cars' annotation .mat: image i + 1 (00001.jpg, ...) has 0-based label labels[i]."""
+    records = np.zeros(len(labels), dtype=[("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"),
+                                            ("bbox_y2", "O"), ("class", "O"), ("fname", "O")])
+    for i, y in enumerate(labels):
+        records[i] = (1, 1, 11, 9, y + 1, f"{i + 1:05d}.jpg")  # classes are 1-based in the .mat files
+    sio.savemat(path, {"annotations": records})
 
 
 def imagenet(root: Path, wnids: tuple[str, ...]) -> dict:
@@ -261,12 +267,13 @@ def pets(root: Path) -> dict:
     return out
 
 
-def sun397(root: Path) -> dict:
+def sun397(root: Path, per_class: int = 4) -> dict:
+    """4 images per class: ZSCL's seeded 80/20 split then leaves each class some for training."""
     base = root / "SUN397"
     classes = [f"/{c}/{c}place_{i:03d}" for i in range(397) for c in "ab"[i % 2]]
     base.mkdir(parents=True)
     (base / "ClassName.txt").write_text("\n".join(classes) + "\n")
     for y, c in enumerate(classes):
-        for k in range(3):
+        for k in range(per_class):
             _save(solid(y), base / c.strip("/") / f"sun_{y:03d}{k}.jpg")
-    return {"n": 397 * 3, "names": [c[3:].replace("_", " ") for c in classes]}
+    return {"n": 397 * per_class, "names": [c[3:].replace("_", " ") for c in classes]}

@@ -1,6 +1,7 @@
 """The paper's ten datasets read from fixtures in their real on-disk formats."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,9 @@ def test_data_check_reports_every_fixture_found(data_root, capsys):
     assert "10 of 10 tasks usable" in out
     cifar = next(l for l in out.splitlines() if l.startswith("cifar10 ")).split()
     assert cifar[2:5] == ["18", "2", "10"]  # 20 train images: int(10 %) = 2 held out
+    # --deep decodes every image of every split: the intact fixtures pass it too
+    assert main(["data", "check", "--deep", "--data-root", str(root), "--tasks", ",".join(PAPER_TEN)]) == 0
+    assert "10 of 10 tasks usable" in capsys.readouterr().out
 
 
 def test_missing_data_is_one_line_with_path_and_layout(tmp_path, capsys):
@@ -238,3 +242,188 @@ def test_list_tasks_and_sequences_show_sizes_sources_and_orders(capsys):
     assert main(["list", "sequences"]) == 0
     out = capsys.readouterr().out
     assert "ldifs10" in out and "aircraft, caltech101, cifar100, dtd, eurosat_mtil, flowers" in out
+
+
+# --- data validation: `data check` checks what `run` reads, and `run` the same before training ---------
+
+def _copy(data_root, tmp_path, *folders: str):
+    import shutil
+
+    root = tmp_path / "data"
+    for folder in folders:
+        shutil.copytree(data_root[0] / folder, root / folder)
+    return root
+
+
+def _drop_first_dtd_train_image(src, root):
+    name = (root / "dtd/dtd/labels/train1.txt").read_text().split()[0]
+    (root / "dtd/dtd/images" / name).unlink()
+    return [str(root / "dtd/dtd/images" / name), "train split lists 1 image that does not exist"]
+
+
+def _drop_food_image(src, root):
+    fx.food101(root)
+    (root / "food-101/images/dish_007/test7.jpg").unlink()
+    return [str(root / "food-101/images/dish_007/test7.jpg"), "test split"]
+
+
+def _dtd_class_without_train_images(src, root):
+    labels = root / "dtd/dtd/labels/train1.txt"
+    labels.write_text("".join(l + "\n" for l in labels.read_text().split() if not l.startswith("texture_03/")))
+    return ["1 of 47 classes has no image in the train split: 3 (texture 03)"]
+
+
+def _mnist_label_10(src, root):
+    fx.write_idx(root / "MNIST/raw/train-labels-idx1-ubyte", np.array([10] + [i % 10 for i in range(1, 30)], np.uint8))
+    return ["the train split has 1 label outside [0, 10): 10"]
+
+
+def _cars_class_197(src, root):
+    fx.write_cars_annotations(root / "stanford_cars/cars_test_annos_withlabels.mat", list(range(195)) + [196])
+    return ["the test split has 1 label outside [0, 196): 196"]
+
+
+def _gtsrb_test_class_43(src, root):
+    csv = root / "gtsrb/GT-final_test.csv"
+    csv.write_text(csv.read_text().replace(";42\n", ";43\n"))
+    return ["the test split has 1 label outside [0, 43): 43"]
+
+
+def _resisc45_line_without_file(src, root):
+    with open(root / "resisc45/resisc45-train.txt", "a") as fh:
+        fh.write("scene_07_999.jpg\n")
+    return [str(root / "resisc45/resisc45-train.txt"), "lists 1 image not found", "first scene_07_999.jpg"]
+
+
+def _imagenet_without_one_class(src, root):
+    wnid = metadata.imagenet_wnids()[5]
+    (root / "imagenet/train").mkdir(parents=True)  # links to the intact fixture's folders: copying 2,000 is slow
+    (root / "imagenet/val").symlink_to(src / "imagenet/val")
+    for folder in (src / "imagenet/train").iterdir():
+        if folder.name != wnid:
+            (root / "imagenet/train" / folder.name).symlink_to(folder)
+    return [f"999 of the 1000 class folders are present; missing 1: {wnid} (", str(root / "imagenet/train")]
+
+
+def _mnist_only_gz(src, root):
+    import gzip
+
+    for f in (root / "MNIST/raw").iterdir():
+        (root / "MNIST/raw" / (f.name + ".gz")).write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    return [f"nothing extracted under {root}: found {root / 'MNIST/raw/t10k-images-idx3-ubyte.gz'} (and 3 more); "
+            f"extract it: gunzip -k {root / 'MNIST/raw'}/*-ubyte.gz"]
+
+
+def _cifar_only_tarball(src, root):
+    import shutil
+    import tarfile
+
+    with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(root / "cifar-10-batches-py", "cifar-10-batches-py")
+    shutil.rmtree(root / "cifar-10-batches-py")
+    return [f"found {root / 'cifar-10-python.tar.gz'}; extract it: tar -xf {root / 'cifar-10-python.tar.gz'} -C {root}"]
+
+
+def _sun397_only_tarball(src, root):
+    import tarfile
+
+    root.mkdir(parents=True)
+    with tarfile.open(root / "SUN397.tar.gz", "w:gz"):
+        pass
+    return [f"found {root / 'SUN397.tar.gz'}; extract it: tar -xf"]
+
+
+DEFECTS = {  # task, folders copied from the intact fixtures, the defect made -> what the one line names
+    "dtd image a label file names is absent": ("dtd", ["dtd"], _drop_first_dtd_train_image),
+    "food101 image meta/test.json names is absent": ("food101", [], _drop_food_image),
+    "dtd class without training images": ("dtd", ["dtd"], _dtd_class_without_train_images),
+    "mnist label 10": ("mnist", ["MNIST"], _mnist_label_10),
+    "cars class 197 of 196": ("cars", ["stanford_cars"], _cars_class_197),
+    "gtsrb test ClassId 43": ("gtsrb", ["gtsrb"], _gtsrb_test_class_43),
+    "resisc45 split line naming no file": ("resisc45", ["resisc45"], _resisc45_line_without_file),
+    "imagenet class folder absent": ("imagenet", [], _imagenet_without_one_class),
+    "mnist only as .gz": ("mnist", ["MNIST"], _mnist_only_gz),
+    "cifar10 only as its tarball": ("cifar10", ["cifar-10-batches-py"], _cifar_only_tarball),
+    "sun397 only as its tarball": ("sun397", [], _sun397_only_tarball),
+}
+
+
+@pytest.mark.parametrize("case", DEFECTS)
+def test_data_check_and_run_name_each_defect_in_one_line(case, data_root, tmp_path, capsys):
+    name, folders, defect = DEFECTS[case]
+    root = _copy(data_root, tmp_path, *folders)
+    expected = defect(data_root[0], root)
+    assert main(["data", "check", "--data-root", str(root), "--tasks", name]) == 1
+    detail = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    assert len(detail) == 1 and all(e in detail[0] for e in expected), (detail, expected)
+    tasks.clear_memory()
+    assert main(["run", "--tasks", name, "--eval-only", "", "--data-root", str(root),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"cfbench: error: {name}: ") and all(e in err[0] for e in expected)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name,folder,module,bad", [("cifar10", "cifar-10-batches-py", "cifar", "data_batch_3"),
+                                                     ("svhn", "svhn", "svhn", "test_32x32.mat")])
+def test_checksum_failure_names_the_file_and_both_sums(name, folder, module, bad, data_root, tmp_path, monkeypatch,
+                                                       capsys):
+    import hashlib
+    import importlib
+
+    module = importlib.import_module(f"torchvision.datasets.{module}")
+    root = _copy(data_root, tmp_path, folder)
+    # the fixtures cannot match the real sums: make torchvision's own check fail for one file only
+    monkeypatch.setattr(module, "check_integrity", lambda path, md5=None: not path.endswith(bad))
+    assert main(["data", "check", "--data-root", str(root), "--tasks", name]) == 1
+    detail = [l for l in capsys.readouterr().out.splitlines() if l.startswith("  ")]
+    path = root / folder / bad
+    listed = module.CIFAR10.train_list if name == "cifar10" else module.SVHN.split_list.values()
+    expected = next(md5 for *_, f, md5 in listed if f == bad)
+    assert detail == [f"  checksum mismatch: {path} (md5 {hashlib.md5(path.read_bytes()).hexdigest()}, expected "
+                      f"{expected}); re-download it (cfbench data download)"]
+
+
+def test_archive_hints_are_commands_that_work(data_root, tmp_path, capsys):
+    import subprocess
+
+    for name, folders, defect in (DEFECTS["mnist only as .gz"], DEFECTS["cifar10 only as its tarball"]):
+        root = _copy(data_root, tmp_path / name, *folders)
+        defect(data_root[0], root)
+        status, detail, _ = tasks.task_status(name, str(root))
+        assert status == "missing"
+        subprocess.run(detail.split("extract it: ", 1)[1], shell=True, check=True)
+        tasks.clear_memory()
+        assert tasks.task_status(name, str(root))[0] == "found", name
+
+
+def test_a_test_split_lacking_a_class_keeps_every_label(data_root, tmp_path):
+    """torchvision's DTD numbers each split's classes apart; one numbering by name is used instead."""
+    root = _copy(data_root, tmp_path, "dtd")
+    labels = root / "dtd/dtd/labels/test1.txt"
+    labels.write_text("".join(l + "\n" for l in labels.read_text().split() if not l.startswith("texture_03/")))
+    test = tasks.load_split("dtd", "test", 8, str(root))
+    assert 3 not in test.y.tolist() and (fx.labels_from_pixels(test.x.numpy()) == test.y.numpy()).all()
+
+
+def test_labels_out_of_range_below_zero_too():
+    from tasks.base import TaskDefect
+    from tasks.validate import check_labels
+
+    with pytest.raises(TaskDefect, match=r"the val split has 2 labels outside \[0, 5\): -1, 7"):
+        check_labels("val", np.array([0, -1, 4, 7]), 5)
+
+
+def test_deep_check_decodes_every_image_and_names_the_corrupt_ones(data_root, tmp_path, capsys):
+    root = _copy(data_root, tmp_path, "eurosat")
+    bad = sorted((root / "eurosat/2750/River").glob("*.jpg"))[-1]
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
+    # the cheap check opens no image
+    assert main(["data", "check", "--data-root", str(root), "--tasks", "eurosat"]) == 0
+    assert "eurosat           found" in capsys.readouterr().out
+    tasks.clear_memory()
+    assert main(["data", "check", "--deep", "--data-root", str(root), "--tasks", "eurosat"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split()[:2] == ["eurosat", "corrupt"] and out[3].startswith(f"  cannot decode image {bad}: ")
+    assert out[4] == "0 of 1 tasks usable"
