@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -49,86 +48,95 @@ def _run_overrides(args) -> dict:
     return over
 
 
+# run settings that describe the machine rather than the experiment: --resume may change them
+_RESUME_MAY_SET = ("device", "threads", "data_root", "cache_dir")
+
+
 def cmd_run(args) -> int:
     from .config import dump_config, load_config
     from .report import compare_runs
-    from .runner import resolve_tasks, run_strategy
+    from .run_folder import new_invocation_folder
+    from .runner import run_strategy
+    from .validate import check_run
 
     if args.resume:
-        return _resume(Path(args.resume))
+        return _resume(Path(args.resume), args)
     cfg = load_config(args.config, _run_overrides(args))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    import strategies
-
-    for combo in cfg.strategies:
-        strategies.resolve_params(combo, cfg.strategy_params)
-    trained, eval_only = resolve_tasks(cfg)
-    _check_text_tower(cfg)
-    _check_data(trained + eval_only, cfg.data_root)
+    trained, _ = check_run(cfg)  # nothing is written before every check passed
     label = cfg.sequence if not cfg.tasks else "-".join(trained)
-    invocation = Path(cfg.out) / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    out_existed = Path(cfg.out).exists()
+    invocation = new_invocation_folder(Path(cfg.out), label)
     run_dirs = []
-    for combo in cfg.strategies:
-        run_dir = invocation / f"{combo}-s{cfg.seed}"
-        print(f"[{combo}] protocol {cfg.protocol}, training on {' -> '.join(trained)}; run directory {run_dir}",
-              file=sys.stderr)
-        start = time.time()
-        run_dirs.append(run_strategy(cfg, combo, run_dir))
-        print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
+    try:
+        for combo in cfg.strategies:
+            run_dir = invocation / f"{combo}-s{cfg.seed}"
+            print(f"[{combo}] protocol {cfg.protocol}, training on {' -> '.join(trained)}; run directory {run_dir}",
+                  file=sys.stderr)
+            start = time.time()
+            run_dirs.append(run_strategy(cfg, combo, run_dir))
+            print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
+    except BaseException:
+        if not any(invocation.iterdir()):  # refused before its run folder existed: leave nothing behind
+            invocation.rmdir()
+            if not out_existed and not any(invocation.parent.iterdir()):
+                invocation.parent.rmdir()
+        raise
     table = compare_runs(run_dirs, invocation)
     print(table)
     print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
     return 0
 
 
-def _check_data(names: tuple[str, ...], data_root) -> None:
-    """Every dataset is usable before any run directory exists; one line either way."""
-    import tasks
-
-    problems = []
-    for name in names:
-        try:
-            tasks.loaded_task(name, data_root)
-        except tasks.DataUnavailable as err:
-            problems.append(err)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        names = ",".join(p.task for p in problems)
-        root = tasks.resolve_data_root(data_root)
-        raise CfbenchError(f"{len(problems)} tasks are not usable under {root} ({names}); "
-                           f"`cfbench data check --data-root {root} --tasks {names}` shows the layout each one expects")
-
-
-def _check_text_tower(cfg) -> None:
-    """Fail before any training when a strategy or a ZS-init head needs a text tower the model
-    lacks (no offline model has one; every open_clip model does)."""
-    from .models import OFFLINE_MODELS
-    from .runner import check_text_needs
-
-    if cfg.model.name in OFFLINE_MODELS:
-        for combo in cfg.strategies:
-            check_text_needs(cfg, combo, has_text=False)
-
-
-def _resume(run_dir: Path) -> int:
+def _resume(run_dir: Path, args) -> int:
+    """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
     from .config import load_config
+    from .run_folder import PROGRESS
     from .runner import CHECKPOINT, run_strategy
+    from .validate import check_data, read_json_object
 
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("command", "func", "resume", *_RESUME_MAY_SET) and v not in (None, False, [])]
+    if given:
+        raise CfbenchError(f"--resume continues with {run_dir / 'config.yaml'} as it is; {', '.join(given)} would "
+                           f"be ignored (only {', '.join('--' + k.replace('_', '-') for k in _RESUME_MAY_SET)} may "
+                           "change); start a new run to change settings")
     if not (run_dir / "config.yaml").is_file():
         raise CfbenchError(f"{run_dir}: no config.yaml, not a cfbench run directory")
-    progress = run_dir / "progress.json"
-    if progress.is_file() and json.loads(progress.read_text()).get("finished"):
+    progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
+    if progress.get("finished"):
         print(f"{run_dir}: already finished; nothing to resume")
         return 0
     if not (run_dir / CHECKPOINT).is_file():
+        done = progress.get("completed_tasks") or []
+        if done:
+            raise CfbenchError(f"{run_dir}: progress.json lists {len(done)} finished task(s) ({', '.join(map(str, done))}) "
+                               f"but {CHECKPOINT} is gone, so they cannot be continued; start the run again")
         raise CfbenchError(f"{run_dir}: no checkpoint yet (no task finished); start the run again instead")
-    cfg = load_config(str(run_dir / "config.yaml"))
+    machine = {k: getattr(args, k) for k in _RESUME_MAY_SET if getattr(args, k) is not None}
+    cfg = load_config(str(run_dir / "config.yaml"), machine)
+    check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
     run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)
     print(f"finished {run_dir}")
+    _finish_invocation(run_dir.parent)
     return 0
+
+
+def _finish_invocation(invocation: Path) -> None:
+    """The invocation's comparison, once every run folder beside the resumed one has finished."""
+    from .report import compare_runs
+    from .run_folder import PROGRESS
+    from .validate import read_json_object
+
+    runs = sorted(d for d in invocation.iterdir() if (d / "config.yaml").is_file() and (d / PROGRESS).is_file())
+    waiting = [d.name for d in runs if not read_json_object(d / PROGRESS).get("finished")]
+    if waiting:
+        print(f"{invocation}: comparison written once {', '.join(waiting)} finish (--resume each)")
+        return
+    print(compare_runs(runs, invocation))
+    print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png)")
 
 
 def cmd_list(args) -> int:
@@ -259,8 +267,11 @@ def cmd_metrics(args) -> int:
 def cmd_compare(args) -> int:
     from .report import compare_runs
 
+    from .validate import check_writable_folder
+
     dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else dirs[0].parent
+    check_writable_folder(out, "--out")
     print(compare_runs(dirs, out, args.format, args.latex))
     tex = ", comparison.tex" if args.latex else ""
     print(f"wrote {out / 'comparison.md'}, comparison.csv{tex}, comparison.{args.format} (forgetting | accuracy), "
@@ -289,8 +300,16 @@ def cmd_perf(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as the suite's one line (exit 2), pointing at --help."""
+
+    def error(self, message: str):
+        print(f"cfbench: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cfbench", description="Continual fine-tuning benchmark for foundation "
+    p = _Parser(prog="cfbench", description="Continual fine-tuning benchmark for foundation "
                                 "image models: how much does fine-tuning forget, and which strategy prevents it?")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="fine-tune over a task sequence with one or more strategies")

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import yaml
 
 from .errors import CfbenchError
 from .figures import comparison_figure, curves_figure, group_runs
@@ -76,12 +74,18 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
 
 
 def _finished_run(run_dir: Path) -> tuple[dict, dict]:
+    from .validate import read_json_object, read_yaml_mapping
+
+    if not run_dir.is_dir():
+        raise CfbenchError(f"{run_dir}: no such run folder")
     progress = run_dir / "progress.json"
     if not (run_dir / "metrics.json").is_file() or not progress.is_file() or \
-            not json.loads(progress.read_text()).get("finished"):
+            not read_json_object(progress).get("finished"):
         raise CfbenchError(f"{run_dir}: not a finished run (no metrics.json or progress.json says unfinished)")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return cfg, json.loads((run_dir / "metrics.json").read_text())
+    cfg = read_yaml_mapping(run_dir / "config.yaml", "config.yaml (not a cfbench run folder)")
+    if not isinstance(cfg.get("strategies"), list) or not cfg["strategies"]:
+        raise CfbenchError(f"{run_dir / 'config.yaml'}: names no strategy; not a cfbench run config")
+    return cfg, read_json_object(run_dir / "metrics.json")
 
 
 def zscl_table3(runs: list[tuple[str, Matrix]]) -> str:

@@ -15,7 +15,7 @@ import random
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from .models import build_model
 from .multihead import MultiHeadClassifier
 from .probe import fit_normalized_head, fit_official_probe
 from .report import finalize_run
+from .run_folder import hold_run_folder
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .templates import task_class_names, task_templates
@@ -56,57 +57,70 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     device = select_device(cfg.device)
     threads = set_threads(cfg.threads)
     seed_everything(cfg.seed)
-    encoder = build_model(cfg.model)
-    check_text_needs(cfg, strategy, encoder.has_text)
-    cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
-                      tasks=list(trained), eval_only=list(eval_only),
-                      strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
-    cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    with _run_log(run_dir), Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
-        log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s", strategy,
-                 cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
-        if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
-            encoder.set_text_trainable(cfg.train.head == "text")
-        configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
-        model = MultiHeadClassifier(encoder).to(device)
-        train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
-        pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
-        plugins = strategies.build_plugins(strategy, params, {
-            "data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "cache_format": cfg.cache_format,
-            "image_size": encoder.image_size,
-            "seed": cfg.seed, "tasks": trained, "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
+    with _run_log() as log_into:  # lines logged before the run folder exists are kept for its log.txt
+        encoder = build_model(cfg.model)
+        check_text_needs(cfg, strategy, encoder.has_text)
+        cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
+                          tasks=list(trained), eval_only=list(eval_only),
+                          strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
+        cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
+        plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
+        with hold_run_folder(run_dir, resume):  # nothing is written before this point
+            log_into(run_dir)
+            if not resume:
+                atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+            with Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
+                log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s",
+                         strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
+                _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
+                                resume, stop_after)
+    return run_dir
+
+
+def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_dir: Path, trained, eval_only,
+                    device: str, trackers: Trackers, resume: bool, stop_after: Optional[int]) -> None:
+    """The pretrained row, then per task: initialise its head, train, evaluate, checkpoint."""
+    if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
+        encoder.set_text_trainable(cfg.train.head == "text")
+    configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
+    model = MultiHeadClassifier(encoder).to(device)
+    train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
+    pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
+    learner = _learner(cfg, model, train_splits, plugins, trained, device, trackers.plugins(plugins))
+    stream = _benchmark(train_splits).train_stream
+    matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
+    zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
+    if resume:
+        start = _restore(cfg, run_dir, model, plugins, matrices, trained, device)
+        learner.clock.train_exp_counter = start
+    else:
+        start = 0
+        # before any training the current text tower is the pretrained one: its classifiers serve
+        _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device), trackers)
+    for t in range(start, len(trained)):
+        if stop_after is not None and t >= stop_after:
+            return
+        name = trained[t]
+        seed_everything(cfg.seed * 1000 + t)  # per-task seeding makes --resume exact
+        _init_head(cfg, strategy, model, t, name, pretrained_zs, device)
+        learner.train_epochs = 1 if cfg.train.iterations else cfg.train.epochs_for(name)
+        learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
+        result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
+                                cfg.seed, zs_for_eval, desc=f"eval after {name}")
+        _add_rows(matrices, name, result, trackers)
+        _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
+        log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
+    metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+    trackers.log_metrics(metrics, len(trained))
+
+
+def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> dict:
+    """What strategy builders may read (strategies.StrategySpec.build's context)."""
+    return {"data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "cache_format": cfg.cache_format,
+            "image_size": encoder.image_size, "seed": cfg.seed, "tasks": trained,
+            "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
             "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
-            "tokenizer": getattr(encoder, "tokenizer", None)})
-        learner = _learner(cfg, model, train_splits, plugins, trained, device, trackers.plugins(plugins))
-        stream = _benchmark(train_splits).train_stream
-        matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
-        zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
-        if resume:
-            start = _restore(cfg, run_dir, model, plugins, matrices, trained, device)
-            learner.clock.train_exp_counter = start
-        else:
-            start = 0
-            # before any training the current text tower is the pretrained one: its classifiers serve
-            _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device), trackers)
-        for t in range(start, len(trained)):
-            if stop_after is not None and t >= stop_after:
-                return run_dir
-            name = trained[t]
-            seed_everything(cfg.seed * 1000 + t)  # per-task seeding makes --resume exact
-            _init_head(cfg, strategy, model, t, name, pretrained_zs, device)
-            learner.train_epochs = 1 if cfg.train.iterations else cfg.train.epochs_for(name)
-            learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
-            result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
-                                    cfg.seed, zs_for_eval, desc=f"eval after {name}")
-            _add_rows(matrices, name, result, trackers)
-            _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
-            log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
-        metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
-        trackers.log_metrics(metrics, len(trained))
-        return run_dir
+            "tokenizer": getattr(encoder, "tokenizer", None)}
 
 
 def resolve_tasks(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -339,17 +353,41 @@ def _restore(cfg: RunConfig, run_dir: Path, model, plugins, matrices, trained, d
     return start
 
 
+class _Pending(logging.Handler):
+    """Holds records until the run folder exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 @contextlib.contextmanager
-def _run_log(run_dir: Path) -> Iterator[None]:
-    handler = logging.FileHandler(run_dir / "log.txt")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    log.addHandler(handler)
+def _run_log() -> Iterator[Callable[[Path], None]]:
+    """Yields `log_into(run_dir)`: from then on (and for what was logged before) the run's log.txt.
+    A CfbenchError raised inside -- the one line the user sees -- goes into log.txt too."""
+    pending, handlers = _Pending(), []
+    log.addHandler(pending)
     log.setLevel(logging.INFO)
+
+    def log_into(run_dir: Path) -> None:
+        handler = logging.FileHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        for record in pending.records:
+            handler.handle(record)
+        log.removeHandler(pending)
+        log.addHandler(handler)
+        handlers.append(handler)
+
     try:
-        yield
-    except CfbenchError as err:  # the one line the user sees goes into the run's log too
-        log.error("error: %s", err)
+        yield log_into
+    except CfbenchError as err:
+        if handlers:
+            log.error("error: %s", err)
         raise
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        for handler in [pending, *handlers]:
+            log.removeHandler(handler)
+            handler.close()

@@ -116,4 +116,8 @@ class Matrix:
         path = Path(path)
         if not path.is_file():
             raise CfbenchError(f"{path}: no such file")
-        return cls.from_csv_text(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CfbenchError(f"{path}: not a UTF-8 text file (a matrix is a CSV file)") from None
+        return cls.from_csv_text(text, source=str(path))

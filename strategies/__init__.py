@@ -28,6 +28,13 @@ class StrategySpec:
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
     notes: str = ""  # shown by `cfbench list strategies`
+    # the plugin class when build is just [plugin(**params)]: its constructor's checks run before a run starts
+    plugin: Optional[type] = None
+
+
+def _plugin_spec(name: str, description: str, plugin: type, defaults: dict, **extra) -> StrategySpec:
+    """A strategy that is one plugin built from its parameters alone."""
+    return StrategySpec(name, description, lambda ctx, **kw: [plugin(**kw)], defaults, plugin=plugin, **extra)
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
@@ -42,20 +49,19 @@ def register_strategy(spec: StrategySpec) -> StrategySpec:
 register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda ctx: []))
 register_strategy(StrategySpec("lpft", "LP-FT: head fitted on frozen-encoder features (LP-init), then FT",
                                lambda ctx: [], head_init="lp"))
-register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
-                               lambda ctx, **kw: [LDIFSPlugin(**kw)],
-                               {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
+register_strategy(_plugin_spec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
+                               LDIFSPlugin, {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
                                 "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0},
                                notes="with train.augment on, the reference runs on every augmented batch "
                                      "(the per-sample cache holds un-augmented inputs and is not used)"))
-register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
-                               lambda ctx, **kw: [L2SPPlugin(**kw)], {"alpha": 0.5, "reference": "previous"}))
-register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
-                               lambda ctx, **kw: [EWC(**kw)], {"ewc_lambda": 100.0, "mode": "separate"}))
-register_strategy(StrategySpec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
-                               lambda ctx, **kw: [LwF(**kw)], {"alpha": 1.0, "temperature": 2.0}))
-register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
-                               lambda ctx, **kw: [WiSEFTPlugin(**kw)], {"beta": 0.5}))
+register_strategy(_plugin_spec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
+                               L2SPPlugin, {"alpha": 0.5, "reference": "previous"}))
+register_strategy(_plugin_spec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
+                               EWC, {"ewc_lambda": 100.0, "mode": "separate"}))
+register_strategy(_plugin_spec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
+                               LwF, {"alpha": 1.0, "temperature": 2.0}))
+register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
+                               WiSEFTPlugin, {"beta": 0.5}))
 
 
 
@@ -160,8 +166,41 @@ def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
         if unknown:
             raise CfbenchError(f"strategy {spec.name}: unknown parameter(s) {sorted(unknown)}; "
                                f"accepted: {sorted(spec.defaults) or 'none'}")
-        resolved[spec.name] = {**spec.defaults, **given}
+        resolved[spec.name] = {**spec.defaults, **{k: _typed(spec, k, v) for k, v in given.items()}}
     return resolved
+
+
+def _typed(spec: StrategySpec, key: str, value: Any) -> Any:
+    """value checked against the type of the parameter's default (int widens to float; a None
+    default takes a string or None)."""
+    default = spec.defaults[key]
+    kind = type(default)
+    if default is None:
+        ok = value is None or isinstance(value, str)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        expected = "a string or null" if default is None else {bool: "true or false", float: "a number",
+                                                               int: "an integer", str: "a string"}.get(kind, kind.__name__)
+        raise CfbenchError(f"strategy_params.{spec.name}.{key} must be {expected}, not {value!r}")
+    return value
+
+
+def check_params(combo: str, overrides: dict[str, dict]) -> None:
+    """Types, names and -- for one-plugin strategies, by building the plugin -- values of the
+    parameters, before anything of a run is written."""
+    for name, params in resolve_params(combo, overrides).items():
+        spec = STRATEGIES[name]
+        if spec.plugin is not None:
+            try:
+                spec.plugin(**params)
+            except (TypeError, ValueError) as err:
+                raise CfbenchError(f"strategy_params.{name}: {err}") from None
 
 
 def needs_text(combo: str) -> bool:
@@ -188,5 +227,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] =
 
 
 __all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "check_params", "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

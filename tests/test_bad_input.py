@@ -1,0 +1,139 @@
+"""Every command, given bad input: exit 2, one `cfbench: error:` line on stderr, no traceback and
+no new file anywhere (the run folders, results/ and the cache stay as they were)."""
+import json
+import os
+
+import pytest
+import yaml
+
+import tasks
+from benchmark.cli import main
+
+TINY = {"tasks": ["digits"], "eval_only": [], "strategies": ["ft"], "model": {"image_size": 32},
+        "train": {"epochs": 1, "max_train_per_class": 4}, "eval": {"probe_max_per_class": 4}}
+
+
+def _yaml(path, data) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _finished_run(folder, **broken):
+    """A hand-made finished run folder (no training); `broken` replaces a file's text."""
+    folder.mkdir(parents=True)
+    (folder / "matrices").mkdir()
+    files = {"config.yaml": yaml.safe_dump({**TINY, "protocol": "demo"}),
+             "progress.json": json.dumps({"completed_tasks": ["digits"], "finished": True}),
+             "metrics.json": json.dumps({"lp": {"avg": 50.0}}),
+             "matrices/lp.csv": "after,digits\npretrained,10.0\ndigits,90.0\n"}
+    for name, text in {**files, **broken}.items():
+        if text is None:
+            continue
+        (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(folder)
+
+
+def _unfinished_run(folder, progress):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({**TINY, "protocol": "demo"}))
+    (folder / "progress.json").write_text(progress)
+    return str(folder)
+
+
+def _cases(tmp):
+    """(id, argv) for every command; files are made here, inside tmp."""
+    (tmp / "a_file").write_text("x")
+    (tmp / "binary.csv").write_bytes(bytes(range(256)))
+    (tmp / "latin1.yaml").write_bytes("tasks: [digits]\nname: caf\xe9\n".encode("latin-1"))
+    (tmp / "list.yaml").write_text("- digits\n- faces\n")
+    (tmp / "broken.yaml").write_text("tasks: [digits\n")
+    tiny = _yaml(tmp / "tiny.yaml", TINY)
+    bad = lambda name, change: _yaml(tmp / f"{name}.yaml", {**TINY, **change})  # noqa: E731
+    return [
+        ("run-missing-config", ["run", str(tmp / "missing.yaml")]),
+        ("run-config-not-utf8", ["run", str(tmp / "latin1.yaml")]),
+        ("run-config-not-mapping", ["run", str(tmp / "list.yaml")]),
+        ("run-config-invalid-yaml", ["run", str(tmp / "broken.yaml")]),
+        ("run-unknown-key", ["run", bad("unknown_key", {"epochs": 3})]),
+        ("run-lr-not-number", ["run", bad("lr", {"train": {"lr": "fast"}})]),
+        ("run-epochs-float", ["run", bad("epochs_float", {"train": {"epochs": 1.5}})]),
+        ("run-strategies-not-list", ["run", bad("strategies", {"strategies": "ft"})]),
+        ("run-seed-string", ["run", bad("seed", {"seed": "zero"})]),
+        ("run-param-type", ["run", bad("param_type", {"strategies": ["ldifs"],
+                                                      "strategy_params": {"ldifs": {"alpha": "big"}}})]),
+        ("run-param-value", ["run", bad("param_value", {"strategies": ["ldifs"],
+                                                        "strategy_params": {"ldifs": {"reference": "bogus"}}})]),
+        ("run-param-unknown", ["run", bad("param_unknown", {"strategy_params": {"ft": {"alpha": 1}}})]),
+        ("run-unknown-strategy", ["run", tiny, "--strategy", "nope"]),
+        ("run-text-strategy-without-text-tower", ["run", tiny, "--strategy", "zscl"]),
+        ("run-unknown-task", ["run", tiny, "--tasks", "digits,unknown"]),
+        ("run-empty-tasks", ["run", tiny, "--tasks", ""]),
+        ("run-task-twice", ["run", tiny, "--tasks", "digits,digits"]),
+        ("run-unknown-sequence", ["run", tiny, "--sequence", "nope"]),
+        ("run-unknown-protocol", ["run", tiny, "--protocol", "nope"]),
+        ("run-epochs-zero", ["run", tiny, "--epochs", "0"]),
+        ("run-epochs-not-int", ["run", tiny, "--epochs", "two"]),
+        ("run-image-size-tiny", ["run", tiny, "--image-size", "3"]),
+        ("run-threads-zero", ["run", tiny, "--threads", "0"]),
+        ("run-bad-device", ["run", tiny, "--device", "tpu"]),
+        ("run-unknown-model", ["run", tiny, "--model", "no-such-model"]),
+        ("run-pretrained-missing-file", ["run", tiny, "--pretrained", str(tmp / "weights.pt")]),
+        ("run-pretrained-bad-tag", ["run", tiny, "--pretrained", "laion9000"]),
+        ("run-out-is-a-file", ["run", tiny, "--out", str(tmp / "a_file")]),
+        ("run-out-under-a-file", ["run", tiny, "--out", str(tmp / "a_file" / "results")]),
+        ("run-cache-dir-is-a-file", ["run", tiny, "--cache-dir", str(tmp / "a_file")]),
+        ("run-missing-data", ["run", tiny, "--tasks", "cifar10", "--data-root", str(tmp / "no-data")]),
+        ("resume-not-a-run", ["run", "--resume", str(tmp)]),
+        ("resume-missing-folder", ["run", "--resume", str(tmp / "nowhere")]),
+        ("resume-corrupt-progress", ["run", "--resume", _unfinished_run(tmp / "corrupt-progress", "{oops")]),
+        ("resume-checkpoint-gone", ["run", "--resume", _unfinished_run(
+            tmp / "gone", json.dumps({"completed_tasks": ["digits"], "finished": False}))]),
+        ("resume-with-ignored-flag", ["run", "--resume", _unfinished_run(
+            tmp / "flags", json.dumps({"completed_tasks": [], "finished": False})), "--epochs", "5"]),
+        ("metrics-missing", ["metrics", str(tmp / "none.csv")]),
+        ("metrics-binary", ["metrics", str(tmp / "binary.csv")]),
+        ("metrics-not-a-matrix", ["metrics", tiny]),
+        ("compare-missing-folder", ["compare", str(tmp / "nowhere")]),
+        ("compare-metrics-not-json", ["compare", _finished_run(tmp / "r1", **{"metrics.json": "nan nan"})]),
+        ("compare-progress-not-json", ["compare", _finished_run(tmp / "r2", **{"progress.json": b"\x00\xff"})]),
+        ("compare-config-missing", ["compare", _finished_run(tmp / "r3", **{"config.yaml": None})]),
+        ("compare-unfinished", ["compare", _finished_run(tmp / "r4", **{"progress.json": '{"finished": false}'})]),
+        ("compare-out-is-a-file", ["compare", _finished_run(tmp / "r5"), "--out", str(tmp / "a_file")]),
+        ("compare-bad-format", ["compare", _finished_run(tmp / "r6"), "--format", "bmp"]),
+        ("plot-not-a-run", ["plot", str(tmp)]),
+        ("plot-corrupt-matrix", ["plot", _finished_run(tmp / "r7", **{"matrices/lp.csv": "after,a\nx,notanumber\n"})]),
+        ("list-unknown", ["list", "everything"]),
+        ("data-check-unknown-task", ["data", "check", "--tasks", "nope"]),
+        ("data-check-bad-image-size", ["data", "check", "--tasks", "digits", "--sizes", "--image-size", "3"]),
+        ("data-download-unknown-task", ["data", "download", "--tasks", "nope"]),
+        ("data-download-no-downloader", ["data", "download", "--tasks", "imagenet", "--data-root", str(tmp)]),
+        ("no-command", []),
+    ]
+
+
+def _tree(*roots) -> set:
+    return {os.path.join(d, f) for root in roots for d, dirs, files in os.walk(root) for f in files + dirs}
+
+
+def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capfd):
+    (tmp_path / "in").mkdir()
+    cases = _cases(tmp_path / "in")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default --out, results/, would appear here
+    cache = os.environ["CFBENCH_CACHE"]
+    before = _tree(tmp_path, cache)
+    failures = []
+    for case, argv in cases:
+        tasks.clear_memory()
+        try:
+            rc = main(argv)
+        except SystemExit as exit_:  # argparse's own exit
+            rc = exit_.code
+        out, err = capfd.readouterr()
+        lines = [line for line in err.splitlines() if line.strip()]
+        ok = rc == 2 and len(lines) == 1 and lines[0].startswith("cfbench: error:") and "Traceback" not in err
+        new = _tree(tmp_path, cache) - before
+        if not ok or new:
+            failures.append(f"{case}: rc={rc} stderr={err.strip()[:300]!r} new files={sorted(new)[:3]}")
+    assert not failures, "\n".join(failures)
