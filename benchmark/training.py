@@ -45,6 +45,12 @@ class FastNaive(Naive):
         self.optimizer.state = defaultdict(dict)
         self.optimizer.param_groups[0]["params"] = [p for p in self.model.parameters() if p.requires_grad]
 
+    @property
+    def mb_sample_index(self) -> torch.Tensor:
+        """Each minibatch sample's position in the experience's dataset (TensorBatches yields it);
+        LDIFS keys its per-sample reference cache by it."""
+        return self.mbatch[2]
+
     def _unpack_minibatch(self):
         super()._unpack_minibatch()
         if self.train_augment is not None and self.is_training:

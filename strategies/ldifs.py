@@ -4,10 +4,12 @@ Loss = CE + alpha * LDIFS. Slices come from `encoder.slice_modules()` (ViT: ln_p
 residual stream after blocks D/4, D/2, 3D/4, D; CNN: stem and each stage). The official code
 normalizes (N, L, C) slices along dim 1, the token axis; `normalize="channel"` uses C instead.
 
-Without random augmentation inputs are deterministic, so when batches carry sample indices
-(cfbench's datasets yield (x, y, index, task)) the reference encoder's normalized slices are
-computed once per task in one no-grad pass and looked up every step, instead of running the
-frozen encoder on every batch of every epoch. With augmentation (`strategy.train_augment`) the
+Without random augmentation inputs are deterministic, so when the strategy names each
+minibatch sample's position in the experience's dataset (`strategy.mb_sample_index`, which
+cfbench's FastNaive provides; never guessed from a batch field's position) the reference
+encoder's normalized slices are computed once per task in one no-grad pass and looked up every
+step. Any other strategy (stock Avalanche's Naive, whatever its dataset's fields) gets the
+reference on the fly, on every batch. With augmentation (`strategy.train_augment`) the
 reference runs on each augmented batch, as the official code does: a cached un-augmented
 reference would pull the features of a crop towards those of the whole image.
 """
@@ -17,10 +19,11 @@ import contextlib
 import copy
 import logging
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -121,6 +124,11 @@ def capture_slices(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
             h.remove()
 
 
+def _task_labels(sample: tuple, n: int) -> Optional[torch.Tensor]:
+    """The task label of an Avalanche sample (its last field) as a batch of n, if it has one."""
+    return torch.full((n,), int(sample[-1])) if len(sample) > 2 else None
+
+
 class _SlicesComplete(Exception):
     """Raised by the last slice's hook: the rest of the reference forward is not needed."""
 
@@ -132,10 +140,13 @@ def _stop_forward(_module, _inputs, _output):
 class LDIFSPlugin(SupervisedPlugin):
     """Adds alpha * LDIFS(f_theta(x), f_ref(x)) on each training batch to `strategy.loss`.
 
-    The model must expose `.encoder`, a FoundationModel (slice_modules, slice_layout).
+    Which features: by default the model's `.encoder`, a FoundationModel (`slice_modules()`,
+    `slice_layout`); for any other Avalanche model pass `slice_modules` (names of its submodules,
+    as in `model.named_modules()`) and `layout` ("nchw" or "nlc"): the reference is then a frozen
+    copy of the whole model. Checked when training starts, with a message saying what is missing.
     reference: "previous" = the encoder as it was before the current task (official code's
     choice in sequences), "pretrained" = the encoder before the first task.
-    cache: reuse per-sample reference slices (needs sample indices in the batch), in RAM within
+    cache: reuse per-sample reference slices (needs `strategy.mb_sample_index`), in RAM within
     cache_budget_mb (cache_dtype auto: float32, else float16), else memory-mapped float16 within
     cache_disk_mb; beyond both the reference runs on every batch (under the encoder's autocast).
     """
@@ -144,7 +155,8 @@ class LDIFSPlugin(SupervisedPlugin):
 
     def __init__(self, alpha: float = 10.0, reference: str = "previous", normalize: str = "official",
                  cache: bool = True, cache_budget_mb: float = 4096.0, cache_dtype: str = "auto",
-                 cache_disk_mb: float = 32768.0):
+                 cache_disk_mb: float = 32768.0, slice_modules: Optional[Sequence[str]] = None,
+                 layout: Optional[str] = None):
         super().__init__()
         if reference not in ("previous", "pretrained"):
             raise ValueError(f"reference must be previous or pretrained, not {reference!r}")
@@ -152,9 +164,13 @@ class LDIFSPlugin(SupervisedPlugin):
             raise ValueError(f"normalize must be official or channel, not {normalize!r}")
         if cache_dtype not in slice_store.DTYPES:
             raise ValueError(f"cache_dtype must be one of {', '.join(slice_store.DTYPES)}, not {cache_dtype!r}")
+        if slice_modules is not None and (not slice_modules or layout not in ("nchw", "nlc")):
+            raise ValueError("slice_modules needs at least one module name and layout 'nchw' or 'nlc'")
         self.alpha, self.reference, self.normalize = float(alpha), reference, normalize
         self.cache, self.cache_budget_mb, self.cache_dtype = cache, float(cache_budget_mb), cache_dtype
         self.cache_disk_mb = float(cache_disk_mb)
+        self.slice_names = list(slice_modules) if slice_modules is not None else None
+        self.layout = layout
         self.reference_encoder: Optional[nn.Module] = None
         self.last_penalty: Optional[torch.Tensor] = None
         self.reference_forwards = 0  # frozen-encoder calls made inside training steps
@@ -165,8 +181,38 @@ class LDIFSPlugin(SupervisedPlugin):
         self._capturing = False
         self._handles: list = []
 
+    # -- which network and which of its modules ---------------------------------------------------
+
+    def _feature_net(self, model: nn.Module) -> nn.Module:
+        return model if self.slice_names is not None else model.encoder
+
+    def _slices_of(self, net: nn.Module) -> list[nn.Module]:
+        if self.slice_names is not None:
+            return [net.get_submodule(name) for name in self.slice_names]
+        return net.slice_modules()
+
+    def _layout(self, model: nn.Module) -> str:
+        return self.layout if self.slice_names is not None else model.encoder.slice_layout
+
+    def before_training(self, strategy, **kwargs):
+        """The model interface, checked before the first step: what is missing, and the alternative."""
+        model = strategy.model
+        if self.slice_names is None:
+            encoder = getattr(model, "encoder", None)
+            if encoder is None or not callable(getattr(encoder, "slice_modules", None)) \
+                    or getattr(encoder, "slice_layout", None) not in ("nchw", "nlc"):
+                raise TypeError(f"LDIFSPlugin needs model.encoder with slice_modules() and slice_layout "
+                                f"(a cfbench FoundationModel); {type(model).__name__} has none. For another "
+                                "model pass slice_modules=[submodule names] and layout='nchw' or 'nlc'")
+            return
+        known = dict(model.named_modules())
+        missing = [name for name in self.slice_names if name not in known]
+        if missing:
+            raise TypeError(f"LDIFSPlugin: {type(model).__name__} has no submodule(s) {missing}; "
+                            f"some it has: {[n for n in known if n][:8]}")
+
     def before_training_exp(self, strategy, **kwargs):
-        encoder = strategy.model.encoder
+        encoder = self._feature_net(strategy.model)
         if self.reference == "previous" or self.reference_encoder is None:
             self.reference_encoder = copy.deepcopy(encoder).eval().requires_grad_(False)
         start = time.perf_counter()
@@ -175,17 +221,20 @@ class LDIFSPlugin(SupervisedPlugin):
             log.info("LDIFS: training batches are augmented, so the reference runs on every batch (no cache)")
         self._cached, self._cached_sq = self._build_cache(strategy) if self.cache and not augmenting else (None, None)
         self.cache_seconds += time.perf_counter() - start
-        self._handles = [m.register_forward_hook(self._hook) for m in encoder.slice_modules()]
+        self._handles = [m.register_forward_hook(self._hook) for m in self._slices_of(encoder)]
 
     @torch.no_grad()
-    def _reference_slices(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _reference_slices(self, x: torch.Tensor, task_labels: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         """The frozen encoder's slices; its forward stops at the last slice (what follows -- head
         convolution, pooling, projection -- is never used)."""
-        modules = self.reference_encoder.slice_modules()
+        modules = self._slices_of(self.reference_encoder)
         with capture_slices(modules) as slices:
             stop = modules[-1].register_forward_hook(_stop_forward)
             try:
-                self.reference_encoder(x)
+                if self.slice_names is None:
+                    self.reference_encoder(x)
+                else:  # a whole Avalanche model: multi-task models take the task labels
+                    avalanche_forward(self.reference_encoder, x, task_labels)
             except _SlicesComplete:
                 pass
             finally:
@@ -193,23 +242,29 @@ class LDIFSPlugin(SupervisedPlugin):
         return slices
 
     def _build_cache(self, strategy) -> tuple[Optional[list[torch.Tensor]], Optional[list[torch.Tensor]]]:
+        """Normalized reference slices of every sample of the experience, stored at the sample's
+        position in its dataset: the key `strategy.mb_sample_index` gives at each step."""
         dataset = strategy.experience.dataset
-        if len(dataset) == 0 or len(dataset[0]) < 4:
-            return None, None  # batches carry no sample index: compute on the fly
-        layout = strategy.model.encoder.slice_layout
-        x0 = dataset[0][0].unsqueeze(0).to(strategy.device)
-        probe = self._reference_slices(x0)
+        if len(dataset) == 0 or not isinstance(getattr(type(strategy), "mb_sample_index", None), property):
+            return None, None  # the strategy names no sample positions: the reference runs on the fly
+        layout = self._layout(strategy.model)
+        first = dataset[0]
+        probe = self._reference_slices(first[0].unsqueeze(0).to(strategy.device), _task_labels(first, 1))
         cache = slice_store.allocate(len(dataset), probe, self.cache_dtype, self.cache_budget_mb, self.cache_disk_mb)
         if cache is None:
             return None, None
         shapes = [s.shape[1:] for s in probe]
         sq = [torch.empty((len(dataset), *self._sq_shape(s, layout)), dtype=torch.float32) for s in shapes]
-        # a private generator: building the cache must not shift the training shuffle's RNG
+        # in dataset order, so positions are the keys; a private generator leaves the training shuffle's RNG alone
         loader = DataLoader(dataset, batch_size=max(256, strategy.train_mb_size), shuffle=False,
                             generator=torch.Generator())
+        start = 0
         for batch in loader:
-            x, index = batch[0].to(strategy.device), batch[2]
-            for store, store_sq, ref in zip(cache, sq, self._reference_slices(x)):
+            x = batch[0].to(strategy.device)
+            index = torch.arange(start, start + len(x))
+            start += len(x)
+            task_labels = batch[-1].to(strategy.device) if len(batch) > 2 else None
+            for store, store_sq, ref in zip(cache, sq, self._reference_slices(x, task_labels)):
                 stored = normalize_slice(ref, layout, self.normalize).to("cpu", store.dtype)
                 store[index] = stored
                 store_sq[index] = squared_norms(stored, layout, self.normalize)  # of what steps will read
@@ -231,9 +286,9 @@ class LDIFSPlugin(SupervisedPlugin):
         self._capturing = False
 
     def before_backward(self, strategy, **kwargs):
-        layout = strategy.model.encoder.slice_layout
-        if self._cached is not None and len(strategy.mbatch) >= 4:
-            index = strategy.mbatch[2].cpu()
+        layout = self._layout(strategy.model)
+        if self._cached is not None:
+            index = strategy.mb_sample_index.cpu()
             device = self._captured[0].device
             reference = [c[index].to(device, non_blocking=True) for c in self._cached]
             sq = [c[index].to(device, non_blocking=True) for c in self._cached_sq]
@@ -241,7 +296,8 @@ class LDIFSPlugin(SupervisedPlugin):
                                      reference_sq_norms=sq)
         else:
             self.reference_forwards += 1
-            penalty = ldifs_distance(self._captured, self._reference_slices(strategy.mb_x), layout, self.normalize)
+            reference = self._reference_slices(strategy.mb_x, getattr(strategy, "mb_task_id", None))
+            penalty = ldifs_distance(self._captured, reference, layout, self.normalize)
         self.last_penalty = penalty.detach()
         strategy.loss += self.alpha * penalty
         self._captured = []
