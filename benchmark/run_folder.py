@@ -55,6 +55,8 @@ def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
+        for tmp in run_dir.rglob(".*.tmp"):  # atomic writes of a killed holder; the lock says none is live
+            tmp.unlink(missing_ok=True)
         if not resume:
             atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False})
         else:  # this attempt starts clean: the last one's error line goes

@@ -106,19 +106,6 @@ def test_plot_redraws_from_csvs(finished, tmp_path):
     assert (run / "heatmap_lp.png").is_file() and (run / "heatmap_delta_lp.png").is_file()
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(strategies=["ldifs"])
-    full = run_strategy(cfg, "ldifs", tmp_path / "full")
-    part = run_strategy(cfg, "ldifs", tmp_path / "part", stop_after=1)
-    progress = json.loads((part / "progress.json").read_text())
-    assert progress == {"completed_tasks": ["digits"], "finished": False}
-    assert not (part / "metrics.json").exists()  # nothing that looks complete
-    assert main(["run", "--resume", str(part)]) == 0
-    for kind in ("lp", "head", "lp_ece"):
-        assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text()
-    assert json.loads((part / "metrics.json").read_text()) == json.loads((full / "metrics.json").read_text())
-
-
 def test_the_installed_entry_point_gives_one_line_and_exit_2(tmp_path):
     """The real process (tests/test_bad_input.py covers every command in-process)."""
     proc = subprocess.run([sys.executable, "-m", "benchmark", "run", "--strategy", "nope", "--out", str(tmp_path)],
