@@ -3,7 +3,6 @@ no new file anywhere (the run folders, results/ and the cache stay as they were)
 import json
 import os
 
-import pytest
 import yaml
 
 import tasks
