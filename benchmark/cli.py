@@ -290,7 +290,23 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def cmd_perf(args) -> int:
+    from .config import ModelConfig
+    from .models import check_model
+
+    check_model(ModelConfig(name=args.model, pretrained="package" if args.model == "efficientnet_lite0" else None))
+    if args.zscl and args.model == "efficientnet_lite0":
+        raise CfbenchError("perf --zscl needs an open_clip --model (ZSCL trains a text tower)")
     from .perf import run_perf
     from .runner import select_device, set_threads
 
@@ -379,17 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md)")
     pf.add_argument("--model", default="efficientnet_lite0",
                     help="efficientnet_lite0 (packaged weights) or an open_clip name (random weights)")
-    pf.add_argument("--repeats", type=int, default=3, help="rounds of alternated variants (median)")
-    pf.add_argument("--samples", type=int, default=640, help="training samples per epoch")
-    pf.add_argument("--batch-size", type=int, default=64)
-    pf.add_argument("--epochs", type=int, default=3, help="epochs per timed task (the LDIFS cache amortizes)")
+    pf.add_argument("--repeats", type=_positive_int, default=3, help="rounds of alternated variants (median)")
+    pf.add_argument("--samples", type=_positive_int, default=640, help="training samples per epoch")
+    pf.add_argument("--batch-size", type=_positive_int, default=64)
+    pf.add_argument("--epochs", type=_positive_int, default=3, help="epochs per timed task (the LDIFS cache amortizes)")
     pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round and probe comparisons")
     pf.add_argument("--augment", action="store_true", help="compare FT and LDIFS on RandomResizedCrop batches "
                     "(the ldifs protocol: LDIFS's reference runs on every batch) instead of the cache variants")
     pf.add_argument("--zscl", action="store_true", help="compare ZSCL with FT, both training text heads (the "
                     "zscl-mtil protocol's training); needs an open_clip --model")
     pf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    pf.add_argument("--threads", type=int, help="torch threads (default: every core)")
+    pf.add_argument("--threads", type=_positive_int, help="torch threads (default: every core)")
     pf.set_defaults(func=cmd_perf)
     return p
 

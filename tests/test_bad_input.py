@@ -106,6 +106,10 @@ def _cases(tmp):
         ("data-check-bad-image-size", ["data", "check", "--tasks", "digits", "--sizes", "--image-size", "3"]),
         ("data-download-unknown-task", ["data", "download", "--tasks", "nope"]),
         ("data-download-no-downloader", ["data", "download", "--tasks", "imagenet", "--data-root", str(tmp)]),
+        ("perf-repeats-zero", ["perf", "--repeats", "0"]),
+        ("perf-batch-size-zero", ["perf", "--batch-size", "0"]),
+        ("perf-unknown-model", ["perf", "--model", "nope"]),
+        ("perf-zscl-without-text-tower", ["perf", "--zscl"]),
         ("no-command", []),
     ]
 
