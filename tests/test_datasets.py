@@ -181,6 +181,8 @@ def test_corrupt_image_names_the_file_and_leaves_no_trusted_cache(data_root, tmp
                  "--out", str(tmp_path / "out"), "--epochs", "1", "--image-size", "32"]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if "Error" in l or "error" in l]
     assert len(err) == 1 and str(bad) in err[0]
+    (run,) = (tmp_path / "out").glob("*/ft-s0")  # the line is in the run's log and progress too
+    assert str(bad) in (run / "log.txt").read_text() and str(bad) in (run / "progress.json").read_text()
 
 
 MTIL_EXTRA = ("aircraft", "caltech101", "flowers", "food101", "pets", "sun397")
