@@ -1,4 +1,4 @@
-"""`cfbench` command line: run, list, data check, metrics, compare, plot."""
+"""`cfbench` command line: run, sweep, list, data check, metrics, compare, plot."""
 from __future__ import annotations
 
 import argparse
@@ -316,6 +316,20 @@ def cmd_perf(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    """A grid of runs over Ray (benchmark/sweep.py); Ctrl-C leaves every run resumable."""
+    from .sweep import run_sweep
+
+    if args.max_parallel is not None and args.max_parallel < 1:
+        raise CfbenchError(f"--max-parallel must be at least 1, not {args.max_parallel}")
+    try:
+        return run_sweep(args.sweep_file, args.ray, args.max_parallel, args.dry_run, args.out)
+    except KeyboardInterrupt:
+        print("cfbench: sweep interrupted; finished tasks are checkpointed, run the same command again to "
+              "continue", file=sys.stderr)
+        return 130
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's usage errors as the suite's one line (exit 2), pointing at --help."""
 
@@ -392,6 +406,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--format", choices=("png", "pdf", "svg"), default="png",
                     help="also write the figures in this format (PNG is always written)")
     pl.set_defaults(func=cmd_plot)
+    sw = sub.add_parser("sweep", help="a grid of runs (strategies x seeds x sequences x models x settings) over "
+                        "Ray, retried from checkpoints, seeds aggregated (see README \"Sweeps\")")
+    sw.add_argument("sweep_file", help="sweep YAML: base config + axes (benchmark/sweeps/example.yaml)")
+    sw.add_argument("--ray", default="local", metavar="local|auto|ADDRESS",
+                    help="local: an embedded Ray on this machine (default); auto: the running cluster "
+                    "(`ray start --head`); or a cluster address")
+    sw.add_argument("--max-parallel", type=int, help="runs at a time (default: the sweep file's, else one per "
+                    "GPU, or one per node without GPUs)")
+    sw.add_argument("--out", help="parent of the sweep folder <out>/<name>/ (default: the base config's out)")
+    sw.add_argument("--dry-run", action="store_true", help="list the expanded runs and exit; nothing is written")
+    sw.set_defaults(func=cmd_sweep)
     pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md)")
     pf.add_argument("--model", default="efficientnet_lite0",
                     help="efficientnet_lite0 (packaged weights) or an open_clip name (random weights)")

@@ -114,13 +114,12 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     trackers.log_metrics(metrics, len(trained))
 
 
-def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> dict:
-    """What strategy builders may read (strategies.StrategySpec.build's context)."""
-    return {"data_root": cfg.data_root, "cache_dir": cfg.cache_dir, "cache_format": cfg.cache_format,
-            "image_size": encoder.image_size, "seed": cfg.seed, "tasks": trained,
-            "template_of": lambda n: task_templates(n, cfg.eval.templates)[0],
-            "classes_of": lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
-            "tokenizer": getattr(encoder, "tokenizer", None)}
+def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:
+    return strategies.BuildContext(
+        image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
+        cache_format=cfg.cache_format, tasks=trained, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
+        classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
+        tokenizer=getattr(encoder, "tokenizer", None))
 
 
 def resolve_tasks(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:

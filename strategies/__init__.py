@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from benchmark.errors import CfbenchError
 
+from .context import BuildContext
 from .ewc import EWC
 from .l2sp import L2SPPlugin
 from .ldifs import LDIFSPlugin, ldifs_distance
@@ -19,7 +20,7 @@ from .zscl import ZSCLPlugin
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """build(context, **params) -> plugins; context: {"data_root", "image_size", "seed"}."""
+    """build(context: BuildContext, **params) -> plugins (strategies/context.py says what a context holds)."""
 
     name: str
     description: str
@@ -65,25 +66,25 @@ register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: 
 
 
 
-def _reference_images(ctx: dict, task: str):
+def _reference_images(ctx: BuildContext, task: str):
     """A task's train split as the reference image set (the cached, un-augmented images)."""
     from tasks import load_split
 
-    return load_split(task, "train", ctx["image_size"], ctx.get("data_root"), seed=ctx.get("seed", 0),
-                      cache_dir=ctx.get("cache_dir"), cache_format=ctx.get("cache_format", "raw")).x
+    return load_split(task, "train", ctx.image_size, ctx.data_root, seed=ctx.seed, cache_dir=ctx.cache_dir,
+                      cache_format=ctx.cache_format).x
 
 
-def _class_prompts(ctx: dict, task: str) -> list[str]:
+def _class_prompts(ctx: BuildContext, task: str) -> list[str]:
     """One prompt per class: the first template over the class names the run uses (the runner's
     `template_of` / `classes_of`; without them the task's defaults)."""
     from tasks import get_task, task_classes
 
-    template = ctx["template_of"](task) if "template_of" in ctx else get_task(task).templates[0]
-    classes = ctx["classes_of"](task) if "classes_of" in ctx else task_classes(task, ctx.get("data_root"))
+    template = ctx.template_of(task) if ctx.template_of else get_task(task).templates[0]
+    classes = ctx.classes_of(task) if ctx.classes_of else task_classes(task, ctx.data_root)
     return [template.format(c) for c in classes]
 
 
-def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], **kw) -> list:
+def _build_zscl(ctx: BuildContext, reference_task: str, reference_texts: Optional[str], **kw) -> list:
     """Reference images: the task's train split (not augmented); reference texts: a captions file
     (one per line, e.g. Conceptual Captions' validation captions as in the official code) or,
     without one, the reference task's class prompts (announced in the log)."""
@@ -94,10 +95,10 @@ def _build_zscl(ctx: dict, reference_task: str, reference_texts: Optional[str], 
         log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
                  len(texts), reference_task)
     return [ZSCLPlugin(reference_images=_reference_images(ctx, reference_task), reference_texts=texts,
-                       seed=ctx.get("seed", 0), **kw)]
+                       seed=ctx.seed, **kw)]
 
 
-def _build_lwf_clip(ctx: dict, random_texts: bool = False, **kw) -> list:
+def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list:
     """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
     task's images (not augmented) and class prompts (templates[0] per class); LwF-VR: random token
     sequences instead of the prompts (ZSCL's --ref-sentences random), drawn anew for each task."""
@@ -108,14 +109,14 @@ def _build_lwf_clip(ctx: dict, random_texts: bool = False, **kw) -> list:
     generator = torch.Generator()
 
     def reference_for(t: int):
-        name = ctx["tasks"][t]
+        name = ctx.tasks[t]
         if random_texts:
-            generator.manual_seed(ctx.get("seed", 0) * 1000 + t)
-            return _reference_images(ctx, name), virtual_vocab(ctx["tokenizer"], generator)
+            generator.manual_seed(ctx.seed * 1000 + t)
+            return _reference_images(ctx, name), virtual_vocab(ctx.tokenizer, generator)
         return _reference_images(ctx, name), _class_prompts(ctx, name)
 
     return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
-                       seed=ctx.get("seed", 0), **kw)]
+                       seed=ctx.seed, **kw)]
 
 
 def read_captions(path: str) -> list[str]:
@@ -216,16 +217,16 @@ def head_init(combo: str, default: str) -> str:
     return forced.pop() if forced else default
 
 
-def build_plugins(combo: str, params: dict[str, dict], context: Optional[dict] = None) -> list:
+def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildContext] = None) -> list:
     plugins = []
     for spec in parse_strategy(combo):
         try:
-            plugins += spec.build(context or {}, **params.get(spec.name, {}))
+            plugins += spec.build(context or BuildContext(), **params.get(spec.name, {}))
         except (TypeError, ValueError) as err:
             raise CfbenchError(f"strategy {spec.name}: {err}") from None
     return plugins
 
 
-__all__ = ["STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
+__all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
            "check_params", "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

@@ -245,17 +245,17 @@ def test_zscl_class_names_where_they_differ(tmp_path):
 
 def test_zscl_reference_texts_from_a_captions_file(tmp_path):
     from benchmark.errors import CfbenchError
-    from strategies import build_plugins, resolve_params
+    from strategies import BuildContext, build_plugins, resolve_params
 
     captions = tmp_path / "cc_val.txt"
     captions.write_text("a dog on a beach\n\n  two people riding bikes  \n")
     params = resolve_params("zscl", {"zscl": {"reference_texts": str(captions), "reference_task": "digits"}})
-    (plugin,) = build_plugins("zscl", params, {"image_size": 16, "seed": 0})
+    (plugin,) = build_plugins("zscl", params, BuildContext(image_size=16))
     assert plugin.reference_texts == ["a dog on a beach", "two people riding bikes"]
     assert len(plugin.reference_images) == len(tasks.load_split("digits", "train", 16))
     captions.write_text("\n \n")
     with pytest.raises(CfbenchError, match="no captions in it"):
-        build_plugins("zscl", params, {"image_size": 16, "seed": 0})
+        build_plugins("zscl", params, BuildContext(image_size=16))
 
 
 def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpoint, tmp_path):
@@ -289,7 +289,7 @@ def official_virtual_vocab(encoder_vocab, length=10, n_class=1000):
 def test_lwf_vr_reference_texts_are_zscls_random_vocabulary():
     import open_clip
 
-    from strategies import build_plugins, resolve_params
+    from strategies import BuildContext, build_plugins, resolve_params
     from strategies.zscl import virtual_vocab
 
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
@@ -298,8 +298,8 @@ def test_lwf_vr_reference_texts_are_zscls_random_vocabulary():
     torch.manual_seed(3)  # the official draws from the global RNG; the same draws from a seeded generator
     assert torch.equal(ours, official_virtual_vocab(tokenizer.encoder))
     assert ours.shape == (1000, 77) and ours.dtype == torch.long
-    ctx = {"image_size": 16, "seed": 0, "tasks": ("digits", "faces"), "tokenizer": tokenizer,
-           "template_of": lambda n: "{}", "classes_of": lambda n: ("a", "b")}
+    ctx = BuildContext(image_size=16, tasks=("digits", "faces"), tokenizer=tokenizer, template_of=lambda n: "{}",
+                       classes_of=lambda n: ("a", "b"))
     (plugin,) = build_plugins("lwf-vr", resolve_params("lwf-vr", {}), ctx)
     images0, tokens0 = plugin.reference_for(0)
     _, tokens1 = plugin.reference_for(1)
