@@ -32,6 +32,24 @@ def new_invocation_folder(out: Path, label: str) -> Path:
 
 
 @contextlib.contextmanager
+def exclusive_lock(folder: Path, holder: str) -> Iterator[None]:
+    """folder/.lock held by this process (its pid inside) for the block; a second holder is refused
+    in one line naming the first one's pid."""
+    with open(folder / LOCK, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise CfbenchError(f"{folder}: in use by another {holder} (pid {lock.read().strip() or '?'}); wait "
+                               "for it to finish or stop it first") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+@contextlib.contextmanager
 def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
     """The run folder for this process alone while the block runs. A fresh run needs a new or
     empty folder and starts progress.json at once; any error is recorded in progress.json."""
@@ -43,18 +61,7 @@ def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
         if any(run_dir.iterdir()):
             raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose "
                                "another folder")
-    with open(run_dir / LOCK, "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            raise CfbenchError(f"{run_dir}: in use by another cfbench process (pid {holder}); wait for it to "
-                               "finish or stop it first") from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
+    with exclusive_lock(run_dir, "cfbench process"):
         for tmp in run_dir.rglob(".*.tmp"):  # atomic writes of a killed holder; the lock says none is live
             tmp.unlink(missing_ok=True)
         if not resume:
