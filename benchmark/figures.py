@@ -34,6 +34,8 @@ class RunGroup:
     seeds: list[int] = field(default_factory=list)
     matrices: list[dict[str, Matrix]] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
+    name: str = ""              # a file-name-safe name: the first run's name without its -s<seed>
+    strategy: str = ""
 
     @property
     def n(self) -> int:
@@ -57,27 +59,46 @@ class RunGroup:
         return np.stack([m.array() for m in found])
 
 
+# the seed, and the settings that describe the machine rather than the experiment (as --resume)
+NOT_GROUPED = ("seed", "out", "threads", "device", "data_root", "cache_dir")
+
+
 def group_key(cfg: dict) -> str:
     import json
 
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "out")}, sort_keys=True, default=str)
+    return json.dumps({k: v for k, v in cfg.items() if k not in NOT_GROUPED}, sort_keys=True, default=str)
+
+
+def _seedless(run: str, seed) -> str:
+    suffix = f"-s{seed}"
+    return run[:-len(suffix)] if run.endswith(suffix) and len(run) > len(suffix) else run
 
 
 def group_runs(runs: Sequence[tuple[str, dict, dict, dict[str, Matrix]]]) -> list[RunGroup]:
-    """(run name, config, metrics, matrices) -> groups in first-seen order, labelled by strategy
-    (plus the first run's name where two groups share a strategy)."""
+    """(run name, config, metrics, matrices) -> groups in first-seen order, labelled by strategy;
+    where two groups share a strategy, by their name (the first run's name without -s<seed>, as a
+    sweep's ldifs-alpha10), else the strategy plus the first run's name."""
     groups: dict[str, RunGroup] = {}
     for name, cfg, metrics, matrices in runs:
-        g = groups.setdefault(group_key(cfg), RunGroup(cfg["strategies"][0]))
+        g = groups.setdefault(group_key(cfg), RunGroup(cfg["strategies"][0], strategy=cfg["strategies"][0]))
         g.runs.append(name)
         g.seeds.append(cfg.get("seed", 0))
         g.matrices.append(matrices)
         g.metrics.append(metrics)
     out = list(groups.values())
+    names: list[str] = []
+    for g in out:
+        name = _seedless(g.runs[0], g.seeds[0])
+        name = name if name not in names else g.runs[0]
+        k = 2
+        while name in names:
+            name, k = f"{_seedless(g.runs[0], g.seeds[0])}-{k}", k + 1
+        g.name = name
+        names.append(name)
     labels = [g.label for g in out]
     for g in out:
-        if labels.count(g.label) > 1:
-            g.label = f"{g.label} ({g.runs[0]})"
+        if labels.count(g.label) > 1:  # e.g. a sweep's ldifs-alpha1 and ldifs-alpha10
+            g.label = g.name if g.name == _seedless(g.runs[0], g.seeds[0]) else f"{g.label} ({g.runs[0]})"
     return out
 
 

@@ -114,11 +114,92 @@ def _is_mtil(cfg: dict) -> bool:
     return cfg.get("protocol") == "zscl-mtil" or str(cfg.get("sequence", "")).startswith("mtil")
 
 
-def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: bool = False) -> str:
+KIND_ORDER = ("lp", "head", "zs", "lp_ece", "zs_ece")
+
+
+def group_stat(values) -> tuple[Optional[float], Optional[float], int]:
+    """(mean, sample std (ddof=1), n) over the known values; std None for n = 1, all None for n = 0."""
+    known = [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+             and not np.isnan(v)]
+    if not known:
+        return None, None, 0
+    return float(np.mean(known)), (float(np.std(known, ddof=1)) if len(known) > 1 else None), len(known)
+
+
+def _metric_keys(groups) -> list[tuple[str, str]]:
+    """Every numeric (kind, metric) of the runs' metrics.json, matrix kinds and metrics in a fixed order."""
+    from .metrics import METRIC_KEYS
+
+    found = {(kind, key) for g in groups for m in g.metrics for kind, values in m.items() if isinstance(values, dict)
+             for key, v in values.items() if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))}
+    rank = lambda kind, key: (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), kind,  # noqa: E731
+                              METRIC_KEYS.index(key) if key in METRIC_KEYS else len(METRIC_KEYS), key)
+    return sorted(found, key=lambda k: rank(*k))
+
+
+def group_tables(groups) -> tuple[str, str]:
+    """(Markdown, CSV) of the runs grouped over seeds: per group its n runs and seeds; Markdown:
+    the comparison's columns as mean ± sample std (std blank for n = 1); CSV: every metric of
+    metrics.json as mean, std and n."""
+    def fmt(mean, std) -> str:
+        return "n/a" if mean is None else (f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}")
+
+    header = ["group", "strategy", "n", "seeds", *(label for _, _, label in COMPARE_COLUMNS)]
+    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = _metric_keys(groups)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["group", "strategy", "n", "seeds", "runs",
+                     *(f"{kind}.{key} {what}" for kind, key in keys for what in ("mean", "std", "n"))])
+    for g in groups:
+        cells = [fmt(*group_stat([m.get(kind, {}).get(key) for m in g.metrics])[:2])
+                 for kind, key, _ in COMPARE_COLUMNS]
+        md.append("| " + " | ".join([g.name, g.strategy, str(g.n), ", ".join(map(str, g.seeds)), *cells]) + " |")
+        row = [g.name, g.strategy, g.n, " ".join(map(str, g.seeds)), " ".join(g.runs)]
+        for kind, key in keys:
+            mean, std, n = group_stat([m.get(kind, {}).get(key) for m in g.metrics])
+            row += ["" if mean is None else mean, "" if std is None else std, n]
+        writer.writerow(row)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
+    """For each group of n >= 2 runs: groups/<group>/mean_<kind>.csv, std_<kind>.csv (sample std)
+    and heatmap_mean_<kind>.<fmt>, every matrix kind the group's runs share."""
+    import warnings
+
+    from .plots import TITLES, heatmap
+
+    written = []
+    for g in groups:
+        if g.n < 2:
+            continue
+        kinds = sorted({k for m in g.matrices for k in m},
+                       key=lambda k: (KIND_ORDER.index(k) if k in KIND_ORDER else len(KIND_ORDER), k))
+        for kind in kinds:
+            stack = g.stack(kind)
+            if stack is None:
+                continue
+            first = g.matrices[0][kind]
+            with warnings.catch_warnings():  # cells blank in every run (head matrices)
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(stack, axis=0), np.nanstd(stack, axis=0, ddof=1)
+            folder = out_dir / "groups" / g.name
+            Matrix(first.rows, first.columns, mean.tolist()).save(folder / f"mean_{kind}.csv")
+            Matrix(first.rows, first.columns, std.tolist()).save(folder / f"std_{kind}.csv")
+            written.append(heatmap(Matrix(first.rows, first.columns, mean.tolist()), folder / f"heatmap_mean_{kind}",
+                                   f"{TITLES.get(kind, kind)}, mean of {g.n} seeds: {g.name}", fmt))
+    return written
+
+
+def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: bool = False,
+                 groups: Optional[bool] = None) -> str:
     """Writes comparison.md, comparison.csv, the figures comparison.<fmt> (forgetting on the
     never-trained datasets | accuracy) and curves_<kind>.<fmt> (accuracy after each task), with
     `latex` comparison.tex (and, for MTIL runs with zero-shot matrices, table3.md in ZSCL's
-    layout); returns the Markdown printed (and the LaTeX)."""
+    layout); when runs differ only in their seed (or `groups`), comparison_groups.md/.csv (mean,
+    sample std, n) and each group's mean matrices and heatmaps under groups/; returns the
+    Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
     header = ["run", "strategy", *(label for _, _, label in COMPARE_COLUMNS)]
@@ -142,10 +223,16 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     writer.writerows([[("" if v is None else v) for v in row] for row in rows])
     atomic_write_text(out_dir / "comparison.md", table)
     atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
-    groups = group_runs(runs)
-    comparison_figure(groups, out_dir / "comparison", fmt)
+    run_groups = group_runs(runs)
+    comparison_figure(run_groups, out_dir / "comparison", fmt)
     for kind in ("lp", "zs"):
-        curves_figure(groups, kind, out_dir / f"curves_{kind}", fmt)
+        curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt)
+    if groups or (groups is None and any(g.n > 1 for g in run_groups)):
+        grouped_md, grouped_csv = group_tables(run_groups)
+        atomic_write_text(out_dir / "comparison_groups.md", grouped_md)
+        atomic_write_text(out_dir / "comparison_groups.csv", grouped_csv)
+        write_group_matrices(run_groups, out_dir, fmt)
+        table += "\nGrouped over seeds (comparison_groups.md; mean ± sample std, n runs):\n\n" + grouped_md
     if latex:
         tex = latex_table(header, rows)
         atomic_write_text(out_dir / "comparison.tex", tex)
