@@ -266,7 +266,6 @@ def cmd_metrics(args) -> int:
 
 def cmd_compare(args) -> int:
     from .report import compare_runs
-
     from .validate import check_writable_folder
 
     dirs = [Path(d) for d in args.run_dirs]
@@ -274,8 +273,10 @@ def cmd_compare(args) -> int:
     check_writable_folder(out, "--out")
     print(compare_runs(dirs, out, args.format, args.latex))
     tex = ", comparison.tex" if args.latex else ""
+    groups = ", comparison_groups.md/.csv and groups/ (seed groups: mean, std, n; mean heatmaps)" \
+        if (out / "comparison_groups.csv").is_file() else ""
     print(f"wrote {out / 'comparison.md'}, comparison.csv{tex}, comparison.{args.format} (forgetting | accuracy), "
-          f"curves_<kind>.{args.format} (accuracy after each task)")
+          f"curves_<kind>.{args.format} (accuracy after each task){groups}")
     return 0
 
 
