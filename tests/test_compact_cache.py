@@ -139,9 +139,11 @@ def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
     """Array sources are resized by the same code in both formats, so a whole run (training
     batches decoded ahead in a thread, LP-init, evaluation) gives the raw run's matrices."""
     out = {}
+    small = tmp_path / "small.yaml"
+    small.write_text("train: {max_train_per_class: 24}\neval: {probe_max_per_class: 16, test_max_per_class: 16}\n")
     for form in ("raw", "compact"):
         folder = tmp_path / form
-        assert main(["run", "--tasks", "photo_patches", "--eval-only", "faces", "--image-size", "40", "--epochs", "1",
+        assert main(["run", str(small), "--tasks", "photo_patches", "--eval-only", "faces", "--image-size", "40", "--epochs", "1",
                      "--cache-format", form, "--cache-dir", str(tmp_path / "cache"), "--out", str(folder),
                      "--threads", "2", "--strategy", "ft"]) == 0
         run = next(folder.glob("*/ft-s0"))

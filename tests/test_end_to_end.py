@@ -16,6 +16,10 @@ from benchmark.runner import run_strategy
 from benchmark.store import Matrix
 from tests.helpers import tiny_config
 
+# the smallest run that still trains both offline tasks and probes every column
+SMALL = {"model": {"image_size": 32}, "train": {"max_train_per_class": 8},
+         "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}
+
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
@@ -123,9 +127,8 @@ def test_list_commands(capsys):
 
 
 @pytest.mark.parametrize("strategy", ["lpft", "l2sp", "ewc", "lwf", "wise-ft", "ldifs+ewc"])
-def test_every_image_only_strategy_runs_on_the_offline_tasks(tiny_cfg, tmp_path, strategy):
-    cfg = tiny_config(tmp_path, {"train": {"max_train_per_class": 8},
-                                 "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}})
+def test_every_image_only_strategy_runs_on_the_offline_tasks(tmp_path, strategy):
+    cfg = tiny_config(tmp_path, SMALL)
     run = run_strategy(cfg, strategy, tmp_path / strategy)
     lp = Matrix.load(run / "matrices/lp.csv")
     assert lp.rows == ["pretrained", "digits", "faces"]
@@ -134,10 +137,10 @@ def test_every_image_only_strategy_runs_on_the_offline_tasks(tiny_cfg, tmp_path,
 
 
 @pytest.mark.parametrize("strategy", ["ewc", "lwf"])
-def test_resume_restores_plugin_state_saved_as_plain_tensors(tiny_cfg, tmp_path, strategy):
+def test_resume_restores_plugin_state_saved_as_plain_tensors(tmp_path, strategy):
     """EWC's ParamData and LwF's previous model go into state.pt as tensors and plain types
     (loaded with weights_only=True) and the resumed run equals the uninterrupted one."""
-    cfg = tiny_cfg.replace(strategies=[strategy], eval_only=[])
+    cfg = tiny_config(tmp_path, SMALL, {"strategies": [strategy], "eval_only": []})
     full = run_strategy(cfg, strategy, tmp_path / "full")
     part = run_strategy(cfg, strategy, tmp_path / "part", stop_after=1)
     torch.load(part / "checkpoints" / "state.pt", weights_only=True)  # nothing but plain state
