@@ -48,10 +48,6 @@ def _run_overrides(args) -> dict:
     return over
 
 
-# run settings that describe the machine rather than the experiment: --resume may change them
-_RESUME_MAY_SET = ("device", "threads", "data_root", "cache_dir")
-
-
 def cmd_run(args) -> int:
     from .config import dump_config, load_config
     from .report import compare_runs
@@ -92,16 +88,16 @@ def cmd_run(args) -> int:
 
 def _resume(run_dir: Path, args) -> int:
     """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
-    from .config import load_config
+    from .config import MACHINE_SETTINGS, load_config
     from .run_folder import PROGRESS
     from .runner import CHECKPOINT, run_strategy
     from .validate import check_data, read_json_object
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-             if k not in ("command", "func", "resume", *_RESUME_MAY_SET) and v not in (None, False, [])]
+             if k not in ("command", "func", "resume", *MACHINE_SETTINGS) and v not in (None, False, [])]
     if given:
         raise CfbenchError(f"--resume continues with {run_dir / 'config.yaml'} as it is; {', '.join(given)} would "
-                           f"be ignored (only {', '.join('--' + k.replace('_', '-') for k in _RESUME_MAY_SET)} may "
+                           f"be ignored (only {', '.join('--' + k.replace('_', '-') for k in MACHINE_SETTINGS)} may "
                            "change); start a new run to change settings")
     if not (run_dir / "config.yaml").is_file():
         raise CfbenchError(f"{run_dir}: no config.yaml, not a cfbench run directory")
@@ -115,7 +111,7 @@ def _resume(run_dir: Path, args) -> int:
             raise CfbenchError(f"{run_dir}: progress.json lists {len(done)} finished task(s) ({', '.join(map(str, done))}) "
                                f"but {CHECKPOINT} is gone, so they cannot be continued; start the run again")
         raise CfbenchError(f"{run_dir}: no checkpoint yet (no task finished); start the run again instead")
-    machine = {k: getattr(args, k) for k in _RESUME_MAY_SET if getattr(args, k) is not None}
+    machine = {k: getattr(args, k) for k in MACHINE_SETTINGS if getattr(args, k) is not None}
     cfg = load_config(str(run_dir / "config.yaml"), machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
     run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)

@@ -23,6 +23,10 @@ from .errors import CfbenchError
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 DEFAULT_PROTOCOL = "demo"
 
+# settings that describe the machine a run is on, not the experiment: a resumed run may change
+# them, and runs that differ only in them (and the seed / output folder) are one experiment
+MACHINE_SETTINGS = ("device", "threads", "data_root", "cache_dir")
+
 # field metadata: {"min": x} lower bound (inclusive), {"positive": True} strictly > 0
 _POSITIVE = {"positive": True}
 

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .config import MACHINE_SETTINGS  # noqa: E402
 from .store import PRETRAINED, Matrix, atomic_write_bytes  # noqa: E402
 
 FORMATS = ("png", "pdf", "svg")
@@ -60,7 +61,7 @@ class RunGroup:
 
 
 # the seed, and the settings that describe the machine rather than the experiment (as --resume)
-NOT_GROUPED = ("seed", "out", "threads", "device", "data_root", "cache_dir")
+NOT_GROUPED = ("seed", "out", *MACHINE_SETTINGS)
 
 
 def group_key(cfg: dict) -> str:

@@ -36,7 +36,6 @@ LOGS = "logs"
 RUN_ENTRIES = {"config.yaml", "progress.json", "log.txt", ".lock", "matrices", "checkpoints", "metrics.json",
                "tensorboard", "mlruns", "wandb", "tracker.csv"}
 RUN_PREFIXES = ("heatmap_", "curves_")
-MACHINE_KEYS = ("threads", "device", "data_root", "cache_dir")
 
 
 def check_output_folder(folder: Path) -> None:
@@ -128,7 +127,7 @@ def execute_run(spec: dict) -> dict:
 
 
 def _attempt(spec: dict, run_dir: Path) -> dict:
-    from .config import load_config, resolve
+    from .config import MACHINE_SETTINGS, load_config, resolve
     from .run_folder import PROGRESS
     from .runner import CHECKPOINT, run_strategy
     from .validate import read_json_object
@@ -137,7 +136,7 @@ def _attempt(spec: dict, run_dir: Path) -> dict:
     if progress.get("finished"):
         print(f"{run_dir}: already finished")
         return {"status": "skipped", "resumed_after": None}
-    machine = {k: spec["config"][k] for k in MACHINE_KEYS}
+    machine = {k: spec["config"][k] for k in MACHINE_SETTINGS}
     if (run_dir / CHECKPOINT).is_file():
         cfg = load_config(str(run_dir / "config.yaml"), machine)
         done = len(progress.get("completed_tasks") or [])
