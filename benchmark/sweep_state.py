@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from .config import MACHINE_SETTINGS
 from .errors import CfbenchError
 from .store import atomic_write_json
 from .sweep_config import SweepPlan
-from .sweep_worker import MACHINE_KEYS
 
 SWEEP_STATE = "sweep.json"
 
@@ -57,7 +57,7 @@ def config_difference(planned: dict, actual: dict) -> Optional[str]:
     sequence's tasks, strategy defaults, cache format) is compared only where the plan sets it."""
     import strategies
 
-    skip = {*MACHINE_KEYS, "out"}
+    skip = {*MACHINE_SETTINGS, "out"}
     expected = dict(planned)
     combo = planned["strategies"][0]
     expected["strategy_params"] = {**planned["strategy_params"],
