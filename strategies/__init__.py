@@ -2,6 +2,7 @@
 `a+b` composes strategies. To add one: copy a module here, register it below, copy its test."""
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ class StrategySpec:
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
     notes: str = ""  # shown by `cfbench list strategies`
-    # the plugin class when build is just [plugin(**params)]: its constructor's checks run before a run starts
+    # the plugin class the build makes: its constructor checks the values (given the parameters it
+    # takes; the others are the builder's) before a run starts
     plugin: Optional[type] = None
 
 
@@ -136,16 +138,16 @@ register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference s
                                _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
                                              "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
                                              "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True},
-                               needs_text=True))
+                               needs_text=True, plugin=ZSCLPlugin))
 register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
                                "images and class prompts (image and text side; text tower)",
                                _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
-                                                 "ref_batch_size": 64}, needs_text=True))
+                                                 "ref_batch_size": 64}, needs_text=True, plugin=ZSCLPlugin))
 register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
                                "10 tokens per task) as the reference texts (text tower)",
                                lambda ctx, **kw: _build_lwf_clip(ctx, random_texts=True, **kw),
                                {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
-                               needs_text=True))
+                               needs_text=True, plugin=ZSCLPlugin))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:
@@ -198,8 +200,10 @@ def check_params(combo: str, overrides: dict[str, dict]) -> None:
     for name, params in resolve_params(combo, overrides).items():
         spec = STRATEGIES[name]
         if spec.plugin is not None:
+            builders = set(inspect.signature(spec.build).parameters)  # e.g. zscl's reference_texts: a file path
+            takes = set(inspect.signature(spec.plugin).parameters) - builders
             try:
-                spec.plugin(**params)
+                spec.plugin(**{k: v for k, v in params.items() if k in takes})
             except (TypeError, ValueError) as err:
                 raise CfbenchError(f"strategy_params.{name}: {err}") from None
 

@@ -39,7 +39,7 @@ def _unfinished_run(folder, progress):
     return str(folder)
 
 
-def _cases(tmp):
+def _cases(tmp, clip_path):
     """(id, argv) for every command; files are made here, inside tmp."""
     (tmp / "a_file").write_text("x")
     (tmp / "binary.csv").write_bytes(bytes(range(256)))
@@ -62,6 +62,9 @@ def _cases(tmp):
                                                       "strategy_params": {"ldifs": {"alpha": "big"}}})]),
         ("run-param-value", ["run", bad("param_value", {"strategies": ["ldifs"],
                                                         "strategy_params": {"ldifs": {"reference": "bogus"}}})]),
+        ("run-zscl-param-value", ["run", bad("zscl_value", {
+            "strategies": ["zscl"], "model": {"name": "cfbench-tiny-vit", "pretrained": clip_path},
+            "strategy_params": {"zscl": {"avg_freq": 0}}})]),
         ("run-param-unknown", ["run", bad("param_unknown", {"strategy_params": {"ft": {"alpha": 1}}})]),
         ("run-unknown-strategy", ["run", tiny, "--strategy", "nope"]),
         ("run-text-strategy-without-text-tower", ["run", tiny, "--strategy", "zscl"]),
@@ -118,9 +121,10 @@ def _tree(*roots) -> set:
     return {os.path.join(d, f) for root in roots for d, dirs, files in os.walk(root) for f in files + dirs}
 
 
-def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capfd):
+def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capfd,
+                                                                        tiny_clip_checkpoint):
     (tmp_path / "in").mkdir()
-    cases = _cases(tmp_path / "in")
+    cases = _cases(tmp_path / "in", tiny_clip_checkpoint[0])
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the default --out, results/, would appear here
