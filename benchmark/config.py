@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from .errors import CfbenchError
+from .validate import read_yaml_mapping
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 DEFAULT_PROTOCOL = "demo"
@@ -269,27 +270,15 @@ def merge(base: dict, update: dict, sections: Optional[dict] = None) -> dict:
 
 def list_protocols() -> dict[str, str]:
     """{name: one-line description} of the presets in benchmark/protocols/."""
-    return {p.stem: str(_read_yaml(p).get("description", "")).strip() for p in sorted(PROTOCOL_DIR.glob("*.yaml"))}
+    return {p.stem: str(read_yaml_mapping(p).get("description", "")).strip() for p in sorted(PROTOCOL_DIR.glob("*.yaml"))}
 
 
 def protocol_settings(name: str) -> dict:
     path = PROTOCOL_DIR / f"{name}.yaml"
     if not isinstance(name, str) or not path.is_file():
         raise CfbenchError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
-    settings = _read_yaml(path).get("settings") or {}
+    settings = read_yaml_mapping(path).get("settings") or {}
     return {**settings, "protocol": name}
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise CfbenchError(f"{path}: not a UTF-8 text file") from None
-    except yaml.YAMLError as err:
-        raise CfbenchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise CfbenchError(f"{path}: the top level must be a mapping")
-    return data
 
 
 def read_config_file(path: Optional[str]) -> dict:
@@ -299,7 +288,7 @@ def read_config_file(path: Optional[str]) -> dict:
     p = Path(path)
     if not p.is_file():
         raise CfbenchError(f"config file {path} not found")
-    return _read_yaml(p)
+    return read_yaml_mapping(p)
 
 
 def resolve(*layers: dict) -> RunConfig:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from .config import RunConfig
 from .errors import CfbenchError
+
+if TYPE_CHECKING:  # config reads its YAML files through this module
+    from .config import RunConfig
 
 
 def read_text(path: Path, what: str = "file") -> str:
@@ -39,10 +41,13 @@ def read_json_object(path: Path, what: str = "file") -> dict:
 
 
 def read_yaml_mapping(path: Path, what: str = "file") -> dict:
+    """The file's top-level mapping; an empty file is an empty mapping."""
     try:
         data = yaml.safe_load(read_text(path, what))
     except yaml.YAMLError as err:
         raise CfbenchError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise CfbenchError(f"{path}: the top level must be a mapping")
     return data
