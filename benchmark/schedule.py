@@ -10,7 +10,9 @@ from avalanche.core import SupervisedPlugin
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the base learning rate at 0-indexed `step` of `total`."""
+    """Multiplier of the base learning rate at 0-indexed `step` of `total`: (step + 1) / warmup
+    during the warm-up -- for the whole task when it is shorter than the warm-up, as the official
+    cosine_lr (ldifs_code train_utils.py:30-47; ZSCL mtil/src/utils.py) -- then cosine to 0."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -32,7 +34,7 @@ class WarmupCosinePlugin(SupervisedPlugin):
         self.base_lr = lrs if isinstance(lrs, (int, float)) else lrs[strategy.experience.current_experience]
 
     def before_training_iteration(self, strategy, **kwargs):
-        lr = self.base_lr * warmup_cosine(self.step, self.total, min(self.warmup, self.total))
+        lr = self.base_lr * warmup_cosine(self.step, self.total, self.warmup)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         self.step += 1
