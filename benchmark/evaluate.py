@@ -31,6 +31,10 @@ class EvalDataset:
     probe_train: TensorSplit  # capped per class, seeded
     test: TensorSplit
     probe_val: Optional[TensorSplit] = None  # the official probe chooses its lr here
+    # the official probe's final fit: on the source's whole train split (ldifs_code heads.py:158-172, the
+    # base dataset's train_loader), i.e. train + val where val is a hold-out from train, train alone where
+    # the source fixes its own val split (EuroSAT's eurosat.py:27-28 train folder)
+    refit_on_val: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -87,14 +91,15 @@ class ZeroShotClassifier:
 
 
 def probe_logits(settings, train: tuple[torch.Tensor, torch.Tensor], val: Optional[tuple[torch.Tensor, torch.Tensor]],
-                 test_f: torch.Tensor, num_classes: int, seed: int, device: str) -> torch.Tensor:
+                 test_f: torch.Tensor, num_classes: int, seed: int, device: str, refit_on_val: bool = True) -> torch.Tensor:
     """Linear-probe logits on test features: settings.probe "sklearn" (C fixed, standardized
-    features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `val`)."""
+    features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `val`, refitted on train
+    and, with refit_on_val, val)."""
     if settings.probe == "official":
         if val is None:
             raise ValueError("the official probe needs a validation split")
         return fit_official_probe(*train, *val, num_classes, settings.probe_iterations, seed=seed,
-                                  device=device).logits(test_f)
+                                  device=device, refit_on_val=refit_on_val).logits(test_f)
     return fit_probe(*train, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
 
 
@@ -112,7 +117,8 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
         val = None
         if settings.probe == "official":
             val = (extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y)
-        logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device)
+        logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device,
+                              ds.refit_on_val)
         result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
         result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
         if encoder.has_text:

@@ -111,9 +111,10 @@ def _fit_torch_lr(features: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
                        num_classes: int, iterations: int = 1000, lrs=OFFICIAL_LRS, seed: int = 0,
-                       device: str = "cpu") -> NormalizedProbe:
+                       device: str = "cpu", refit_on_val: bool = True) -> NormalizedProbe:
     """ldifs_code model/heads.py:90-115: one fit per lr on the train split, the lr with the best
-    validation accuracy (first on ties) refitted on train + validation. The official code draws
+    validation accuracy (first on ties) refitted on train + validation (refit_on_val) or on train
+    alone (heads.py:114 refits on what its caller passes as train_embeddings). The official code draws
     the inits from an unseeded global RNG; here from a forked RNG seeded with `seed`, in the same
     order, so a run is reproducible and the caller's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -124,8 +125,9 @@ def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torc
             acc = accuracy(probe.logits(val_f), val_y)
             if acc > best_acc:
                 best_acc, best_lr = acc, lr
-        return _fit_torch_lr(torch.cat([train_f, val_f]), torch.cat([train_y, val_y]), num_classes, best_lr,
-                             iterations, device)
+        if refit_on_val:
+            train_f, train_y = torch.cat([train_f, val_f]), torch.cat([train_y, val_y])
+        return _fit_torch_lr(train_f, train_y, num_classes, best_lr, iterations, device)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
