@@ -82,7 +82,7 @@ def check_run(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     import strategies
 
     from .models import OFFLINE_MODELS, check_model
-    from .runner import check_text_needs, resolve_tasks
+    from .plan import check_text_needs, resolve_tasks
 
     for combo in cfg.strategies:
         strategies.check_params(combo, cfg.strategy_params)
