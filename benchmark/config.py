@@ -252,15 +252,14 @@ def _sections(cls=RunConfig) -> dict[str, Any]:
     return {f.name: _sections(hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
 
 
-def merge(base: dict, update: dict, sections: Optional[dict] = None) -> dict:
-    """update laid over base: sections merge key by key, strategy_params per strategy, the rest replace."""
-    sections = _sections() if sections is None else sections
+def merge(base: dict, update: dict) -> dict:
+    """update laid over base. A mapping merges key by key at every depth -- the sections, each
+    strategy's parameters, the per-task maps of train.epochs / train.lr -- so a layer that names one
+    value keeps the protocol's others; anything else (a number, a string, a list, null) replaces."""
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if key in sections and isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value, sections[key])
-        elif key == "strategy_params" and isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **copy.deepcopy(value)}
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -279,6 +278,13 @@ def protocol_settings(name: str) -> dict:
         raise CfbenchError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
     settings = read_yaml_mapping(path).get("settings") or {}
     return {**settings, "protocol": name}
+
+
+def protocol_supplied(name: str) -> dict[str, str]:
+    """{dotted setting: what the user supplies there}: values a protocol needs but cannot ship (a
+    file of captions); the preset leaves them null, and a run that gives one follows the protocol."""
+    supplied = read_yaml_mapping(PROTOCOL_DIR / f"{name}.yaml").get("supplied") or {}
+    return {str(k): str(v) for k, v in supplied.items()}
 
 
 def read_config_file(path: Optional[str]) -> dict:
