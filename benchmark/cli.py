@@ -50,6 +50,7 @@ def _run_overrides(args) -> dict:
 
 def cmd_run(args) -> int:
     from .config import dump_config, load_config
+    from .deviations import headline, protocol_deviations
     from .report import compare_runs
     from .run_folder import new_invocation_folder
     from .runner import run_strategy
@@ -60,6 +61,8 @@ def cmd_run(args) -> int:
     cfg = load_config(args.config, _run_overrides(args))
     if args.print_config:
         print(dump_config(cfg), end="")
+        found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
+        print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
         return 0
     trained, _ = check_run(cfg)  # nothing is written before every check passed
     label = cfg.sequence if not cfg.tasks else "-".join(trained)

@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from .deviations import FILE as DEVIATIONS, count_label
 from .errors import CfbenchError
 from .figures import comparison_figure, curves_figure, group_runs
 from .metrics import compute_metrics
@@ -33,23 +34,27 @@ def _matrices(run_dir: Path) -> dict[str, Matrix]:
     return {p.stem: Matrix.load(p) for p in sorted((run_dir / "matrices").glob("*.csv"))}
 
 
-def latex_table(header: list[str], rows: list[list]) -> str:
+def latex_table(header: list[str], rows: list[list], text_columns: int = 3) -> str:
     """A booktabs table of the comparison rows (same numbers as comparison.csv, 2 decimals); the
-    best value of each numeric column in bold (lowest for forgetting, highest otherwise)."""
+    best value of each numeric column in bold (lowest for forgetting, highest otherwise); a run that
+    differs from its protocol (the protocol column says "+ N changes") marked with a dagger."""
     def tex(text: str) -> str:
         return str(text).replace("\\", r"\textbackslash{}").replace("_", r"\_").replace("%", r"\%") \
             .replace("&", r"\&").replace("#", r"\#").replace("Δ", r"$\Delta$")
 
     best = {}
-    for j, name in enumerate(header[2:], start=2):
+    for j, name in enumerate(header[text_columns:], start=text_columns):
         known = [row[j] for row in rows if isinstance(row[j], (int, float))]
         if known:
             best[j] = min(known) if name in LOWER_IS_BETTER else max(known)
-    lines = [r"\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", r"\toprule",
+    lines = [r"\begin{tabular}{" + "l" * text_columns + "r" * (len(header) - text_columns) + "}", r"\toprule",
              " & ".join(tex(h) for h in header) + r" \\", r"\midrule"]
+    marked = False
     for row in rows:
-        cells = [tex(row[0]), tex(row[1])]
-        for j, v in enumerate(row[2:], start=2):
+        off = "+" in str(row[2])
+        marked |= off
+        cells = [tex(row[0]) + (r"$^\dagger$" if off else "")] + [tex(v) for v in row[1:text_columns]]
+        for j, v in enumerate(row[text_columns:], start=text_columns):
             if not isinstance(v, (int, float)):
                 cells.append("--")
                 continue
@@ -57,6 +62,8 @@ def latex_table(header: list[str], rows: list[list]) -> str:
             cells.append(rf"\textbf{{{text}}}" if f"{best[j]:.2f}" == text else text)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
+    if marked:
+        lines.append(r"% $^\dagger$ differs from its protocol: see the run's deviations.json")
     return "\n".join(lines) + "\n"
 
 
@@ -86,6 +93,21 @@ def _finished_run(run_dir: Path) -> tuple[dict, dict]:
     if not isinstance(cfg.get("strategies"), list) or not cfg["strategies"]:
         raise CfbenchError(f"{run_dir / 'config.yaml'}: names no strategy; not a cfbench run config")
     return cfg, read_json_object(run_dir / "metrics.json")
+
+
+def protocol_label(run_dir: Path, cfg: dict) -> str:
+    """`ldifs` for a run that is its protocol, `ldifs + 2 changes` otherwise (deviations.json);
+    `ldifs (unchecked)` for a folder written before runs recorded their deviations."""
+    from .validate import read_json
+
+    protocol = cfg.get("protocol", "unknown")
+    path = run_dir / DEVIATIONS
+    if not path.is_file():
+        return f"{protocol} (unchecked)"
+    found = read_json(path)
+    if not isinstance(found, list):
+        raise CfbenchError(f"{path}: expected a JSON list of changes")
+    return f"{protocol} + {count_label(len(found))}" if found else str(protocol)
 
 
 def zscl_table3(runs: list[tuple[str, Matrix]]) -> str:
@@ -202,7 +224,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
-    header = ["run", "strategy", *(label for _, _, label in COMPARE_COLUMNS)]
+    header = ["run", "strategy", "protocol", *(label for _, _, label in COMPARE_COLUMNS)]
     rows: list[list] = []
     mtil: list[tuple[str, Matrix]] = []
     runs = []
@@ -212,7 +234,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
         if _is_mtil(cfg) and (run_dir / "matrices/zs.csv").is_file():
             mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
-        rows.append([run_dir.name, cfg["strategies"][0], *values])
+        rows.append([run_dir.name, cfg["strategies"][0], protocol_label(run_dir, cfg), *values])
     cell = lambda v: "n/a" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

@@ -31,10 +31,12 @@ import tasks as task_registry
 
 from .augment import build_augment
 from .config import RunConfig, dump_config
+from .deviations import FILE as DEVIATIONS, protocol_deviations, summary
 from .errors import CfbenchError
 from .evaluate import EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
 from .models import build_model
 from .multihead import MultiHeadClassifier
+from .plan import check_text_needs, resolve_tasks
 from .probe import fit_normalized_head, fit_official_probe
 from .report import finalize_run
 from .run_folder import hold_run_folder
@@ -54,6 +56,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
     trained, eval_only = resolve_tasks(cfg)
     params = strategies.resolve_params(strategy, cfg.strategy_params)
+    deviations = protocol_deviations(cfg, [strategy])  # from the settings as given, before they are filled in
     device = select_device(cfg.device)
     threads = set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -67,8 +70,10 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
         with hold_run_folder(run_dir, resume):  # nothing is written before this point
             log_into(run_dir)
+            log.info("%s", summary(cfg, deviations))
             if not resume:
                 atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+                atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
             with Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
                 log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s",
                          strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
@@ -120,38 +125,6 @@ def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strate
         cache_format=cfg.cache_format, tasks=trained, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
         classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
         tokenizer=getattr(encoder, "tokenizer", None))
-
-
-def resolve_tasks(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Trained tasks and eval-only tasks; an explicit `tasks` list wins over `sequence`."""
-    if cfg.tasks:
-        trained = tuple(cfg.tasks)
-        for name in trained:
-            task_registry.get_task(name)
-        eval_only = tuple(cfg.eval_only or ())
-    else:
-        seq = task_registry.resolve_sequence(cfg.sequence, cfg.data_root)
-        trained = seq.tasks
-        eval_only = tuple(cfg.eval_only) if cfg.eval_only is not None else seq.eval_only
-    for name in eval_only:
-        task_registry.get_task(name)
-    if len(set(trained)) != len(trained):
-        raise CfbenchError(f"a task appears twice in the sequence {list(trained)}")
-    for name in trained:
-        cfg.train.epochs_for(name)  # a per-task epochs map must cover every trained task
-    return trained, tuple(n for n in eval_only if n not in trained)
-
-
-def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:
-    """Strategies, heads and zero-shot settings that need a text tower fail before any training."""
-    if has_text:
-        return
-    if strategies.needs_text(strategy):
-        raise CfbenchError(f"strategy {strategy} needs a text tower; {cfg.model.name} has none")
-    if cfg.train.head == "text":
-        raise CfbenchError(f"train.head text needs a text tower; {cfg.model.name} has none (use linear)")
-    if strategies.head_init(strategy, cfg.train.head_init) == "zs":
-        raise CfbenchError(f"train.head_init zs needs a text tower; {cfg.model.name} has none (use lp or zero)")
 
 
 def select_device(name: str) -> str:
@@ -209,7 +182,8 @@ def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str
     train, evals = _split_specs(cfg, trained, eval_names)
     train_splits = [_split(cfg, *spec) for spec in train]
     eval_sets = [EvalDataset(n, task_class_names(n, cfg.data_root, cfg.eval.classnames),
-                             task_templates(n, cfg.eval.templates), *[_split(cfg, *spec) for spec in evals[n]])
+                             task_templates(n, cfg.eval.templates), *[_split(cfg, *spec) for spec in evals[n]],
+                             refit_on_val="val" not in task_registry.loaded_task(n, cfg.data_root).splits)
                  for n in eval_names]
     return train_splits, eval_sets
 
@@ -299,9 +273,10 @@ def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: 
         train, val = _split(cfg, name, "train", cap), _split(cfg, name, "val", cap)
         train_f = extract_features(model.encoder, train.x, batch, device)
         val_f = extract_features(model.encoder, val.x, batch, device)
-        if cfg.eval.probe == "official":
+        if cfg.eval.probe == "official":  # refitted on the task's train split alone: finetune.py:38 passes
+            # `<dataset>Val`, whose train loader is the train split (heads.py:153-172, finetune_functions.py:89)
             probe = fit_official_probe(train_f, train.y, val_f, val.y, len(head.linear.bias),
-                                       cfg.eval.probe_iterations, seed=cfg.seed, device=device)
+                                       cfg.eval.probe_iterations, seed=cfg.seed, device=device, refit_on_val=False)
             head.load(probe.weight, probe.bias)
             log.info("LP-init head for %s: official probe, lr=%g", name, probe.lr)
         else:

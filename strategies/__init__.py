@@ -33,6 +33,8 @@ class StrategySpec:
     # the plugin class the build makes: its constructor checks the values (given the parameters it
     # takes; the others are the builder's) before a run starts
     plugin: Optional[type] = None
+    # parameters that size resources on this machine, not the method (left out of a run's deviations)
+    machine: tuple[str, ...] = ()
 
 
 def _plugin_spec(name: str, description: str, plugin: type, defaults: dict, **extra) -> StrategySpec:
@@ -56,7 +58,8 @@ register_strategy(_plugin_spec("ldifs", "CE + alpha * feature-space distance to 
                                LDIFSPlugin, {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
                                 "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0},
                                notes="with train.augment on, the reference runs on every augmented batch "
-                                     "(the per-sample cache holds un-augmented inputs and is not used)"))
+                                     "(the per-sample cache holds un-augmented inputs and is not used)",
+                               machine=("cache", "cache_budget_mb", "cache_disk_mb")))
 register_strategy(_plugin_spec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
                                L2SPPlugin, {"alpha": 0.5, "reference": "previous"}))
 register_strategy(_plugin_spec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",

@@ -104,6 +104,25 @@ def official_cosine_lr(base_lr, warmup_length, steps):
     return lr_at
 
 
+def official_eurosat_names(folders):
+    """datasets/eurosat.py:10-16 (pretify_classname) and 69-86: folder names prettified, then mapped
+    to OpenAI's names (the later lines replace the prettified ones)."""
+    import re
+
+    def pretify(classname):
+        words = [w.lower() for w in re.findall(r'[A-Z](?:[a-z]+|[A-Z]*(?=[A-Z]|$))', classname)]
+        out = ' '.join(words)
+        return out + ' area' if out.endswith('al') else out
+
+    ours_to_open_ai = {
+        'annual crop': 'annual crop land', 'forest': 'forest', 'herbaceous vegetation': 'brushland or shrubland',
+        'highway': 'highway or road', 'industrial area': 'industrial buildings or commercial buildings',
+        'pasture': 'pasture land', 'permanent crop': 'permanent crop land',
+        'residential area': 'residential buildings or homes or apartments', 'river': 'river', 'sea lake': 'lake or sea',
+    }
+    return tuple(ours_to_open_ai[pretify(c.replace('_', ' '))] for c in folders)
+
+
 # ---- the pieces ---------------------------------------------------------------------------------
 
 def _clusters(n_per_class: int, num_classes: int = 4, dim: int = 16, seed: int = 0):
@@ -126,6 +145,46 @@ def test_official_probe_equals_the_transcribed_official_code():
     test_f, _ = _clusters(5, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(ours.logits(test_f), theirs(test_f), rtol=0, atol=1e-5)
+
+
+def test_official_probe_refits_on_what_the_caller_passes_as_train():
+    """LP-init (finetune.py:38 -> heads.py:153-172 with `<dataset>Val`) and EuroSAT's evaluation refit on
+    the train split alone; ours with refit_on_val=False equals the transcription given train only."""
+    train_f, train_y = _clusters(12)
+    val_f, val_y = _clusters(4, seed=1)
+    ours = fit_official_probe(train_f, train_y, val_f, val_y, 4, iterations=120, seed=3, refit_on_val=False)
+    torch.manual_seed(3)
+    theirs, lr = official_linear_probe_pytorch(train_f, train_y, val_f, val_y, train_f, train_y, max_epochs=120)
+    assert ours.lr == lr
+    torch.testing.assert_close(ours.weight, theirs.weight.detach(), rtol=0, atol=1e-6)
+    both = fit_official_probe(train_f, train_y, val_f, val_y, 4, iterations=120, seed=3)
+    assert not torch.allclose(both.weight, ours.weight, atol=1e-3)  # the refit data matters
+
+
+def test_lp_init_refits_on_the_train_split_and_eurosat_evaluation_on_its_train_folder(tmp_path):
+    from benchmark.runner import _load_splits, _split
+
+    root = tmp_path / "data"
+    fx.mnist(root), fx.eurosat(root)
+    tasks.clear_memory()
+    cfg = tiny_config(tmp_path, {"tasks": ["mnist", "eurosat"], "eval_only": [], "data_root": str(root),
+                                 "eval": {"probe": "official", "probe_iterations": 30}})
+    _, eval_sets = _load_splits(cfg, ("mnist", "eurosat"), ("mnist", "eurosat"))
+    # mnist's val is the 10 % hold-out of train: the official evaluation refits on all of train (heads.py:172);
+    # EuroSAT's val is its own folder: refit on the train folder only (EuroSAT.train_loader, eurosat.py:27)
+    assert [(ds.name, ds.refit_on_val) for ds in eval_sets] == [("mnist", True), ("eurosat", False)]
+    cfg = cfg.replace(tasks=["digits"], data_root=None)  # real images: LP-init on digits
+    encoder = create_model("efficientnet_lite0", "package", image_size=cfg.model.image_size)
+    model = MultiHeadClassifier(encoder)
+    _init_head(cfg, "ft", model, 0, "digits", None, "cpu")
+    cap = cfg.eval.probe_max_per_class
+    train, val = _split(cfg, "digits", "train", cap), _split(cfg, "digits", "val", cap)
+    from benchmark.evaluate import extract_features
+
+    expected = fit_official_probe(extract_features(encoder, train.x), train.y, extract_features(encoder, val.x),
+                                  val.y, 10, 30, seed=cfg.seed, refit_on_val=False)
+    assert not expected.weight.isnan().any()
+    torch.testing.assert_close(model.heads["0"].linear.weight, expected.weight, rtol=0, atol=1e-6)
 
 
 def test_official_probe_chooses_lr_on_validation_and_keeps_callers_rng():
@@ -171,6 +230,22 @@ def test_warmup_cosine_equals_the_official_schedule_per_step():
     for step in range(total):
         plugin.before_training_iteration(Fake)
         assert Fake.optimizer.param_groups[0]["lr"] == pytest.approx(official(step), rel=1e-12, abs=1e-20)
+
+
+def test_a_task_shorter_than_the_warm_up_keeps_the_official_linear_ramp():
+    class Fake:  # a 5-step ldifs task: 5 batches, one epoch, the protocol's 500 warm-up steps
+        dataloader, train_epochs = [None] * 5, 1
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0)
+
+    plugin = WarmupCosinePlugin(1e-5, 500)
+    plugin.before_training_exp(Fake)
+    official = official_cosine_lr(1e-5, 500, 5)
+    seen = []
+    for step in range(5):
+        plugin.before_training_iteration(Fake)
+        seen.append(Fake.optimizer.param_groups[0]["lr"])
+        assert seen[-1] == pytest.approx(official(step), rel=1e-12, abs=1e-20)
+    assert seen[-1] == pytest.approx(1e-5 * 5 / 500)  # 1 % of the base lr, not the whole of it
 
 
 def test_gradient_clipping_equals_the_official_call():
@@ -399,7 +474,7 @@ def test_ldifs_class_names_where_they_differ(tmp_path, monkeypatch):
     assert task_class_names("svhn", str(root), "ldifs") == tuple(str(i) for i in range(10))
     assert tasks.task_classes("svhn", str(root))[0] == "zero"
     eurosat = task_class_names("eurosat", str(root), "ldifs")
-    assert eurosat[0] == "annual crop" and eurosat[4] == "industrial area" and eurosat[9] == "sea lake"
+    assert eurosat == official_eurosat_names(tasks.task_classes("eurosat", str(root), source=True))
     assert task_class_names("cifar100", str(root), "ldifs")[0] == "thing_0"  # underscores kept, as cifar100.py:42
     assert tasks.task_classes("cifar100", str(root))[0] == "thing 0"
     assert task_class_names("digits", None, "ldifs") == tasks.task_classes("digits")  # not listed: the defaults
