@@ -51,6 +51,7 @@ def _run_overrides(args) -> dict:
 def cmd_run(args) -> int:
     from .config import dump_config, load_config
     from .deviations import headline, protocol_deviations
+    from .deviations import summary as protocol_summary
     from .report import compare_runs
     from .run_folder import new_invocation_folder
     from .runner import run_strategy
@@ -72,8 +73,8 @@ def cmd_run(args) -> int:
     try:
         for combo in cfg.strategies:
             run_dir = invocation / f"{combo}-s{cfg.seed}"
-            print(f"[{combo}] protocol {cfg.protocol}, training on {' -> '.join(trained)}; run directory {run_dir}",
-                  file=sys.stderr)
+            print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}; training on "
+                  f"{' -> '.join(trained)}; run directory {run_dir}", file=sys.stderr)
             start = time.time()
             run_dirs.append(run_strategy(cfg, combo, run_dir))
             print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)

@@ -21,7 +21,6 @@ from .config import MACHINE_SETTINGS, RunConfig, protocol_supplied, resolve
 from .errors import CfbenchError
 from .plan import resolve_tasks
 
-FILE = "deviations.json"
 NOT_COMPARED = (*MACHINE_SETTINGS, "cache_format", "cache_budget_gb", "out", "loggers", "seed",
                 "protocol", "strategies", "sequence")  # sequence: compared as the tasks it resolves to
 PER_TASK = ("epochs", "lr")  # train settings given as one value or {task: value, default: value}

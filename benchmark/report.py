@@ -8,11 +8,12 @@ from typing import Optional
 
 import numpy as np
 
-from .deviations import FILE as DEVIATIONS, count_label
+from .deviations import count_label
 from .errors import CfbenchError
 from .figures import comparison_figure, curves_figure, group_runs
 from .metrics import compute_metrics
 from .plots import plot_run
+from .run_folder import DEVIATIONS
 from .store import PRETRAINED, Matrix, atomic_write_json, atomic_write_text
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),

@@ -13,6 +13,7 @@ from .errors import CfbenchError
 from .store import atomic_write_json
 
 PROGRESS = "progress.json"
+DEVIATIONS = "deviations.json"  # how the run differs from its protocol (benchmark/deviations.py)
 LOCK = ".lock"
 
 

@@ -31,7 +31,7 @@ import tasks as task_registry
 
 from .augment import build_augment
 from .config import RunConfig, dump_config
-from .deviations import FILE as DEVIATIONS, protocol_deviations, summary
+from .deviations import protocol_deviations, summary
 from .errors import CfbenchError
 from .evaluate import EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
 from .models import build_model
@@ -39,7 +39,7 @@ from .multihead import MultiHeadClassifier
 from .plan import check_text_needs, resolve_tasks
 from .probe import fit_normalized_head, fit_official_probe
 from .report import finalize_run
-from .run_folder import hold_run_folder
+from .run_folder import DEVIATIONS, hold_run_folder
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .templates import task_class_names, task_templates
@@ -56,7 +56,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
     trained, eval_only = resolve_tasks(cfg)
     params = strategies.resolve_params(strategy, cfg.strategy_params)
-    deviations = protocol_deviations(cfg, [strategy])  # from the settings as given, before they are filled in
+    # from the settings as given, before they are filled in (a resumed run's were recorded at its start)
+    deviations = None if resume else protocol_deviations(cfg, [strategy])
     device = select_device(cfg.device)
     threads = set_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -70,8 +71,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
         with hold_run_folder(run_dir, resume):  # nothing is written before this point
             log_into(run_dir)
-            log.info("%s", summary(cfg, deviations))
             if not resume:
+                log.info("%s", summary(cfg, deviations))
                 atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
                 atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
             with Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:

@@ -28,13 +28,14 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import CfbenchError
+from .run_folder import DEVIATIONS
 from .store import atomic_write_json
 
 LOGS = "logs"
 # everything a run folder can hold (cfbench run's own files and the trackers'); a folder with
 # anything else is never cleared
-RUN_ENTRIES = {"config.yaml", "progress.json", "log.txt", ".lock", "matrices", "checkpoints", "metrics.json",
-               "tensorboard", "mlruns", "wandb", "tracker.csv"}
+RUN_ENTRIES = {"config.yaml", "progress.json", DEVIATIONS, "log.txt", ".lock", "matrices", "checkpoints",
+               "metrics.json", "tensorboard", "mlruns", "wandb", "tracker.csv"}
 RUN_PREFIXES = ("heatmap_", "curves_")
 
 
