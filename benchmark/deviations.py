@@ -19,6 +19,7 @@ import strategies
 
 from .config import MACHINE_SETTINGS, RunConfig, protocol_supplied, resolve
 from .errors import CfbenchError
+from .models import default_image_size
 from .plan import resolve_tasks
 
 NOT_COMPARED = (*MACHINE_SETTINGS, "cache_format", "cache_budget_gb", "out", "loggers", "seed",
@@ -77,6 +78,7 @@ def count_label(n: int) -> str:
 def _effective(cfg: RunConfig, combos: list[str]) -> dict:
     """The settings that define the experiment, as values comparable key by key."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NOT_COMPARED}
+    data["model"]["image_size"] = cfg.model.image_size or default_image_size(cfg.model.name)  # null: the model's own
     try:
         data["tasks"], data["eval_only"] = [list(names) for names in resolve_tasks(cfg)]
     except CfbenchError:  # the protocol's sequence may need data this machine lacks

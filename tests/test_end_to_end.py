@@ -56,6 +56,23 @@ def test_run_directory_layout_and_matrices(finished):
         assert json.loads((run / "progress.json").read_text())["finished"] is True
 
 
+def test_deviations_list_exactly_what_the_tiny_config_changed(finished):
+    """The tiny config changes these demo settings (model.image_size 64 is the model's own; out and
+    threads describe the machine); a fashion-less machine's demo trains digits second, same list."""
+    import tasks
+
+    sequence = tasks.resolve_sequence(load_config().sequence)  # the demo's tasks as this machine resolves them
+    expected = [("tasks", list(sequence.tasks), ["digits", "faces"]),
+                ("eval_only", [n for n in sequence.eval_only if n not in sequence.tasks], ["photo_patches"]),
+                ("train.batch_size", 64, 16), ("train.epochs", 3, 1), ("train.max_train_per_class", 450, 16),
+                ("train.warmup_steps", 20, 2), ("eval.probe_max_per_class", 100, 12),
+                ("eval.test_max_per_class", None, 10)]
+    for strategy in ("ft", "ldifs"):
+        found = json.loads((finished / f"{strategy}-s0/deviations.json").read_text())
+        assert [(d["key"], d["protocol"], d["run"]) for d in found] == expected
+        assert "protocol demo, 8 changes: tasks [" in (finished / f"{strategy}-s0/log.txt").read_text()
+
+
 def test_pretrained_row_shared_between_strategies(finished):
     a = Matrix.load(finished / "ft-s0/matrices/lp.csv").values[0]
     b = Matrix.load(finished / "ldifs-s0/matrices/lp.csv").values[0]
@@ -81,7 +98,8 @@ def test_heatmaps_are_real_pictures(finished):
 def test_compare_table_has_one_row_per_run(finished, tmp_path, capsys):
     assert main(["compare", str(finished / "ft-s0"), str(finished / "ldifs-s0"), "--out", str(tmp_path)]) == 0
     lines = (tmp_path / "comparison.md").read_text().strip().splitlines()
-    assert len(lines) == 4 and "| ft-s0 | ft |" in lines[2] and "| ldifs-s0 | ldifs |" in lines[3]
+    assert len(lines) == 4 and "| ft-s0 | ft | demo + 8 changes |" in lines[2]
+    assert "| ldifs-s0 | ldifs | demo + 8 changes |" in lines[3]
     csv_rows = (tmp_path / "comparison.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 3
     assert (tmp_path / "comparison.png").stat().st_size > 5000

@@ -18,11 +18,23 @@ def create_model(name: str, pretrained: Optional[str], image_size: Optional[int]
                  freeze_bn: bool = True, quick_gelu: Optional[bool] = None) -> FoundationModel:
     """Never returns random weights unless pretrained is explicitly None (tests only)."""
     if name == "efficientnet_lite0":
-        return EfficientNetLite0(pretrained=pretrained, image_size=image_size or 64, freeze_bn=freeze_bn)
+        return EfficientNetLite0(pretrained=pretrained, image_size=image_size or default_image_size(name),
+                                 freeze_bn=freeze_bn)
     model = create_clip(name, pretrained, freeze_bn=freeze_bn, quick_gelu=quick_gelu)
     if image_size and image_size != model.image_size:
         raise CfbenchError(f"{name} expects {model.image_size}px inputs, config asks for {image_size}")
     return model
+
+
+def default_image_size(name: str) -> Optional[int]:
+    """The input size a model is built for (what `model.image_size: null` means), read from its
+    config without building it; None for a name no config knows."""
+    if name == "efficientnet_lite0":
+        return 64
+    import open_clip
+
+    size = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
+    return size[0] if isinstance(size, (list, tuple)) else size
 
 
 def check_model(cfg) -> None:
@@ -53,4 +65,5 @@ def build_model(cfg) -> FoundationModel:
     return create_model(cfg.name, cfg.pretrained, cfg.image_size, cfg.freeze_bn, cfg.quick_gelu)
 
 
-__all__ = ["FoundationModel", "CLIPModel", "EfficientNetLite0", "create_model", "build_model", "check_model", "OFFLINE_MODELS"]
+__all__ = ["FoundationModel", "CLIPModel", "EfficientNetLite0", "create_model", "build_model", "check_model",
+           "default_image_size", "OFFLINE_MODELS"]
