@@ -123,7 +123,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
 def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:
     return strategies.BuildContext(
         image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
-        cache_format=cfg.cache_format, tasks=trained, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
+        cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
         classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
         tokenizer=getattr(encoder, "tokenizer", None))
 

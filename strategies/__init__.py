@@ -71,11 +71,11 @@ register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: 
 
 
 
-def _reference_images(ctx: BuildContext, task: str):
-    """A task's train split as the reference image set (the cached, un-augmented images)."""
+def _reference_images(ctx: BuildContext, task: str, split: str):
+    """A split of a task as a reference image set (the cached, un-augmented images)."""
     from tasks import load_split
 
-    return load_split(task, "train", ctx.image_size, ctx.data_root, seed=ctx.seed, cache_dir=ctx.cache_dir,
+    return load_split(task, split, ctx.image_size, ctx.data_root, seed=ctx.seed, cache_dir=ctx.cache_dir,
                       cache_format=ctx.cache_format).x
 
 
@@ -99,14 +99,17 @@ def _build_zscl(ctx: BuildContext, reference_task: str, reference_texts: Optiona
         texts = _class_prompts(ctx, reference_task)
         log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
                  len(texts), reference_task)
-    return [ZSCLPlugin(reference_images=_reference_images(ctx, reference_task), reference_texts=texts,
+    # the reference task's whole train split: ZSCL's ImageNet train folder (finetune.py:140-145 ->
+    # datasets/imagenet.py:30-43), no validation hold-out taken out of it
+    return [ZSCLPlugin(reference_images=_reference_images(ctx, reference_task, "trainval"), reference_texts=texts,
                        seed=ctx.seed, **kw)]
 
 
 def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list:
     """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
-    task's images (not augmented) and class prompts (templates[0] per class); LwF-VR: random token
-    sequences instead of the prompts (ZSCL's --ref-sentences random), drawn anew for each task."""
+    task's images as it trains on them (lwf.sh: its train loader; not augmented) and class prompts
+    (templates[0] per class); LwF-VR: random token sequences instead of the prompts (ZSCL's
+    --ref-sentences random), drawn anew for each task."""
     import torch
 
     from .zscl import virtual_vocab
@@ -117,8 +120,8 @@ def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list
         name = ctx.tasks[t]
         if random_texts:
             generator.manual_seed(ctx.seed * 1000 + t)
-            return _reference_images(ctx, name), virtual_vocab(ctx.tokenizer, generator)
-        return _reference_images(ctx, name), _class_prompts(ctx, name)
+            return _reference_images(ctx, name, ctx.train_split), virtual_vocab(ctx.tokenizer, generator)
+        return _reference_images(ctx, name, ctx.train_split), _class_prompts(ctx, name)
 
     return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
                        seed=ctx.seed, **kw)]

@@ -16,6 +16,7 @@ class BuildContext:
     cache_dir: Optional[str] = None
     cache_format: str = "raw"
     tasks: tuple[str, ...] = ()                            # the trained tasks, in order
+    train_split: str = "train"                             # the split the tasks train on (train.split)
     template_of: Optional[Callable[[str], str]] = None     # task -> the prompt template the run uses
     classes_of: Optional[Callable[[str], list[str]]] = None  # task -> the class names the run uses
     tokenizer: Any = None                                  # the model's (open_clip) tokenizer, if any
