@@ -25,6 +25,7 @@ from benchmark.config import resolve
 from benchmark.models import create_model
 from benchmark.runner import run_strategy
 from benchmark.templates import task_class_names, task_templates
+from tests.test_protocol_ldifs import OfficialClassificationHead, official_zs_head
 
 TASKS = ("digits", "faces")
 EPOCHS = {"digits": 5, "faces": 2}  # one full batch per epoch: 5 and 2 steps
@@ -35,26 +36,6 @@ TOL = 1e-5  # per tensor: ||cfbench - official|| / ||official||, fp32. Measured 
 
 
 # ---- transcriptions of the official code ------------------------------------------------------
-
-class OfficialClassificationHead(torch.nn.Linear):
-    """model/modeling.py:153-168: a Linear on L2-normalized features; bias zeros when not given."""
-
-    def __init__(self, normalize, weights, biases=None):
-        output_size, input_size = weights.shape
-        super().__init__(input_size, output_size)
-        self.normalize = normalize
-        if weights is not None:
-            self.weight = torch.nn.Parameter(weights.clone())
-        if biases is not None:
-            self.bias = torch.nn.Parameter(biases.clone())
-        else:
-            self.bias = torch.nn.Parameter(torch.zeros_like(self.bias))
-
-    def forward(self, inputs):
-        if self.normalize:
-            inputs = inputs / inputs.norm(dim=-1, keepdim=True)
-        return super().forward(inputs)
-
 
 class OfficialImageClassifier(torch.nn.Module):
     """model/modeling.py:183-199 (image_encoder: the CLIP without its text transformer,
@@ -69,26 +50,11 @@ class OfficialImageClassifier(torch.nn.Module):
         return self.classification_head(self.image_encoder.encode_image(inputs))
 
 
-def official_zs_head(text_clip, classnames, templates):
-    """model/heads.py:17-61 build_zs_classification_head, with the pretrained text tower
-    (heads.py:208-209: a fresh ImageEncoder(keep_lang=True)); templates as str.format patterns."""
-    logit_scale = text_clip.logit_scale
+def official_zs_head_module(text_clip, classnames, templates):
+    """model/heads.py:59: the zero-shot weights (heads.py:17-61, transcribed in test_protocol_ldifs)
+    as a ClassificationHead(normalize=True), built with the pretrained text tower (heads.py:208-209)."""
     text_clip.eval()
-    with torch.no_grad():
-        zeroshot_weights = []
-        for classname in classnames:
-            texts = open_clip.tokenize([t.format(classname) for t in templates])
-            embeddings = text_clip.encode_text(texts)
-            embeddings /= embeddings.norm(dim=-1, keepdim=True)
-            embeddings = embeddings.mean(dim=0, keepdim=True)
-            embeddings /= embeddings.norm()
-            zeroshot_weights.append(embeddings)
-        zeroshot_weights = torch.stack(zeroshot_weights, dim=0)
-        zeroshot_weights = torch.transpose(zeroshot_weights, 0, 2)
-        zeroshot_weights *= logit_scale.exp()
-        zeroshot_weights = zeroshot_weights.squeeze().float()
-        zeroshot_weights = torch.transpose(zeroshot_weights, 0, 1)
-    return OfficialClassificationHead(normalize=True, weights=zeroshot_weights)
+    return OfficialClassificationHead(True, official_zs_head(text_clip, classnames, templates))
 
 
 def official_cosine_lr(optimizer, base_lr, warmup_length, steps):
@@ -189,7 +155,7 @@ def official_sequence(path, splits, normalize, classnames, templates):
             reference = encoder()
             reference.load_state_dict(clip.state_dict())
         text_clip = open_clip.create_model("cfbench-tiny-vit", pretrained=path)
-        head = official_zs_head(text_clip, classnames[name], templates[name])
+        head = official_zs_head_module(text_clip, classnames[name], templates[name])
         x, y = splits[name]
         official_finetune_ldifs(clip, reference, head, normalize(x), y, EPOCHS[name])
         heads.append(head)
