@@ -252,7 +252,10 @@ def test_zscl_reference_texts_from_a_captions_file(tmp_path):
     params = resolve_params("zscl", {"zscl": {"reference_texts": str(captions), "reference_task": "digits"}})
     (plugin,) = build_plugins("zscl", params, BuildContext(image_size=16))
     assert plugin.reference_texts == ["a dog on a beach", "two people riding bikes"]
-    assert len(plugin.reference_images) == len(tasks.load_split("digits", "train", 16))
+    # the reference task's whole train split (ZSCL's ImageNet train folder), no validation hold-out out of it
+    whole = tasks.load_split("digits", "trainval", 16)
+    assert len(whole) > len(tasks.load_split("digits", "train", 16))
+    assert torch.equal(plugin.reference_images, whole.x)
     captions.write_text("\n \n")
     with pytest.raises(CfbenchError, match="no captions in it"):
         build_plugins("zscl", params, BuildContext(image_size=16))
