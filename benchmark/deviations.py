@@ -46,8 +46,8 @@ def protocol_deviations(cfg: RunConfig, combos: Optional[Sequence[str]] = None) 
     not its protocol's, in schema order."""
     combos = list(combos or cfg.strategies)
     preset = resolve({"protocol": cfg.protocol, "data_root": cfg.data_root})
-    trained, _ = resolve_tasks(cfg)
     protocol, run = _effective(preset, combos), _effective(cfg, combos)
+    trained = tuple(run["tasks"] or ())
     for key in PER_TASK:  # a map on either side: compared task by task, for the tasks this run trains
         if isinstance(protocol["train"][key], dict) or isinstance(run["train"][key], dict):
             protocol["train"][key], run["train"][key] = (_per_task(side["train"][key], trained)
