@@ -78,13 +78,13 @@ class TrainConfig:
     compile: bool = False
 
     def epochs_for(self, task: str) -> int:
-        return _per_task(self.epochs, task, "train.epochs")
+        return per_task(self.epochs, task, "train.epochs")
 
     def lr_for(self, task: str) -> float:
-        return _per_task(self.lr, task, "train.lr")
+        return per_task(self.lr, task, "train.lr")
 
 
-def _per_task(value, task: str, where: str):
+def per_task(value, task: str, where: str):
     """A setting given as one value or as {task: value, default: value}."""
     if not isinstance(value, dict):
         return value

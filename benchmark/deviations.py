@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import strategies
 
-from .config import MACHINE_SETTINGS, RunConfig, protocol_supplied, resolve
+from .config import MACHINE_SETTINGS, RunConfig, per_task, protocol_supplied, resolve
 from .errors import CfbenchError
 from .models import default_image_size
 from .plan import resolve_tasks
@@ -93,7 +93,14 @@ def _effective(cfg: RunConfig, combos: list[str]) -> dict:
 
 
 def _per_task(value: Any, trained: tuple[str, ...]) -> dict:
-    return {t: (value.get(t, value.get("default")) if isinstance(value, dict) else value) for t in trained}
+    """{task: the value it trains with} by the config's own rule; None where the map names none."""
+    out = {}
+    for task in trained:
+        try:
+            out[task] = per_task(value, task, "")
+        except CfbenchError:
+            out[task] = None
+    return out
 
 
 def _differences(protocol: Any, run: Any, prefix: str = "") -> list[Deviation]:
