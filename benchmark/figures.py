@@ -21,6 +21,9 @@ import numpy as np  # noqa: E402
 from .config import MACHINE_SETTINGS  # noqa: E402
 from .store import PRETRAINED, Matrix, atomic_write_bytes  # noqa: E402
 
+# labels are dataset and run names: "$" in one is a character, not mathtext (which may fail to parse)
+PLAIN_TEXT = {"text.parse_math": False}
+
 FORMATS = ("png", "pdf", "svg")
 ACCURACY_METRICS = (("avg", "Avg"), ("last", "Last"), ("transfer", "Transfer"))
 KIND_LABELS = {"lp": "linear-probe", "zs": "zero-shot", "head": "task-head"}
@@ -142,6 +145,7 @@ def comparison_figure(groups: Sequence[RunGroup], path: Path, fmt: str = "png", 
     return save(build_comparison(groups, kind), path, fmt)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def build_comparison(groups: Sequence[RunGroup], kind: str = "lp"):
     """Left: change vs pretrained on each never-trained dataset and their mean, symmetric around
     zero. Right: Avg / Last / Transfer accuracy on its own 0-100 axis."""
@@ -184,6 +188,7 @@ def curves_figure(groups: Sequence[RunGroup], kind: str, path: Path, fmt: str = 
     return None if fig is None else save(fig, path, fmt)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def build_curves(groups: Sequence[RunGroup], kind: str):
     """One panel per evaluated dataset: accuracy after each stage (pretrained, then each task),
     one line per group (mean, ±std band), the pretrained value as a dashed reference."""

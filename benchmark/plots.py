@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from .figures import RunGroup, curves_figure, save  # noqa: E402
+from .figures import PLAIN_TEXT, RunGroup, curves_figure, save  # noqa: E402
 from .store import Matrix  # noqa: E402
 
 TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
@@ -49,6 +49,7 @@ def _decorate(ax, rows: Sequence[str], columns: Sequence[str], pretrained_first:
                                    linewidth=2))
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
     values = matrix.array()
     fig, ax = _figure(matrix)
@@ -62,6 +63,7 @@ def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
     return save(fig, path, fmt)
 
 
+@matplotlib.rc_context(PLAIN_TEXT)
 def delta_heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
     """Each row after a task minus the pretrained row; diverging colours centred on 0."""
     values = matrix.array()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -14,25 +15,42 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .errors import CfbenchError
+from .safe_files import creation_mode, read_regular
 
 PRETRAINED = "pretrained"
 
 
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over the target."""
+    """Write to a temporary file in the same folder, fsync, then rename over the target (a link
+    there is replaced, never followed). The file gets the umask's mode; a full disk or another
+    write error is one line naming the folder, and the previous file stays whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # .<name>.<random>.<pid>.tmp: the pid lets a later process tell a killed writer's leftovers
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".{os.getpid()}.tmp")
+    except OSError as err:
+        raise _write_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), creation_mode())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise _write_error(path, err) from None
         raise
+
+
+def _write_error(path: Path, err: OSError) -> CfbenchError:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CfbenchError(f"{path.parent}: the disk is full (no space left to write {path.name}); what was "
+                            "written before is intact: free space, then continue with --resume")
+    return CfbenchError(f"{path}: cannot write it ({err.strerror or type(err).__name__})")
 
 
 def atomic_write_text(path: Union[str, Path], text: str) -> None:
@@ -90,34 +108,58 @@ class Matrix:
 
     @classmethod
     def from_csv_text(cls, text: str, source: str = "matrix") -> "Matrix":
-        rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
+        """Strict: unique printable labels, every cell blank (or `nan`) or an accuracy in [0, 100]."""
+        try:
+            rows = [r for r in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in r)]
+        except csv.Error as err:
+            raise CfbenchError(f"{source}: not a readable CSV file ({err})") from None
         if not rows:
             raise CfbenchError(f"{source}: empty file")
         header = [h.strip() for h in rows[0]]
         if len(header) < 2:
             raise CfbenchError(f"{source}: header needs a row-label column and at least one dataset column")
-        matrix = cls(columns=header[1:])
+        matrix = cls(columns=_labels(header[1:], source, "column"))
         for lineno, row in enumerate(rows[1:], start=2):
             if len(row) != len(header):
                 raise CfbenchError(f"{source}: line {lineno} has {len(row)} cells, the header has {len(header)}")
-            cells = []
-            for cell in row[1:]:
-                cell = cell.strip()
-                try:
-                    cells.append(float(cell) if cell else math.nan)
-                except ValueError:
-                    raise CfbenchError(f"{source}: line {lineno}: {cell!r} is not a number") from None
             matrix.rows.append(row[0].strip())
-            matrix.values.append(cells)
+            matrix.values.append([_accuracy(cell.strip(), source, lineno) for cell in row[1:]])
+        _labels(matrix.rows, source, "row")
         return matrix
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Matrix":
-        path = Path(path)
-        if not path.is_file():
-            raise CfbenchError(f"{path}: no such file")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = read_regular(path, MATRIX_BYTES, "matrix file").decode("utf-8")
         except UnicodeDecodeError:
             raise CfbenchError(f"{path}: not a UTF-8 text file (a matrix is a CSV file)") from None
         return cls.from_csv_text(text, source=str(path))
+
+
+MATRIX_BYTES = 16 * 1024 ** 2  # a 1,000 x 1,000 matrix is under 10 MB
+LABEL_CHARS = 200
+
+
+def _labels(labels: list[str], source: str, what: str) -> list[str]:
+    """Dataset / task labels: non-empty, printable, at most LABEL_CHARS, each once."""
+    seen = set()
+    for label in labels:
+        if not label or not label.isprintable() or len(label) > LABEL_CHARS:
+            raise CfbenchError(f"{source}: {what} label {label[:40]!r} must be 1-{LABEL_CHARS} printable characters")
+        if label in seen:
+            raise CfbenchError(f"{source}: {what} label {label!r} appears twice")
+        seen.add(label)
+    return labels
+
+
+def _accuracy(cell: str, source: str, lineno: int) -> float:
+    if not cell or cell.lower() == "nan":  # numpy's savetxt writes a missing value as nan
+        return math.nan
+    try:
+        value = float(cell)
+    except ValueError:
+        raise CfbenchError(f"{source}: line {lineno}: {cell[:40]!r} is not a number") from None
+    if not 0 <= value <= 100:  # also false for NaN
+        raise CfbenchError(f"{source}: line {lineno}: {cell[:40]!r} is not an accuracy in [0, 100] (leave a cell "
+                           "blank for no value)")
+    return value

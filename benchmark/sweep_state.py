@@ -4,16 +4,18 @@ state, attempts and last error line), which only the driver writes, atomically."
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .config import MACHINE_SETTINGS
+from .config import MACHINE_SETTINGS, lookup
 from .errors import CfbenchError
+from .run_folder import CHECKPOINT
+from .safe_files import refuse_links
 from .store import atomic_write_json
 from .sweep_config import SweepPlan
+from .validate import read_json
 
 SWEEP_STATE = "sweep.json"
 
@@ -35,15 +37,13 @@ class FolderStatus:
 
 def read_json_quietly(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(path)
+    except CfbenchError:
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def folder_status(run_dir: Path) -> FolderStatus:
-    from .runner import CHECKPOINT
-
     if not run_dir.is_dir():
         return FolderStatus()
     progress = read_json_quietly(run_dir / "progress.json")
@@ -88,12 +88,6 @@ def config_difference(planned: dict, actual: dict) -> Optional[str]:
     return None
 
 
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def check_unchanged(plan: SweepPlan) -> None:
     """A run folder started by an earlier invocation must hold the run the sweep file describes now."""
     from .validate import read_yaml_mapping
@@ -107,7 +101,7 @@ def check_unchanged(plan: SweepPlan) -> None:
         key = config_difference(planned, actual)
         if key:
             raise CfbenchError(f"{plan.folder / run.name}: was started with other settings ({key}: "
-                               f"{_lookup(actual, key)!r} there, {_lookup(planned, key)!r} in {plan.path}); give "
+                               f"{lookup(actual, key)!r} there, {lookup(planned, key)!r} in {plan.path}); give "
                                "the sweep another name, or move that folder away")
 
 
@@ -121,6 +115,7 @@ def hold_sweep_folder(folder: Path) -> Iterator[None]:
     except OSError as err:
         raise CfbenchError(f"{folder}: cannot create the sweep folder ({err.strerror})") from None
     with exclusive_lock(folder, "cfbench sweep"):
+        refuse_links(folder, "sweep folder")
         yield
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 
 from .errors import CfbenchError
 from .run_folder import DEVIATIONS
+from .safe_files import open_append
 from .store import atomic_write_json
 
 LOGS = "logs"
@@ -81,8 +82,7 @@ def clear_unstarted(run_dir: Path) -> None:
 @contextlib.contextmanager
 def _output_to(path: Path, header: str) -> Iterator[None]:
     """This task's stdout and stderr (progress lines, warnings) appended to the run's worker log."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", buffering=1, encoding="utf-8") as fh:
+    with open_append(path, "worker log", buffering=1) as fh:
         fh.write(header + "\n")
         with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
             try:
@@ -128,9 +128,9 @@ def execute_run(spec: dict) -> dict:
 
 
 def _attempt(spec: dict, run_dir: Path) -> dict:
-    from .config import MACHINE_SETTINGS, load_config, resolve
-    from .run_folder import PROGRESS
-    from .runner import CHECKPOINT, run_strategy
+    from .config import MACHINE_SETTINGS, load_run_config, resolve
+    from .run_folder import CHECKPOINT, PROGRESS
+    from .runner import run_strategy
     from .validate import read_json_object
 
     progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
@@ -139,7 +139,7 @@ def _attempt(spec: dict, run_dir: Path) -> dict:
         return {"status": "skipped", "resumed_after": None}
     machine = {k: spec["config"][k] for k in MACHINE_SETTINGS}
     if (run_dir / CHECKPOINT).is_file():
-        cfg = load_config(str(run_dir / "config.yaml"), machine)
+        cfg = load_run_config(run_dir / "config.yaml", machine)
         done = len(progress.get("completed_tasks") or [])
         print(f"resuming {run_dir} after {done} task(s)")
         run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)

@@ -13,12 +13,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
-
 import tasks as task_registry
 
 from .config import PROTOCOL_DIR
 from .errors import CfbenchError
+from .validate import parse_yaml, read_text
 
 TEMPLATE_DIR = PROTOCOL_DIR / "templates"
 CLASSNAME_DIR = PROTOCOL_DIR / "classnames"
@@ -36,10 +35,7 @@ def _load_set(folder: Path, name_or_path: str, setting: str, valid: Callable[[st
     if not path.is_file():
         raise CfbenchError(f"{setting}: {name_or_path!r} is neither one of {', '.join(list_sets(folder))} "
                            f"nor a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as err:
-        raise CfbenchError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
+    data = parse_yaml(read_text(path, setting), str(path)) or {}
     if not isinstance(data, dict):
         raise CfbenchError(f"{path}: must map task names to lists")
     out = {}

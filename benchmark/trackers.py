@@ -19,6 +19,7 @@ from avalanche.core import SupervisedPlugin
 from avalanche.logging import BaseLogger
 
 from .errors import CfbenchError
+from .safe_files import open_append
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "csv")
 
@@ -28,9 +29,8 @@ class CSVMetricsLogger(BaseLogger):
 
     def __init__(self, path: Path):
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
         new = not path.exists()
-        self._file = open(path, "a", newline="")
+        self._file = open_append(path, "tracker CSV", newline="")
         self._writer = csv.writer(self._file)
         if new:
             self._writer.writerow(["name", "step", "value"])

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmark.errors import CfbenchError
+from benchmark.validate import read_text
 
 from .context import BuildContext
 from .ewc import EWC
@@ -17,6 +19,33 @@ from .ldifs import LDIFSPlugin, ldifs_distance
 from .lwf import LwF
 from .wise_ft import WiSEFTPlugin
 from .zscl import ZSCLPlugin
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """A parameter's admissible values, checked before a run starts: bounds and/or choices."""
+
+    min: Optional[float] = None    # inclusive
+    above: Optional[float] = None  # exclusive
+    max: Optional[float] = None    # inclusive
+    choices: tuple = ()
+
+    def violation(self, value: Any) -> Optional[str]:
+        if self.choices and value not in self.choices:
+            return f"must be one of {', '.join(map(str, self.choices))}"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if self.min is not None and value < self.min:
+            return f"must be >= {self.min:g}"
+        if self.above is not None and value <= self.above:
+            return f"must be > {self.above:g}"
+        if self.max is not None and value > self.max:
+            return f"must be <= {self.max:g}"
+        return None
+
+
+NON_NEGATIVE, POSITIVE, AT_LEAST_ONE, FRACTION = Allowed(min=0), Allowed(above=0), Allowed(min=1), Allowed(min=0, max=1)
+INT_MAX = 2 ** 31 - 1
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,8 @@ class StrategySpec:
     plugin: Optional[type] = None
     # parameters that size resources on this machine, not the method (left out of a run's deviations)
     machine: tuple[str, ...] = ()
+    # {parameter: Allowed}: where the method makes sense (a negative weight would train to the end)
+    allowed: dict[str, Allowed] = field(default_factory=dict)
 
 
 def _plugin_spec(name: str, description: str, plugin: type, defaults: dict, **extra) -> StrategySpec:
@@ -59,15 +90,21 @@ register_strategy(_plugin_spec("ldifs", "CE + alpha * feature-space distance to 
                                 "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0},
                                notes="with train.augment on, the reference runs on every augmented batch "
                                      "(the per-sample cache holds un-augmented inputs and is not used)",
-                               machine=("cache", "cache_budget_mb", "cache_disk_mb")))
+                               machine=("cache", "cache_budget_mb", "cache_disk_mb"),
+                               allowed={"alpha": NON_NEGATIVE, "reference": Allowed(choices=("previous", "pretrained")),
+                                        "normalize": Allowed(choices=("official", "channel")),
+                                        "cache_budget_mb": NON_NEGATIVE, "cache_disk_mb": NON_NEGATIVE}))
 register_strategy(_plugin_spec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
-                               L2SPPlugin, {"alpha": 0.5, "reference": "previous"}))
+                               L2SPPlugin, {"alpha": 0.5, "reference": "previous"},
+                               allowed={"alpha": NON_NEGATIVE, "reference": Allowed(choices=("previous", "pretrained"))}))
 register_strategy(_plugin_spec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
-                               EWC, {"ewc_lambda": 100.0, "mode": "separate"}))
+                               EWC, {"ewc_lambda": 100.0, "mode": "separate"},
+                               allowed={"ewc_lambda": NON_NEGATIVE, "mode": Allowed(choices=("separate", "online"))}))
 register_strategy(_plugin_spec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
-                               LwF, {"alpha": 1.0, "temperature": 2.0}))
+                               LwF, {"alpha": 1.0, "temperature": 2.0},
+                               allowed={"alpha": NON_NEGATIVE, "temperature": POSITIVE}))
 register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
-                               WiSEFTPlugin, {"beta": 0.5}))
+                               WiSEFTPlugin, {"beta": 0.5}, allowed={"beta": FRACTION}))
 
 
 
@@ -127,12 +164,12 @@ def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list
                        seed=ctx.seed, **kw)]
 
 
+CAPTIONS_BYTES = 256 * 1024 ** 2  # Conceptual Captions' 3.3 M training captions are ~190 MB
+
+
 def read_captions(path: str) -> list[str]:
     """One caption per line; blank lines skipped."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CfbenchError(f"zscl reference_texts {path}: cannot read it as UTF-8 text ({err})") from None
+    lines = read_text(Path(path), "reference_texts file", limit=CAPTIONS_BYTES).splitlines()
     captions = [line.strip() for line in lines if line.strip()]
     if not captions:
         raise CfbenchError(f"zscl reference_texts {path}: no captions in it")
@@ -144,16 +181,20 @@ register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference s
                                _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
                                              "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
                                              "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True},
-                               needs_text=True, plugin=ZSCLPlugin))
+                               needs_text=True, plugin=ZSCLPlugin,
+                               allowed={"temperature": POSITIVE, "weight": NON_NEGATIVE, "l2": NON_NEGATIVE,
+                                        "avg_freq": AT_LEAST_ONE, "ref_batch_size": AT_LEAST_ONE}))
+_LWF_CLIP_ALLOWED = {"temperature": POSITIVE, "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}
 register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
                                "images and class prompts (image and text side; text tower)",
                                _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
-                                                 "ref_batch_size": 64}, needs_text=True, plugin=ZSCLPlugin))
+                                                 "ref_batch_size": 64}, needs_text=True, plugin=ZSCLPlugin,
+                               allowed=_LWF_CLIP_ALLOWED))
 register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
                                "10 tokens per task) as the reference texts (text tower)",
                                lambda ctx, **kw: _build_lwf_clip(ctx, random_texts=True, **kw),
                                {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
-                               needs_text=True, plugin=ZSCLPlugin))
+                               needs_text=True, plugin=ZSCLPlugin, allowed=_LWF_CLIP_ALLOWED))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:
@@ -196,7 +237,12 @@ def _typed(spec: StrategySpec, key: str, value: Any) -> Any:
     if not ok:
         expected = "a string or null" if default is None else {bool: "true or false", float: "a number",
                                                                int: "an integer", str: "a string"}.get(kind, kind.__name__)
-        raise CfbenchError(f"strategy_params.{spec.name}.{key} must be {expected}, not {value!r}")
+        raise CfbenchError(f"strategy_params.{spec.name}.{key} must be {expected}, not {str(value)[:80]!r}")
+    if kind in (int, float) and not (math.isfinite(value) and abs(value) <= (INT_MAX if kind is int else 1e30)):
+        raise CfbenchError(f"strategy_params.{spec.name}.{key} must be a finite number of sensible size, not {value!r}")
+    why = spec.allowed[key].violation(value) if key in spec.allowed else None
+    if why:
+        raise CfbenchError(f"strategy_params.{spec.name}.{key} {why}, not {value!r}")
     return value
 
 

@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 
 from benchmark.progress import bar as progress_bar
+from benchmark.errors import CfbenchError
+from benchmark.safe_files import read_regular
 from benchmark.store import atomic_write_json
 
 from .base import ArraySource, SourceSplit
@@ -157,8 +159,8 @@ def _matches(f: Path, entry: dict) -> bool:
 
 def _trusted(manifest: Path, expected: dict, files: list[Path]) -> bool:
     try:
-        found = json.loads(manifest.read_text())
-    except (OSError, ValueError):
+        found = json.loads(read_regular(manifest, 64 * 1024 ** 2, "cache manifest"))
+    except (CfbenchError, ValueError):
         return False
     recorded = found.pop("files", None)
     if found != expected or not isinstance(recorded, dict) or set(recorded) != {f.name for f in files}:
@@ -263,7 +265,11 @@ def cached_images(task: str, split: str, source: SourceSplit, idx: np.ndarray, s
     base.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(base.parent)
     manifest.unlink(missing_ok=True)  # from here on, no half-built state is trusted
-    _build(form, source, idx, size, files, desc=f"caching {task}/{split} at {size}px ({form})")
+    try:
+        _build(form, source, idx, size, files, desc=f"caching {task}/{split} at {size}px ({form})")
+    except OSError as err:  # a full disk or quota: one line, and nothing half-built is trusted
+        raise CfbenchError(f"caching {task}/{split} failed: {err.filename or base.parent}: {err.strerror or err} "
+                           f"(a full disk? free space or choose another --cache-dir)") from None
     atomic_write_json(manifest, {**expected, "files": {f.name: {"bytes": os.path.getsize(f), "blake2b": file_digest(f)}
                                                        for f in files}})
     return _open(form, files, size)

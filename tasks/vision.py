@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torchvision.datasets as tvd
 
+from benchmark.safe_files import read_regular
+
 from . import metadata
 from .base import ArraySource, FileSource, LoadedTask, Task, TaskDefect, TaskIncomplete, random_split_indices
 from .validate import checksum_failure
@@ -101,7 +103,8 @@ def _load_svhn(root: Path) -> LoadedTask:
 def _listed_split(list_file: Path, data: Path) -> FileSource:
     """Images under data/<class>/ whose file name is listed in list_file; labels = sorted class folders.
     Every listed name must be there."""
-    wanted = dict.fromkeys(line.strip() for line in list_file.read_text().splitlines() if line.strip())
+    text = read_regular(list_file, 256 * 1024 ** 2, "split list").decode("utf-8", errors="replace")
+    wanted = dict.fromkeys(line.strip() for line in text.splitlines() if line.strip())
     classes = sorted(d.name for d in data.iterdir() if d.is_dir())
     samples = [(str(data / c / f), y) for y, c in enumerate(classes)
                for f in sorted(os.listdir(data / c)) if f in wanted]
