@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,13 +27,17 @@ from .validate import read_yaml_mapping
 
 PROTOCOL_DIR = Path(__file__).parent / "protocols"
 DEFAULT_PROTOCOL = "demo"
+PROTOCOL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # settings that describe the machine a run is on, not the experiment: a resumed run may change
 # them, and runs that differ only in them (and the seed / output folder) are one experiment
 MACHINE_SETTINGS = ("device", "threads", "data_root", "cache_dir")
 
-# field metadata: {"min": x} lower bound (inclusive), {"positive": True} strictly > 0
+# field metadata: {"min": x} / {"max": x} bounds (inclusive), {"positive": True} strictly > 0. Every
+# number is also finite, and every integer fits a C int (INT_MAX): torch, numpy and the CUDA
+# kernels take them as such
 _POSITIVE = {"positive": True}
+INT_MAX = 2 ** 31 - 1
 
 
 @dataclass
@@ -52,7 +60,7 @@ class AugmentConfig:
 class ModelConfig:
     name: str = "efficientnet_lite0"            # efficientnet_lite0 or an open_clip model name
     pretrained: Optional[str] = "package"       # "package", an open_clip tag, or a checkpoint path
-    image_size: Optional[int] = field(default=None, metadata={"min": 8})  # null: the model's own
+    image_size: Optional[int] = field(default=None, metadata={"min": 8, "max": 4096})  # null: the model's own
     freeze_bn: bool = True
     quick_gelu: Optional[bool] = None           # null: as the pretrained tag was trained (open_clip metadata)
 
@@ -60,16 +68,16 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: Union[float, dict[str, float]] = field(default=1e-3, metadata=_POSITIVE)  # or {task: lr, default: lr}
-    weight_decay: float = field(default=0.1, metadata={"min": 0})
-    batch_size: int = field(default=64, metadata=_POSITIVE)
+    lr: Union[float, dict[str, float]] = field(default=1e-3, metadata={"positive": True, "max": 100})  # or {task: lr, default: lr}
+    weight_decay: float = field(default=0.1, metadata={"min": 0, "max": 100})
+    batch_size: int = field(default=64, metadata={"positive": True, "max": 2 ** 20})
     epochs: Union[int, dict[str, int]] = field(default=3, metadata=_POSITIVE)  # or {task: epochs, default: n}
     iterations: Optional[int] = field(default=None, metadata=_POSITIVE)  # steps per task; wins over epochs
     schedule_steps: Optional[int] = field(default=None, metadata=_POSITIVE)  # cosine horizon; null: the task's steps
     split: Literal["train", "trainval"] = "train"  # trainval: no validation hold-out (ZSCL trains on all of train)
     max_train_per_class: Optional[int] = field(default=450, metadata=_POSITIVE)  # null: the whole split
     head: Literal["linear", "text"] = "linear"  # text: the trainable text tower's class-prompt embeddings (CLIP)
-    label_smoothing: float = field(default=0.0, metadata={"min": 0})
+    label_smoothing: float = field(default=0.0, metadata={"min": 0})  # < 1 (check)
     head_init: Literal["lp", "zs", "zero"] = "lp"  # linear heads only
     warmup_steps: int = field(default=20, metadata={"min": 0})
     grad_clip: Optional[float] = field(default=None, metadata=_POSITIVE)  # max global gradient norm
@@ -100,9 +108,9 @@ class EvalConfig:
     probe: Literal["sklearn", "official"] = "sklearn"  # official: the LDIFS code's PyTorch logistic regression
     probe_max_per_class: Optional[int] = field(default=100, metadata=_POSITIVE)  # null: the whole split
     test_max_per_class: Optional[int] = field(default=None, metadata=_POSITIVE)
-    probe_C: float = field(default=1.0, metadata=_POSITIVE)          # sklearn probe only
+    probe_C: float = field(default=1.0, metadata={"positive": True, "max": 1e12})          # sklearn probe only
     probe_iterations: int = field(default=1000, metadata=_POSITIVE)  # official probe only (full-batch AdamW)
-    batch_size: int = field(default=256, metadata=_POSITIVE)
+    batch_size: int = field(default=256, metadata={"positive": True, "max": 2 ** 20})
     zs_text: Literal["pretrained", "current"] = "current"  # whose text tower makes the zero-shot classifiers
     templates: Optional[str] = None  # null: clip-benchmark's; or a name in protocols/templates/, or a YAML path
     classnames: Optional[str] = None  # null: the tasks' curated names; or a name in protocols/classnames/, or a path
@@ -124,11 +132,11 @@ class RunConfig:
     # raw: uint8 squares (fastest reads, 150 KB per 224-px image); compact: source pixels / JPEG,
     # decoded per batch; auto: raw while the run's splits fit cache_budget_gb, else compact
     cache_format: Literal["auto", "raw", "compact"] = "auto"
-    cache_budget_gb: float = field(default=16.0, metadata=_POSITIVE)
+    cache_budget_gb: float = field(default=16.0, metadata={"positive": True, "max": 1e6})  # up to a petabyte
     out: str = "results"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    threads: Optional[int] = field(default=None, metadata=_POSITIVE)  # null: every core
+    seed: int = field(default=0, metadata={"min": 0})
+    threads: Optional[int] = field(default=None, metadata={"positive": True, "max": 4096})  # null: every core
     # experiment trackers (benchmark/trackers.py): loss, penalties, lr per step; every eval round
     loggers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = field(default_factory=list)
 
@@ -141,9 +149,21 @@ class RunConfig:
     def check(self) -> None:
         if not self.strategies:
             raise CfbenchError("config: strategies must be a non-empty list")
+        for key in ("strategies", "tasks", "eval_only"):
+            _refuse_repeats(getattr(self, key) or [], key)
         self.train.augment.check("train.augment")
         if self.train.label_smoothing >= 1:
             raise CfbenchError(f"config: train.label_smoothing must be < 1, not {self.train.label_smoothing}")
+
+
+def _refuse_repeats(items: list, key: str) -> None:
+    """A name twice would train a whole run before failing, or write a matrix with a repeated column."""
+    seen = set()
+    for item in items:
+        name = item.strip().lower() if isinstance(item, str) else item
+        if name in seen:
+            raise CfbenchError(f"config: {key} names {item!r} twice")
+        seen.add(name)
 
 
 def _plain(value):
@@ -205,6 +225,10 @@ def _coerce(value, hint, where: str):
             ok = False
         if not ok:
             raise CfbenchError(f"config: {where} must be {'an integer' if hint is int else 'a number'}, not {value!r}")
+        if not math.isfinite(value):
+            raise CfbenchError(f"config: {where} must be a finite number, not {value!r}")
+        if hint is int and abs(value) > INT_MAX:
+            raise CfbenchError(f"config: {where} must be at most {INT_MAX} in size, not {value!r}")
         return hint(value)
     if hint is str:
         if not isinstance(value, str):
@@ -230,6 +254,8 @@ def _check_range(value, meta: dict, where: str) -> None:
             raise CfbenchError(f"config: {where} must be positive, not {v!r}")
         if "min" in meta and v < meta["min"]:
             raise CfbenchError(f"config: {where} must be >= {meta['min']}, not {v!r}")
+        if "max" in meta and v > meta["max"]:
+            raise CfbenchError(f"config: {where} must be <= {meta['max']:g}, not {v!r}")
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -273,10 +299,12 @@ def list_protocols() -> dict[str, str]:
 
 
 def protocol_settings(name: str) -> dict:
-    path = PROTOCOL_DIR / f"{name}.yaml"
-    if not isinstance(name, str) or not path.is_file():
-        raise CfbenchError(f"unknown protocol {name!r}; known: {', '.join(list_protocols())}")
-    settings = read_yaml_mapping(path).get("settings") or {}
+    # a name, never a path: `--protocol ../x` must not read a file outside benchmark/protocols/
+    if not isinstance(name, str) or not PROTOCOL_NAME.fullmatch(name) or not (PROTOCOL_DIR / f"{name}.yaml").is_file():
+        raise CfbenchError(f"unknown protocol {str(name)[:80]!r}; known: {', '.join(list_protocols())}")
+    settings = read_yaml_mapping(PROTOCOL_DIR / f"{name}.yaml").get("settings") or {}
+    if not isinstance(settings, dict):
+        raise CfbenchError(f"{PROTOCOL_DIR / name}.yaml: settings must be a mapping")
     return {**settings, "protocol": name}
 
 
@@ -292,7 +320,7 @@ def read_config_file(path: Optional[str]) -> dict:
     if path is None:
         return {}
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise CfbenchError(f"config file {path} not found")
     return read_yaml_mapping(p)
 
@@ -313,6 +341,68 @@ def resolve(*layers: dict) -> RunConfig:
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> RunConfig:
     """The config of a YAML file (or none) with command-line overrides on top."""
     return resolve(read_config_file(path), overrides or {})
+
+
+def load_run_config(path: Path, machine: Optional[dict] = None) -> RunConfig:
+    """A run folder's config.yaml exactly as written, laid over no preset, with only the machine
+    settings replaced. It must hold every key of the schema: an older version's file would
+    otherwise be completed with today's defaults, silently changing the experiment."""
+    data = read_yaml_mapping(Path(path), "config.yaml")
+    missing = missing_keys(data)
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise CfbenchError(f"{path}: lacks {missing[0]}{more} (written by another cfbench version?); a run is "
+                           "continued only with the settings it started with, so start it again")
+    unexpected = [k for k in machine or {} if k not in MACHINE_SETTINGS]
+    if unexpected:
+        raise TypeError(f"not machine settings: {unexpected}")  # a caller's bug
+    cfg = _build(RunConfig, {**data, **(machine or {})})
+    cfg.check()
+    return cfg
+
+
+def missing_keys(data: dict, cls=RunConfig, prefix: str = "") -> list[str]:
+    """The schema's keys (dotted, sections included) that `data` lacks."""
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            missing.append(prefix + f.name)
+        elif dataclasses.is_dataclass(hints[f.name]) and isinstance(data[f.name], dict):
+            missing += missing_keys(data[f.name], hints[f.name], f"{prefix}{f.name}.")
+    return missing
+
+
+def experiment_settings(settings: dict) -> dict:
+    """What defines an experiment: every setting but the machine's and the output folder."""
+    return {k: v for k, v in settings.items() if k not in (*MACHINE_SETTINGS, "out")}
+
+
+def experiment_digest(settings: dict) -> str:
+    """A short fingerprint of experiment_settings: a checkpoint and progress.json carry it, and
+    --resume refuses a config.yaml whose fingerprint differs."""
+    canonical = json.dumps(experiment_settings(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def first_difference(a: Any, b: Any, where: str = "") -> Optional[str]:
+    """The first dotted key (in sorted order) at which two nested mappings differ, or None."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}{key}"
+            found = first_difference(a[key], b[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    return None if a == b else (where.rstrip(".") or "(the whole config)")
+
+
+def lookup(tree: Any, dotted: str) -> Any:
+    """The value at a dotted key of nested mappings, or None."""
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def dump_config(cfg: Union[RunConfig, dict]) -> str:

@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from .config import experiment_digest
 from .deviations import count_label
 from .errors import CfbenchError
 from .figures import comparison_figure, curves_figure, group_runs
@@ -15,6 +16,9 @@ from .metrics import compute_metrics
 from .plots import plot_run
 from .run_folder import DEVIATIONS
 from .store import PRETRAINED, Matrix, atomic_write_json, atomic_write_text
+
+# what compare_runs writes into its folder (name prefixes)
+COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3")
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
                    ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
@@ -77,7 +81,8 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
         metrics["notes"] = [f"no zero-shot (zs) matrix: {run_cfg['model']['name']} has no text tower"]
     atomic_write_json(run_dir / "metrics.json", metrics)
     plot_run(run_dir)
-    atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:], "finished": True})
+    atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:], "finished": True,
+                                                  "experiment": experiment_digest(run_cfg)})
     return metrics
 
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shlex
+import stat
 import time
 from pathlib import Path
 from typing import Iterator
 
 from .errors import CfbenchError
+from .safe_files import open_no_follow, refuse_links
 from .store import atomic_write_json
 
 PROGRESS = "progress.json"
 DEVIATIONS = "deviations.json"  # how the run differs from its protocol (benchmark/deviations.py)
 LOCK = ".lock"
+CHECKPOINT = "checkpoints/state.pt"  # benchmark/checkpoint.py
 
 
 def new_invocation_folder(out: Path, label: str) -> Path:
@@ -35,15 +39,17 @@ def new_invocation_folder(out: Path, label: str) -> Path:
 @contextlib.contextmanager
 def exclusive_lock(folder: Path, holder: str) -> Iterator[None]:
     """folder/.lock held by this process (its pid inside) for the block; a second holder is refused
-    in one line naming the first one's pid."""
-    with open(folder / LOCK, "a+") as lock:
+    in one line naming the first one's pid. A .lock that is a symbolic link is refused before
+    anything is written (it could name any file of the user's)."""
+    fd = open_no_follow(folder / LOCK, os.O_RDWR | os.O_CREAT, "lock file")
+    with os.fdopen(fd, "r+") as lock:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CfbenchError(f"{folder / LOCK}: the lock file is not a regular file; remove it")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            lock.seek(0)
-            raise CfbenchError(f"{folder}: in use by another {holder} (pid {lock.read().strip() or '?'}); wait "
+            raise CfbenchError(f"{folder}: in use by another {holder} (pid {lock.read(32).strip() or '?'}); wait "
                                "for it to finish or stop it first") from None
-        lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
         lock.flush()
@@ -51,22 +57,27 @@ def exclusive_lock(folder: Path, holder: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
+def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[None]:
     """The run folder for this process alone while the block runs. A fresh run needs a new or
-    empty folder and starts progress.json at once; any error is recorded in progress.json."""
+    empty folder and starts progress.json at once, with the `experiment` digest of its settings; a
+    resumed one must hold a folder of that same digest and no symbolic link. Any error is recorded
+    in progress.json."""
     if not resume:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CfbenchError(f"{run_dir}: cannot create the run folder ({err.strerror})") from None
         if any(run_dir.iterdir()):
-            raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or choose "
-                               "another folder")
+            raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {shlex.quote(str(run_dir))} "
+                               "or choose another folder")
     with exclusive_lock(run_dir, "cfbench process"):
+        refuse_links(run_dir, "run folder")
+        if resume:
+            _check_experiment(run_dir, experiment)
         for tmp in run_dir.rglob(".*.tmp"):  # atomic writes of a killed holder; the lock says none is live
             tmp.unlink(missing_ok=True)
         if not resume:
-            atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False})
+            atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False, "experiment": experiment})
         else:  # this attempt starts clean: the last one's error line goes
             _clear_error(run_dir)
         try:
@@ -74,6 +85,16 @@ def hold_run_folder(run_dir: Path, resume: bool) -> Iterator[None]:
         except BaseException as err:
             _record_error(run_dir, err)
             raise
+
+
+def _check_experiment(run_dir: Path, experiment: str) -> None:
+    from .validate import read_json_object
+
+    found = read_json_object(run_dir / PROGRESS, "progress file").get("experiment")
+    if found != experiment:
+        raise CfbenchError(f"{run_dir}: config.yaml no longer matches the experiment this run started (progress.json "
+                           f"records settings digest {str(found)[:20]!r}, config.yaml gives {experiment!r}); restore "
+                           "config.yaml or start a new run")
 
 
 def _clear_error(run_dir: Path) -> None:
@@ -85,12 +106,23 @@ def _clear_error(run_dir: Path) -> None:
 
 
 def _record_error(run_dir: Path, err: BaseException) -> None:
-    """The error line beside the progress, so a sweep or a user sees why a run stopped."""
+    """The error line beside the progress, so a sweep or a user sees why a run stopped (unless the
+    disk is full: then the line cannot be written, and the error itself says so)."""
     from .validate import read_json_object
 
     try:
         progress = read_json_object(run_dir / PROGRESS)
     except CfbenchError:
         progress = {"completed_tasks": [], "finished": False}
-    line = "interrupted" if isinstance(err, KeyboardInterrupt) else (str(err).splitlines() or [type(err).__name__])[0]
-    atomic_write_json(run_dir / PROGRESS, {**progress, "finished": False, "error": line})
+    line = interruption_line(err) or (str(err).splitlines() or [type(err).__name__])[0]
+    try:
+        atomic_write_json(run_dir / PROGRESS, {**progress, "finished": False, "error": line})
+    except CfbenchError:
+        pass
+
+
+def interruption_line(err: BaseException) -> str:
+    """'interrupted (SIGTERM)' and the like for an interruption, else ''."""
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted ({getattr(err, 'signal_name', 'SIGINT')})"
+    return ""

@@ -7,7 +7,6 @@ head, train, evaluate every dataset, checkpoint. The helpers below it each do on
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -26,11 +25,11 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.training.plugins import EvaluationPlugin
 
 import strategies
-from strategies.checkpoint import plugin_states, restore_plugins
 import tasks as task_registry
 
 from .augment import build_augment
-from .config import RunConfig, dump_config
+from .checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, dump_config, experiment_digest
 from .deviations import protocol_deviations, summary
 from .errors import CfbenchError
 from .evaluate import EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
@@ -40,20 +39,21 @@ from .plan import check_text_needs, resolve_tasks
 from .probe import fit_normalized_head, fit_official_probe
 from .report import finalize_run
 from .run_folder import DEVIATIONS, hold_run_folder
+from .safe_files import AppendLogHandler
 from .schedule import GradClipPlugin, WarmupCosinePlugin
-from .store import PRETRAINED, Matrix, atomic_write_bytes, atomic_write_json, atomic_write_text
+from .store import PRETRAINED, Matrix, atomic_write_json, atomic_write_text
 from .templates import task_class_names, task_templates
 from .trackers import Trackers
 from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_device
 
-CHECKPOINT = "checkpoints/state.pt"
 log = logging.getLogger("cfbench")
 _PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
 
 
 def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = False,
-                 stop_after: Optional[int] = None) -> Path:
-    """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption would."""
+                 stop_after: Optional[int] = None, on_start: Optional[Callable[[], None]] = None) -> Path:
+    """Train `strategy` over the sequence; `stop_after=k` ends after k tasks as an interruption
+    would; `on_start()` is called once every check has passed, just before the run folder is held."""
     trained, eval_only = resolve_tasks(cfg)
     params = strategies.resolve_params(strategy, cfg.strategy_params)
     # from the settings as given, before they are filled in (a resumed run's were recorded at its start)
@@ -69,7 +69,13 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
                           strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
         cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
         plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
-        with hold_run_folder(run_dir, resume):  # nothing is written before this point
+        settings = cfg.to_dict()
+        # a resumed run's checkpoint must be of this config (checked before the folder is touched)
+        state = load_checkpoint(run_dir, settings, trained, trained + eval_only, matrix_kinds(encoder.has_text),
+                                device) if resume else None
+        if on_start:
+            on_start()
+        with hold_run_folder(run_dir, resume, experiment_digest(settings)):  # nothing is written before this point
             log_into(run_dir)
             if not resume:
                 log.info("%s", summary(cfg, deviations))
@@ -79,13 +85,14 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
                 log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s",
                          strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
                 _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
-                                resume, stop_after)
+                                state, stop_after)
     return run_dir
 
 
 def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_dir: Path, trained, eval_only,
-                    device: str, trackers: Trackers, resume: bool, stop_after: Optional[int]) -> None:
-    """The pretrained row, then per task: initialise its head, train, evaluate, checkpoint."""
+                    device: str, trackers: Trackers, state: Optional[dict], stop_after: Optional[int]) -> None:
+    """The pretrained row (or the checkpoint's `state`), then per task: initialise its head, train,
+    evaluate, checkpoint."""
     if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
         encoder.set_text_trainable(cfg.train.head == "text")
     configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
@@ -96,9 +103,12 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     stream = _benchmark(train_splits).train_stream
     matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
     zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
-    if resume:
-        start = _restore(cfg, run_dir, model, plugins, matrices, trained, device)
+    if state is not None:
+        for t in range(state["completed"]):
+            _make_head(cfg, model, t, trained[t])
+        start = apply_checkpoint(state, model, plugins, matrices)
         learner.clock.train_exp_counter = start
+        log.info("resumed after %d task(s)", start)
     else:
         start = 0
         # before any training the current text tower is the pretrained one: its classifiers serve
@@ -114,7 +124,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
                                 cfg.seed, zs_for_eval, desc=f"eval after {name}")
         _add_rows(matrices, name, result, trackers)
-        _save_checkpoint(run_dir, model, plugins, matrices, t + 1)
+        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1)
         log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
     metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
     trackers.log_metrics(metrics, len(trained))
@@ -294,40 +304,6 @@ def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str)
     return model.ensure_head(task, task_registry.get_task(name).num_classes)
 
 
-def _save_checkpoint(run_dir: Path, model, plugins, matrices, completed: int) -> None:
-    state = {"completed": completed, "model": model.state_dict(),
-             "known_tasks": sorted(model.known_train_tasks_labels),  # Avalanche's, outside the state dict
-             "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
-             "plugins": plugin_states(plugins, model)}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
-    for kind, m in matrices.items():
-        m.save(run_dir / "matrices" / f"{kind}.csv")
-    atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:],
-                                                  "finished": False})
-
-
-def _restore(cfg: RunConfig, run_dir: Path, model, plugins, matrices, trained, device: str) -> int:
-    """Model, plugin state and matrices of the last finished task; returns how many tasks are done."""
-    try:  # tensors and plain types only: a foreign run folder cannot execute code here
-        state = torch.load(run_dir / CHECKPOINT, map_location=device, weights_only=True)
-        start = state["completed"]
-    except Exception as err:  # unpickling raises many types for corrupt, truncated or crafted files
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CfbenchError(f"{run_dir / CHECKPOINT}: not a loadable cfbench checkpoint ({reason[:200]}); "
-                           "nothing was resumed") from None
-    for t in range(start):
-        _make_head(cfg, model, t, trained[t])
-    model.load_state_dict(state["model"])
-    model.known_train_tasks_labels = set(state.get("known_tasks", range(start)))
-    for k, (rows, cols, values) in state["matrices"].items():
-        matrices[k] = Matrix(rows, cols, values)
-    restore_plugins(plugins, state["plugins"], model)
-    log.info("resumed after %d task(s)", start)
-    return start
-
-
 class _Pending(logging.Handler):
     """Holds records until the run folder exists."""
 
@@ -348,7 +324,7 @@ def _run_log() -> Iterator[Callable[[Path], None]]:
     log.setLevel(logging.INFO)
 
     def log_into(run_dir: Path) -> None:
-        handler = logging.FileHandler(run_dir / "log.txt")
+        handler = AppendLogHandler(run_dir / "log.txt")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         for record in pending.records:
             handler.handle(record)

@@ -23,7 +23,8 @@ import yaml
 import tasks
 from benchmark.config import resolve
 from benchmark.models.clip import CLIPModel
-from benchmark.runner import CHECKPOINT, run_strategy
+from benchmark.run_folder import CHECKPOINT
+from benchmark.runner import run_strategy
 from benchmark.templates import task_class_names, task_templates
 
 TASKS = ("digits", "faces")

@@ -13,7 +13,7 @@ import yaml
 
 from benchmark import run_folder
 from benchmark.cli import main
-from benchmark.config import load_config
+from benchmark.config import experiment_digest, load_config, load_run_config
 from benchmark.run_folder import hold_run_folder, new_invocation_folder
 from benchmark.runner import run_strategy
 
@@ -32,9 +32,10 @@ def test_a_run_folder_is_held_by_one_process_and_refuses_a_second(tmp_path, caps
     cfg = load_config(None, {**SOAK, "strategies": ["ft"], "train": {**SOAK["train"], "epochs": 1}})
     part = run_strategy(cfg, "ft", tmp_path / "part", stop_after=1)
     with pytest.raises(Exception, match="already holds a run"):
-        with hold_run_folder(part, resume=False):
+        with hold_run_folder(part, resume=False, experiment=experiment_digest(cfg.to_dict())):
             pass
-    with hold_run_folder(part, resume=True):  # as a running process would
+    resumed = load_run_config(part / "config.yaml")
+    with hold_run_folder(part, resume=True, experiment=experiment_digest(resumed.to_dict())):  # as a running process would
         assert main(["run", "--resume", str(part)]) == 2
     err = capsys.readouterr().err
     assert f"in use by another cfbench process (pid {os.getpid()})" in err
