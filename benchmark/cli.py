@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -65,7 +69,13 @@ def cmd_run(args) -> int:
         found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
         print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
         return 0
-    trained, _ = check_run(cfg)  # nothing is written before every check passed
+    trained, eval_only = check_run(cfg)  # nothing is written before every check passed
+    if args.check:
+        for combo in cfg.strategies:
+            print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}")
+        print(f"checked: trains {' -> '.join(trained)}, evaluates also {', '.join(eval_only) or 'nothing else'}; "
+              f"{len(cfg.strategies)} run(s) into {cfg.out}; nothing was written")
+        return 0
     label = cfg.sequence if not cfg.tasks else "-".join(trained)
     out_existed = Path(cfg.out).exists()
     invocation = new_invocation_folder(Path(cfg.out), label)
@@ -73,10 +83,11 @@ def cmd_run(args) -> int:
     try:
         for combo in cfg.strategies:
             run_dir = invocation / f"{combo}-s{cfg.seed}"
-            print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}; training on "
-                  f"{' -> '.join(trained)}; run directory {run_dir}", file=sys.stderr)
+            line = (f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}; training on "
+                    f"{' -> '.join(trained)}; run directory {run_dir}")
             start = time.time()
-            run_dirs.append(run_strategy(cfg, combo, run_dir))
+            run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir,
+                                        on_start=lambda line=line: print(line, file=sys.stderr)))
             print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
     except BaseException:
         if not any(invocation.iterdir()):  # refused before its run folder existed: leave nothing behind
@@ -92,9 +103,9 @@ def cmd_run(args) -> int:
 
 def _resume(run_dir: Path, args) -> int:
     """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
-    from .config import MACHINE_SETTINGS, load_config
-    from .run_folder import PROGRESS
-    from .runner import CHECKPOINT, run_strategy
+    from .config import MACHINE_SETTINGS, load_run_config
+    from .run_folder import CHECKPOINT, PROGRESS
+    from .runner import run_strategy
     from .validate import check_data, read_json_object
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -116,12 +127,22 @@ def _resume(run_dir: Path, args) -> int:
                                f"but {CHECKPOINT} is gone, so they cannot be continued; start the run again")
         raise CfbenchError(f"{run_dir}: no checkpoint yet (no task finished); start the run again instead")
     machine = {k: getattr(args, k) for k in MACHINE_SETTINGS if getattr(args, k) is not None}
-    cfg = load_config(str(run_dir / "config.yaml"), machine)
+    cfg = load_run_config(run_dir / "config.yaml", machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
-    run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)
+    _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)
     print(f"finished {run_dir}")
     _finish_invocation(run_dir.parent)
     return 0
+
+
+def _attributed(run_dir: Path, fn, *args, **kwargs):
+    """fn(...), an interruption carrying the run folder it stopped (for the message that says
+    whether and how to resume it)."""
+    try:
+        return fn(*args, **kwargs)
+    except KeyboardInterrupt as err:
+        err.run_dir = run_dir
+        raise
 
 
 def _finish_invocation(invocation: Path) -> None:
@@ -265,12 +286,15 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .report import compare_runs
+    from .report import COMPARE_OUTPUTS, compare_runs
+    from .safe_files import refuse_links
     from .validate import check_writable_folder
 
     dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else dirs[0].parent
     check_writable_folder(out, "--out")
+    if out.is_dir():  # the entries compare writes, never through a link planted there
+        refuse_links(out, "output folder", [p.name for p in out.iterdir() if p.name.startswith(COMPARE_OUTPUTS)])
     print(compare_runs(dirs, out, args.format, args.latex))
     tex = ", comparison.tex" if args.latex else ""
     groups = ", comparison_groups.md/.csv and groups/ (seed groups: mean, std, n; mean heatmaps)" \
@@ -282,10 +306,12 @@ def cmd_compare(args) -> int:
 
 def cmd_plot(args) -> int:
     from .plots import plot_run
+    from .safe_files import refuse_links
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "matrices").is_dir():
         raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
+    refuse_links(run_dir, "run folder")
     for path in plot_run(run_dir, args.format):
         print(path)
     return 0
@@ -325,17 +351,25 @@ def cmd_sweep(args) -> int:
         raise CfbenchError(f"--max-parallel must be at least 1, not {args.max_parallel}")
     try:
         return run_sweep(args.sweep_file, args.ray, args.max_parallel, args.dry_run, args.out)
-    except KeyboardInterrupt:
-        print("cfbench: sweep interrupted; finished tasks are checkpointed, run the same command again to "
-              "continue", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        from .run_folder import interruption_line
+
+        print(f"cfbench: sweep {interruption_line(err)}; finished tasks are checkpointed, run the same command "
+              "again to continue", file=sys.stderr)
+        return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
+
+
+def one_line(text: str) -> str:
+    """The message as one line: a newline or control character in a user's value (a key, a file
+    name) is shown escaped, never as a break."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse's usage errors as the suite's one line (exit 2), pointing at --help."""
 
     def error(self, message: str):
-        print(f"cfbench: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        print(f"cfbench: error: {one_line(message)} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(2)
 
 
@@ -348,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--protocol", help="a named preset of every setting (cfbench list protocols; default demo); "
                    "the config file and flags override it key by key")
     r.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
+    r.add_argument("--check", action="store_true", help="check everything a run checks before it starts (settings, "
+                   "strategy parameters, data, model weights, folders, templates, class names) and exit; nothing "
+                   "is written")
     r.add_argument("--strategy", action="append", help="strategy or combination (ft, ldifs, ldifs+ewc); repeatable")
     r.add_argument("--tasks", help="comma-separated trained tasks, in order")
     r.add_argument("--sequence", help="a named sequence (cfbench list sequences)")
@@ -436,23 +473,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (what SLURM, Ray and docker send) ends a run as Ctrl-C does: recorded, resumable."""
+    err = KeyboardInterrupt()
+    err.signal_name = "SIGTERM"
+    raise err
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    from .run_folder import CHECKPOINT, interruption_line
+
+    run_dir = getattr(err, "run_dir", None)
+    if run_dir is None:
+        hint = ""
+    elif (run_dir / CHECKPOINT).is_file():
+        hint = f"; finished tasks are checkpointed: continue with cfbench run --resume {shlex.quote(str(run_dir))}"
+    else:
+        hint = f"; no task of {run_dir} had finished, so there is nothing to resume: start the run again"
+    print(f"cfbench: {interruption_line(err)}{hint}", file=sys.stderr)
+    return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     _quiet_imports()
     args = build_parser().parse_args(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         return args.func(args)
     except CfbenchError as err:
-        print(f"cfbench: error: {err}", file=sys.stderr)
+        print(f"cfbench: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print("cfbench: interrupted; finished tasks are checkpointed, continue with --resume RUN_DIR",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

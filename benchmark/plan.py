@@ -24,9 +24,20 @@ def resolve_tasks(cfg: RunConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
         task_registry.get_task(name)
     if len(set(trained)) != len(trained):
         raise CfbenchError(f"a task appears twice in the sequence {list(trained)}")
+    _check_per_task_maps(cfg)
     for name in trained:
         cfg.train.epochs_for(name)  # a per-task epochs map must cover every trained task
     return trained, tuple(n for n in eval_only if n not in trained)
+
+
+def _check_per_task_maps(cfg: RunConfig) -> None:
+    """A per-task map names only known tasks (and `default`): a typo would silently fall back."""
+    for where, value in (("train.lr", cfg.train.lr), ("train.epochs", cfg.train.epochs)):
+        if isinstance(value, dict):
+            for key in value:
+                if key != "default" and key not in task_registry.TASKS:
+                    raise CfbenchError(f"config: {where} names {key!r}, which is not a task (cfbench list tasks) "
+                                       "nor 'default'")
 
 
 def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:

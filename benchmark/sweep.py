@@ -31,9 +31,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional, Sequence, TextIO
 
 from .errors import CfbenchError
+from .ray_reaper import end_stale, start_watchdog
 from .store import atomic_write_text
 from .sweep_config import SweepConfig, SweepPlan, load_sweep
 from .sweep_progress import SweepProgress
@@ -80,9 +82,10 @@ def decide_resources(spec: SweepConfig, nodes: Sequence[tuple[float, float]],
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str, progress_note=print) -> Iterator[list[tuple[float, float]]]:
+def ray_cluster(address: str, progress_note=print, folder: Optional[Path] = None) -> Iterator[list[tuple[float, float]]]:
     """Ray for the sweep: `local` starts an embedded one-node cluster with this machine's CPUs
-    and GPUs (stopped at the end), `auto` or an address attaches to a running cluster. A Ray the
+    and GPUs (stopped at the end; a watchdog recording into `folder` ends it if this driver is
+    killed, benchmark/ray_reaper.py), `auto` or an address attaches to a running cluster. A Ray the
     calling process started itself (a notebook, the tests) is used as it is and left running.
     Yields the alive nodes' (CPUs, GPUs)."""
     import ray
@@ -104,6 +107,8 @@ def ray_cluster(address: str, progress_note=print) -> Iterator[list[tuple[float,
             hint = " (start one with `ray start --head`, see README \"Sweeps\")" if address != "local" else ""
             raise CfbenchError(f"--ray {address}: could not {'start' if address == 'local' else 'attach to'} "
                                f"Ray: {text[:300]}{hint}") from None
+        if address == "local" and folder is not None:
+            start_watchdog(folder)
         progress_note(f"Ray {'started' if address == 'local' else 'attached'} in {time.monotonic() - start:.1f} s")
     try:
         nodes = [(float(n["Resources"].get("CPU", 0)), float(n["Resources"].get("GPU", 0)))
@@ -259,6 +264,9 @@ def run_sweep(path: str, ray_address: str = "local", max_parallel: Optional[int]
         return 0
     progress = SweepProgress({r.name: len(r.tasks) for r in plan.runs}, stream)
     with hold_sweep_folder(plan.folder):
+        stale = end_stale(plan.folder)  # an earlier driver's cluster, if it and its watchdog were killed
+        if stale:
+            progress.note(f"ended {stale} process(es) of an earlier, killed invocation's Ray cluster")
         atomic_write_text(plan.folder / "sweep.yaml", plan.path.read_text(encoding="utf-8"))
         state = SweepState(plan, statuses)
         state.data["ray"] = ray_address
@@ -271,7 +279,7 @@ def run_sweep(path: str, ray_address: str = "local", max_parallel: Optional[int]
                       f"folder {plan.folder}")
         scheduler = None
         if todo:
-            with ray_cluster(ray_address, progress.note) as nodes:
+            with ray_cluster(ray_address, progress.note, plan.folder) as nodes:
                 res = decide_resources(plan.spec, nodes, max_parallel)
                 state.data["resources"] = {"max_parallel": res.max_parallel, "num_cpus": res.num_cpus,
                                            "num_gpus": res.num_gpus, "threads": res.threads}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ NOT_AXES = {"protocol": "set `protocol:` at the top of the sweep file",
             "sequence": "use the `sequences` axis", "tasks": "use the `sequences` axis",
             "model": "use the `models` axis or model.<key>", "out": "the sweep folder is <out>/<name>",
             "threads": "threads per run follow resources.num_cpus"}
+MAX_RUNS = 10_000  # each run is checked up front and gets a folder; a typo in an axis should not hang the driver
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 
@@ -224,6 +226,16 @@ def expand(path: Path, spec: SweepConfig, out: Optional[str] = None) -> SweepPla
             raise _fail(path, f"axes.{key} applies to no run: no strategy of the sweep uses {parts[1]}")
     shorts = [parts[-1] for parts in settings.values()]
     axis_names = list(axes)
+    count = math.prod(len(v) for v in axes.values()) * len(strategies_axis) * len(seeds_axis)
+    if count > MAX_RUNS:
+        raise _fail(path, f"the axes make {count:,} runs, more than the {MAX_RUNS:,} one sweep may hold; split it")
+    for key, values in [("strategies", strategies_axis), ("seeds", seeds_axis), *axes.items()]:
+        seen_values: set = set()
+        for value in values:
+            label = repr(value)
+            if label in seen_values:
+                raise _fail(path, f"axes.{key} lists {value!r} twice")
+            seen_values.add(label)
     runs: list[PlannedRun] = []
     for values in itertools.product(*axes.values()):
         for strategy in strategies_axis:

@@ -32,6 +32,11 @@ def _finished_run(folder, **broken):
     return str(folder)
 
 
+def _text(path, text) -> str:
+    path.write_text(text)
+    return str(path)
+
+
 def _unfinished_run(folder, progress):
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({**TINY, "protocol": "demo"}))
@@ -48,6 +53,14 @@ def _cases(tmp, clip_path):
     (tmp / "broken.yaml").write_text("tasks: [digits\n")
     tiny = _yaml(tmp / "tiny.yaml", TINY)
     bad = lambda name, change: _yaml(tmp / f"{name}.yaml", {**TINY, **change})  # noqa: E731
+    (tmp / "bomb.yaml").write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
+                                   'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n')
+    (tmp / "huge.yaml").write_text("tasks: [digits]\n" + "# padding\n" * 1_000_000)
+    (tmp / "endless.yaml").symlink_to("/dev/zero")
+    (tmp / "garbage.pt").write_bytes(bytes(range(256)) * 4)
+    in_run = os.path.join(_finished_run(tmp / "r8"), "nested")
+    sweep = tmp / "twice.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "twice", "base": TINY, "axes": {"seeds": [0, 0]}}))
     return [
         ("run-missing-config", ["run", str(tmp / "missing.yaml")]),
         ("run-config-not-utf8", ["run", str(tmp / "latin1.yaml")]),
@@ -114,6 +127,37 @@ def _cases(tmp, clip_path):
         ("perf-unknown-model", ["perf", "--model", "nope"]),
         ("perf-zscl-without-text-tower", ["perf", "--zscl"]),
         ("no-command", []),
+        # one row per class of the second reliability pass
+        ("run-lr-nan", ["run", bad("lr_nan", {"train": {"lr": float("nan")}})]),
+        ("run-lr-astronomical", ["run", bad("lr_huge", {"train": {"lr": 1.0e30}})]),
+        ("run-seed-too-big", ["run", bad("seed_big", {"seed": 2 ** 70})]),
+        ("run-threads-too-many", ["run", tiny, "--threads", "100000"]),
+        ("run-iterations-infinite", ["run", bad("iterations_inf", {"train": {"iterations": float("inf")}})]),
+        ("run-label-smoothing-nan", ["run", bad("ls_nan", {"train": {"label_smoothing": float("nan")}})]),
+        ("run-cache-budget-infinite", ["run", bad("budget_inf", {"cache_budget_gb": float("inf")})]),
+        ("run-negative-strategy-weight", ["run", bad("alpha_neg", {"strategies": ["ldifs"],
+                                                                   "strategy_params": {"ldifs": {"alpha": -1.0}}})]),
+        ("run-per-task-map-typo", ["run", bad("lr_typo", {"train": {"lr": {"digit": 0.1, "default": 1.0e-3}}})]),
+        ("run-strategy-twice", ["run", bad("strategy_twice", {"strategies": ["ft", "ft"]})]),
+        ("run-eval-only-twice", ["run", bad("eval_twice", {"eval_only": ["faces", "faces"]})]),
+        ("run-out-inside-a-run-folder", ["run", tiny, "--out", in_run]),
+        ("run-templates-file-missing", ["run", bad("templates", {"eval": {"templates": str(tmp / "none.yaml")}})]),
+        ("run-classnames-file-binary", ["run", bad("classnames", {"eval": {"classnames": str(tmp / "binary.csv")}})]),
+        ("run-captions-file-missing", ["run", bad("captions", {
+            "strategies": ["zscl"], "model": {"name": "cfbench-tiny-vit", "pretrained": clip_path},
+            "strategy_params": {"zscl": {"reference_texts": str(tmp / "captions.txt")}}})]),
+        ("run-pretrained-not-a-checkpoint", ["run", tiny, "--pretrained", str(tmp / "garbage.pt")]),
+        ("run-protocol-as-a-path", ["run", tiny, "--protocol", "../protocols/demo"]),
+        ("run-config-alias-bomb", ["run", str(tmp / "bomb.yaml")]),
+        ("run-config-too-big", ["run", str(tmp / "huge.yaml")]),
+        ("run-config-endless-device", ["run", str(tmp / "endless.yaml")]),
+        ("metrics-nan-cell", ["metrics", _text(tmp / "nan.csv", "after,a\npretrained,nan\n")]),
+        ("metrics-cell-over-100", ["metrics", _text(tmp / "big.csv", "after,a\npretrained,1e300\n")]),
+        ("metrics-column-twice", ["metrics", _text(tmp / "twice.csv", "after,a,a\npretrained,1,2\n")]),
+        ("metrics-label-with-newline", ["metrics", _text(tmp / "newline.csv", 'after,"a\nb"\npretrained,1\n')]),
+        ("metrics-field-over-csv-limit", ["metrics", _text(tmp / "field.csv", "after,a\npretrained," + "1" * 200_000)]),
+        ("compare-metrics-nan-literal", ["compare", _finished_run(tmp / "r9", **{"metrics.json": '{"lp": NaN}'})]),
+        ("sweep-seed-twice", ["sweep", str(sweep), "--dry-run", "--out", str(tmp / "sweeps")]),
     ]
 
 
@@ -144,3 +188,12 @@ def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path
         if not ok or new:
             failures.append(f"{case}: rc={rc} stderr={err.strip()[:300]!r} new files={sorted(new)[:3]}")
     assert not failures, "\n".join(failures)
+
+
+def test_a_cache_folder_from_the_environment_is_checked_before_anything_is_written(tmp_path, monkeypatch, capfd):
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv("CFBENCH_CACHE", str(tmp_path / "a_file"))
+    assert main(["run", "--tasks", "digits", "--eval-only", "", "--strategy", "ft", "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cfbench: error: $CFBENCH_CACHE") and "is a file" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]

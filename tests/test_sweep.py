@@ -317,17 +317,18 @@ def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():
 def test_a_run_that_keeps_failing_is_retried_then_failed_with_its_error_line(sweep4, tmp_path, capsys):
     """A run that raises on every attempt (its loss diverges): max_retries attempts more, then
     `failed` with the run's own one-line error in sweep.json (and progress.json); exit status 1."""
-    path = _sweep_file(tmp_path, "diverges", {"strategies": ["ft"], "train.lr": [1.0e30]}, max_retries=1)
+    path = _sweep_file(tmp_path, "diverges", {"strategies": ["ft"], "train.lr": [100.0],  # the largest lr and
+                                              "train.weight_decay": [100.0]}, max_retries=1)  # decay accepted
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--max-parallel", "2"]) == 1
-    entry = json.loads((tmp_path / "out/diverges/sweep.json").read_text())["runs"]["ft-lr1e+30-s0"]
+    (name, entry), = json.loads((tmp_path / "out/diverges/sweep.json").read_text())["runs"].items()
     assert (entry["state"], entry["attempts"]) == ("failed", 2)
     assert entry["error"].startswith("non-finite loss (") and "in task digits" in entry["error"]
-    progress = json.loads((tmp_path / "out/diverges/ft-lr1e+30-s0/progress.json").read_text())
+    progress = json.loads((tmp_path / "out/diverges" / name / "progress.json").read_text())
     assert progress["error"] == entry["error"] and not progress["finished"]
     # no task finished, so no checkpoint: the second attempt cleared the folder and started again
-    assert (tmp_path / "out/diverges/logs/ft-lr1e+30-s0.log").read_text().count("starting ") == 2
+    assert (tmp_path / "out/diverges/logs" / f"{name}.log").read_text().count("starting ") == 2
     err = capsys.readouterr().err
-    assert f"failed: ft-lr1e+30-s0: {entry['error']}" in err
+    assert f"failed: {name}: {entry['error']}" in err
     assert err.strip().splitlines()[-1].startswith("cfbench: 1 run(s) failed; run the same command again")
 
 
@@ -352,3 +353,69 @@ def test_an_unstarted_run_folder_is_cleared_only_when_it_holds_nothing_but_a_run
     (run / "notes.md").unlink()
     clear_unstarted(run)
     assert run.is_dir() and not any(run.iterdir())
+
+
+def _alive(procs) -> list:
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.Error:
+            pass
+    return alive
+
+
+def test_a_killed_drivers_embedded_ray_cluster_dies_with_it(tmp_path):
+    """kill -9 of a `cfbench sweep --ray local` driver (an OOM kill, a cancelled job): within 15 s
+    no process of its Ray cluster (GCS, raylet, agents, workers) nor its watchdog is left."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    base = {**BASE, "train": {**BASE["train"], "epochs": 50}}  # still training when killed
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({"name": "long", "base": base, "axes": {"strategies": ["ft"]}}))
+    proc = subprocess.Popen([sys.executable, "-m", "benchmark", "sweep", str(path), "--out", str(tmp_path / "out")],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = tmp_path / "out" / "long" / "logs" / "ft-s0.json"
+    deadline = time.monotonic() + 180
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), "the sweep's worker never started"
+    cluster = psutil.Process(proc.pid).children(recursive=True)
+    assert any("raylet" in p.name() for p in cluster) and len(cluster) >= 5
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 15
+    while _alive(cluster) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not _alive(cluster), [p.name() for p in _alive(cluster)]
+
+
+def test_the_next_invocation_ends_only_its_own_stale_processes(tmp_path):
+    """A record left by a killed driver whose watchdog was lost too: the processes on it (same pid
+    and start time) are ended; a live process whose start time differs (a reused pid) is not."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from benchmark.ray_reaper import end_stale
+
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        started = psutil.Process(ours.pid).create_time()
+        (tmp_path / ".ray-processes-123.json").write_text(json.dumps(
+            {"driver": 123, "processes": {str(ours.pid): started, str(other.pid): started - 100.0}}))
+        assert end_stale(tmp_path) == 1
+        assert ours.wait(timeout=10) is not None and other.poll() is None
+        assert not list(tmp_path.glob(".ray-processes-*.json"))
+    finally:
+        for p in (ours, other):
+            p.kill()
+            p.wait()

@@ -1,6 +1,7 @@
 """Model factory: a name and a pretrained tag/path -> FoundationModel."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from benchmark.errors import CfbenchError
@@ -61,8 +62,18 @@ def check_model(cfg) -> None:
 
 
 def build_model(cfg) -> FoundationModel:
-    """The encoder a `ModelConfig` names."""
-    return create_model(cfg.name, cfg.pretrained, cfg.image_size, cfg.freeze_bn, cfg.quick_gelu)
+    """The encoder a `ModelConfig` names. A local checkpoint that cannot be loaded (not a torch
+    file, truncated, crafted, other weights) is one line: the file may come from anywhere."""
+    local = cfg.pretrained is not None and os.path.isfile(cfg.pretrained)
+    try:
+        return create_model(cfg.name, cfg.pretrained, cfg.image_size, cfg.freeze_bn, cfg.quick_gelu)
+    except CfbenchError:
+        raise
+    except Exception as err:  # unpickling and state-dict loading raise many types
+        if not local:
+            raise
+        raise CfbenchError(f"model.pretrained {cfg.pretrained}: not a loadable {cfg.name} checkpoint "
+                           f"({type(err).__name__} in torch.load / load_state_dict)") from None
 
 
 __all__ = ["FoundationModel", "CLIPModel", "EfficientNetLite0", "create_model", "build_model", "check_model",
