@@ -177,7 +177,8 @@ def cmd_list(args) -> int:
         import strategies
 
         for spec in strategies.STRATEGIES.values():
-            params = ", ".join(f"{k}={v}" for k, v in spec.defaults.items()) or "no parameters"
+            params = ", ".join(f"{k}={v}" + (f" ({spec.allowed[k].describe()})" if k in spec.allowed else "")
+                               for k, v in spec.defaults.items()) or "no parameters"
             print(f"{spec.name:<8} {spec.description}\n{'':<8} {params}")
             if spec.notes:
                 print(f"{'':<8} note: {spec.notes}")

@@ -91,6 +91,9 @@ def _check_experiment(run_dir: Path, experiment: str) -> None:
     from .validate import read_json_object
 
     found = read_json_object(run_dir / PROGRESS, "progress file").get("experiment")
+    if found is None:
+        raise CfbenchError(f"{run_dir / PROGRESS}: records no settings digest (a run of an older cfbench?), so it "
+                           "cannot be shown to be this config's run; start the run again")
     if found != experiment:
         raise CfbenchError(f"{run_dir}: config.yaml no longer matches the experiment this run started (progress.json "
                            f"records settings digest {str(found)[:20]!r}, config.yaml gives {experiment!r}); restore "

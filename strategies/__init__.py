@@ -30,6 +30,14 @@ class Allowed:
     max: Optional[float] = None    # inclusive
     choices: tuple = ()
 
+    def describe(self) -> str:
+        if self.choices:
+            return " | ".join(map(str, self.choices))
+        parts = ([f">= {self.min:g}"] if self.min is not None else []) + \
+                ([f"> {self.above:g}"] if self.above is not None else []) + \
+                ([f"<= {self.max:g}"] if self.max is not None else [])
+        return ", ".join(parts)
+
     def violation(self, value: Any) -> Optional[str]:
         if self.choices and value not in self.choices:
             return f"must be one of {', '.join(map(str, self.choices))}"

@@ -195,6 +195,23 @@ def test_a_full_disk_is_one_line_and_the_previous_file_stays_whole(tmp_path, mon
     assert target.read_bytes() == b"task 1" and os.listdir(target.parent) == ["state.pt"]
 
 
+def test_a_disk_full_during_a_run_is_one_line_with_the_last_checkpoint_intact(half_run, tmp_path, capfd, monkeypatch):
+    run = _copy(half_run, tmp_path)
+    before = (run / "checkpoints" / "state.pt").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.os, "fsync", full)  # every atomic write from now on: the next checkpoint first
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capfd.readouterr().err  # the progress lines of the task it trained, then one error line
+    errors = [line for line in err.splitlines() if line.startswith("cfbench:")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0] and "Traceback" not in err
+    assert f"{run / 'checkpoints'}: the disk is full" in errors[0]
+    assert (run / "checkpoints" / "state.pt").read_bytes() == before
+    assert not list(run.rglob("*.tmp"))
+
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_written_files_respect_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
