@@ -54,12 +54,12 @@ def _run_overrides(args) -> dict:
 
 def cmd_run(args) -> int:
     from .config import dump_config, load_config
-    from .deviations import headline, protocol_deviations
-    from .deviations import summary as protocol_summary
-    from .report import compare_runs
-    from .run_folder import new_invocation_folder
-    from .runner import run_strategy
-    from .validate import check_run
+    from .config.deviations import headline, protocol_deviations
+    from .config.deviations import summary as protocol_summary
+    from .config.validate import check_run
+    from .report.compare import compare_runs
+    from .report.run_folder import new_invocation_folder
+    from .run.runner import run_strategy
 
     if args.resume:
         return _resume(Path(args.resume), args)
@@ -69,14 +69,14 @@ def cmd_run(args) -> int:
         found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
         print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
         return 0
-    trained, eval_only = check_run(cfg)  # nothing is written before every check passed
+    plan = check_run(cfg)  # nothing is written before every check passed
     if args.check:
         for combo in cfg.strategies:
             print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}")
-        print(f"checked: trains {' -> '.join(trained)}, evaluates also {', '.join(eval_only) or 'nothing else'}; "
-              f"{len(cfg.strategies)} run(s) into {cfg.out}; nothing was written")
+        print(f"checked: trains {' -> '.join(plan.trained)}, evaluates also {', '.join(plan.eval_only) or 'nothing else'}"
+              f"; {len(cfg.strategies)} run(s) into {cfg.out}; nothing was written")
         return 0
-    label = cfg.sequence if not cfg.tasks else "-".join(trained)
+    label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
     invocation = new_invocation_folder(Path(cfg.out), label)
     run_dirs = []
@@ -84,9 +84,9 @@ def cmd_run(args) -> int:
         for combo in cfg.strategies:
             run_dir = invocation / f"{combo}-s{cfg.seed}"
             line = (f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}; training on "
-                    f"{' -> '.join(trained)}; run directory {run_dir}")
+                    f"{' -> '.join(plan.trained)}; run directory {run_dir}")
             start = time.time()
-            run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir,
+            run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir, plan=plan,
                                         on_start=lambda line=line: print(line, file=sys.stderr)))
             print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
     except BaseException:
@@ -104,9 +104,10 @@ def cmd_run(args) -> int:
 def _resume(run_dir: Path, args) -> int:
     """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
     from .config import MACHINE_SETTINGS, load_run_config
-    from .run_folder import CHECKPOINT, PROGRESS
-    from .runner import run_strategy
-    from .validate import check_data, read_json_object
+    from .config.validate import check_data
+    from .files import read_json_object
+    from .report.run_folder import CHECKPOINT, PROGRESS
+    from .run.runner import run_strategy
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
              if k not in ("command", "func", "resume", *MACHINE_SETTINGS) and v not in (None, False, [])]
@@ -147,9 +148,9 @@ def _attributed(run_dir: Path, fn, *args, **kwargs):
 
 def _finish_invocation(invocation: Path) -> None:
     """The invocation's comparison, once every run folder beside the resumed one has finished."""
-    from .report import compare_runs
-    from .run_folder import PROGRESS
-    from .validate import read_json_object
+    from .files import read_json_object
+    from .report.compare import compare_runs
+    from .report.run_folder import PROGRESS
 
     runs = sorted(d for d in invocation.iterdir() if (d / "config.yaml").is_file() and (d / PROGRESS).is_file())
     waiting = [d.name for d in runs if not read_json_object(d / PROGRESS).get("finished")]
@@ -278,8 +279,9 @@ def cmd_data_download(args) -> int:
 
 
 def cmd_metrics(args) -> int:
-    from .metrics import compute_metrics, metrics_table
-    from .store import Matrix, strict_json
+    from .evaluation.matrix import Matrix
+    from .evaluation.metrics import compute_metrics, metrics_table
+    from .files import strict_json
 
     metrics = compute_metrics(Matrix.load(args.matrix))
     print(strict_json(metrics) if args.json else metrics_table(metrics))
@@ -287,9 +289,9 @@ def cmd_metrics(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .report import COMPARE_OUTPUTS, compare_runs
-    from .safe_files import refuse_links
-    from .validate import check_writable_folder
+    from .config.validate import check_writable_folder
+    from .files import refuse_links
+    from .report.compare import COMPARE_OUTPUTS, compare_runs
 
     dirs = [Path(d) for d in args.run_dirs]
     out = Path(args.out) if args.out else dirs[0].parent
@@ -306,8 +308,8 @@ def cmd_compare(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_run
-    from .safe_files import refuse_links
+    from .files import refuse_links
+    from .report.plots import plot_run
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "matrices").is_dir():
@@ -335,8 +337,8 @@ def cmd_perf(args) -> int:
     check_model(ModelConfig(name=args.model, pretrained="package" if args.model == "efficientnet_lite0" else None))
     if args.zscl and args.model == "efficientnet_lite0":
         raise CfbenchError("perf --zscl needs an open_clip --model (ZSCL trains a text tower)")
-    from .perf import run_perf
-    from .runner import select_device, set_threads
+    from .perf.bench import run_perf
+    from .run.runner import select_device, set_threads
 
     set_threads(args.threads)
     print(run_perf(args.model, args.repeats, select_device(args.device), args.samples, args.batch_size,
@@ -345,15 +347,15 @@ def cmd_perf(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    """A grid of runs over Ray (benchmark/sweep.py); Ctrl-C leaves every run resumable."""
-    from .sweep import run_sweep
+    """A grid of runs over Ray (benchmark/sweep/); Ctrl-C leaves every run resumable."""
+    from .sweep.driver import run_sweep
 
     if args.max_parallel is not None and args.max_parallel < 1:
         raise CfbenchError(f"--max-parallel must be at least 1, not {args.max_parallel}")
     try:
         return run_sweep(args.sweep_file, args.ray, args.max_parallel, args.dry_run, args.out)
     except KeyboardInterrupt as err:
-        from .run_folder import interruption_line
+        from .report.run_folder import interruption_line
 
         print(f"cfbench: sweep {interruption_line(err)}; finished tasks are checkpointed, run the same command "
               "again to continue", file=sys.stderr)
@@ -482,7 +484,7 @@ def _terminated(signum, frame) -> None:
 
 
 def _interrupted(err: KeyboardInterrupt) -> int:
-    from .run_folder import CHECKPOINT, interruption_line
+    from .report.run_folder import CHECKPOINT, interruption_line
 
     run_dir = getattr(err, "run_dir", None)
     if run_dir is None:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from benchmark.errors import CfbenchError
-from benchmark.validate import read_text
+from benchmark.files import read_text
+from tasks import get_task, load_split, task_classes
 
 from .context import BuildContext
 from .ewc import EWC
@@ -18,7 +19,7 @@ from .l2sp import L2SPPlugin
 from .ldifs import LDIFSPlugin, ldifs_distance
 from .lwf import LwF
 from .wise_ft import WiSEFTPlugin
-from .zscl import ZSCLPlugin
+from .zscl import ZSCLPlugin, virtual_vocab
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,6 @@ register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: 
 
 def _reference_images(ctx: BuildContext, task: str, split: str):
     """A split of a task as a reference image set (the cached, un-augmented images)."""
-    from tasks import load_split
 
     return load_split(task, split, ctx.image_size, ctx.data_root, seed=ctx.seed, cache_dir=ctx.cache_dir,
                       cache_format=ctx.cache_format).x
@@ -127,7 +127,6 @@ def _reference_images(ctx: BuildContext, task: str, split: str):
 def _class_prompts(ctx: BuildContext, task: str) -> list[str]:
     """One prompt per class: the first template over the class names the run uses (the runner's
     `template_of` / `classes_of`; without them the task's defaults)."""
-    from tasks import get_task, task_classes
 
     template = ctx.template_of(task) if ctx.template_of else get_task(task).templates[0]
     classes = ctx.classes_of(task) if ctx.classes_of else task_classes(task, ctx.data_root)
@@ -157,7 +156,6 @@ def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list
     --ref-sentences random), drawn anew for each task."""
     import torch
 
-    from .zscl import virtual_vocab
 
     generator = torch.Generator()
 

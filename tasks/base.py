@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+from .metadata import templates
 
 
 class TaskUnavailable(Exception):
@@ -125,8 +125,6 @@ class Task:
 
     @property
     def templates(self) -> tuple[str, ...]:
-        from .metadata import templates
-
         return templates(self.templates_key)
 
     @property

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmark.progress import bar as progress_bar
 from benchmark.errors import CfbenchError
-from benchmark.safe_files import read_regular
-from benchmark.store import atomic_write_json
+from benchmark.files import atomic_write_json, read_regular
+from benchmark.progress import bar as progress_bar
 
 from .base import ArraySource, SourceSplit
 from .compact import ImageStore, JpegImages, NativeImages, encode_jpeg, resize_square

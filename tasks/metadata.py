@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from .base import DEFAULT_TEMPLATES
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
 _WARNED: set[str] = set()
 

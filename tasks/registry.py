@@ -10,9 +10,11 @@ import torch
 
 from benchmark.errors import CfbenchError
 
-from .base import (CorruptImage, LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable,
-                   TensorSplit, cap_per_class, validation_split)
-from .cache import CacheFormat, cached_images
+from .base import (
+    CorruptImage, LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable, TensorSplit,
+    cap_per_class, validation_split
+)
+from .cache import CacheFormat, cached_images, estimated_bytes
 from .compact import concat_images
 from .offline import OFFLINE_TASKS
 from .validate import archive_hint, check_loaded
@@ -170,8 +172,6 @@ def load_split(name: str, split: str, image_size: int, data_root: Optional[str] 
 def cache_sizes(name: str, image_size: int, data_root: Optional[str] = None) -> dict:
     """Every image of the task (each source split once, as runs with uncapped splits read them):
     images, raw and compact cache bytes at `image_size` (JPEG estimated from a sample)."""
-    from .cache import estimated_bytes
-
     found, total = loaded_task(name, data_root), {"images": 0, "raw": 0.0, "compact": 0.0, "form": set()}
     for source in found.splits.values():
         est = estimated_bytes(source, np.arange(len(source)), image_size)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from benchmark.progress import bar as progress_bar
+
 from .base import ArraySource, CorruptImage, FileSource, LoadedTask, Task, TaskDefect
 
 
@@ -221,7 +223,6 @@ def _check_array(split: str, source: ArraySource) -> list[str]:
 
 def deep_check(name: str, found: LoadedTask, workers: Optional[int] = None) -> list[str]:
     """Decode every image of every split; one line per image that cannot be decoded."""
-    from benchmark.progress import bar as progress_bar
 
     workers = workers or min(8, os.cpu_count() or 1)
     problems: list[str] = []

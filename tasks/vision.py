@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 import torchvision.datasets as tvd
 
-from benchmark.safe_files import read_regular
+from benchmark.files import read_regular
 
 from . import metadata
 from .base import ArraySource, FileSource, LoadedTask, Task, TaskDefect, TaskIncomplete, random_split_indices

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
-from benchmark.evaluate import zero_shot_logits, zero_shot_weights
+from benchmark.evaluation.evaluate import zero_shot_logits, zero_shot_weights
 from benchmark.models import create_model
-from benchmark.store import Matrix
+from benchmark.evaluation.matrix import Matrix
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_clip_checkpoint):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import tasks
 from benchmark.cli import main
-from benchmark.runner import choose_cache_format
+from benchmark.config.plan import choose_cache_format
 from tasks.base import ArraySource, FileSource
 from tasks.cache import cached_images, clean_stale_tmp, to_square_uint8
 from tasks.compact import JpegImages, NativeImages, gather

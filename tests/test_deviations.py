@@ -6,11 +6,11 @@ import json
 import pytest
 import yaml
 
-import benchmark.config as config
+import benchmark.config.protocols as config
 from benchmark.cli import main
 from benchmark.config import resolve
-from benchmark.deviations import Deviation, protocol_deviations, summary
-from benchmark.runner import run_strategy
+from benchmark.config.deviations import Deviation, protocol_deviations, summary
+from benchmark.run.runner import run_strategy
 from tests.helpers import tiny_layer
 
 

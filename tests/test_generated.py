@@ -19,8 +19,8 @@ import strategies as strategy_registry
 from benchmark.cli import main
 from benchmark.config import RunConfig
 from benchmark.errors import CfbenchError
-from benchmark.store import Matrix
-from benchmark.validate import parse_json
+from benchmark.evaluation.matrix import Matrix
+from benchmark.files import parse_json
 
 EXAMPLES = settings(max_examples=200, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))

@@ -1,9 +1,9 @@
 import numpy as np
 import torch
 
-from benchmark.evaluate import extract_features
+from benchmark.evaluation.evaluate import extract_features
 from benchmark.models import EfficientNetLite0, create_model
-from benchmark.probe import accuracy, fit_probe
+from benchmark.evaluation.probe import accuracy, fit_probe
 from tasks import load_split
 
 

@@ -23,9 +23,9 @@ import yaml
 import tasks
 from benchmark.config import resolve
 from benchmark.models.clip import CLIPModel
-from benchmark.run_folder import CHECKPOINT
-from benchmark.runner import run_strategy
-from benchmark.templates import task_class_names, task_templates
+from benchmark.report.run_folder import CHECKPOINT
+from benchmark.run.runner import run_strategy
+from benchmark.config.templates import task_class_names, task_templates
 
 TASKS = ("digits", "faces")
 PER_CLASS = 4     # training images per class: 40 and 8, within one batch of the protocol's 64

@@ -1,7 +1,7 @@
 """The benchmark harness's bookkeeping: alternation, once-per-task setup excluded, ratios."""
 import time
 
-from benchmark.perf import Timing, alternate, photo_files, report
+from benchmark.perf.bench import Timing, alternate, photo_files, report
 
 
 def test_alternate_times_each_variant_and_subtracts_reported_setup():

@@ -10,7 +10,7 @@ from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dat
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
-from benchmark.multihead import MultiHeadClassifier
+from benchmark.evaluation.multihead import MultiHeadClassifier
 from strategies import L2SPPlugin, LDIFSPlugin, WiSEFTPlugin, build_plugins
 from strategies.ldifs import capture_slices, ldifs_distance
 from strategies.wise_ft import interpolate_state

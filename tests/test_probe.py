@@ -4,7 +4,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from benchmark.probe import accuracy, expected_calibration_error, fit_probe
+from benchmark.evaluation.probe import accuracy, expected_calibration_error, fit_probe
 
 
 @pytest.mark.parametrize("num_classes", [2, 4])
@@ -41,9 +41,9 @@ def test_ece_by_hand():
 
 def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     from benchmark.config import EvalConfig
-    from benchmark.evaluate import EvalDataset, evaluate_round, extract_features
+    from benchmark.evaluation.evaluate import EvalDataset, evaluate_round, extract_features
     from benchmark.models import create_model
-    from benchmark.multihead import MultiHeadClassifier
+    from benchmark.evaluation.multihead import MultiHeadClassifier
     from tasks import load_split
 
     train = load_split("digits", "train", 64, max_per_class=20, seed=3)
@@ -61,7 +61,7 @@ def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
 
 
 def test_lp_init_head_is_logistic_regression_on_unit_features_with_c_chosen_on_val():
-    from benchmark.probe import fit_normalized_head
+    from benchmark.evaluation.probe import fit_normalized_head
 
     rng = np.random.default_rng(1)
     y, yv = np.arange(120) % 3, np.arange(60) % 3
@@ -76,7 +76,7 @@ def test_lp_init_head_is_logistic_regression_on_unit_features_with_c_chosen_on_v
     clf = LogisticRegression(C=C, max_iter=1000, random_state=0).fit(unit(x), y)
     np.testing.assert_allclose(weight.numpy(), clf.coef_, rtol=1e-5, atol=1e-6)
     # the head scores raw features by normalizing them itself
-    from benchmark.multihead import NormalizedLinear
+    from benchmark.evaluation.multihead import NormalizedLinear
 
     head = NormalizedLinear(12, 3)
     head.load(weight, bias)

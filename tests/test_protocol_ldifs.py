@@ -14,18 +14,18 @@ import torchvision
 import yaml
 
 import tasks
-from benchmark.augment import RandomResizedCropBatch
+from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.cli import main
 from benchmark.config import EvalConfig
-from benchmark.evaluate import EvalDataset, ZeroShotClassifier, evaluate_round
+from benchmark.evaluation.evaluate import EvalDataset, ZeroShotClassifier, evaluate_round
 from benchmark.models import create_model
 from benchmark.models.clip import wants_quick_gelu
-from benchmark.multihead import MultiHeadClassifier
-from benchmark.probe import fit_official_probe
-from benchmark.runner import _init_head, run_strategy
-from benchmark.schedule import GradClipPlugin, WarmupCosinePlugin
-from benchmark.store import Matrix
-from benchmark.templates import load_template_set, task_templates
+from benchmark.evaluation.multihead import MultiHeadClassifier
+from benchmark.evaluation.probe import fit_official_probe
+from benchmark.run.runner import _init_head, run_strategy
+from benchmark.run.schedule import GradClipPlugin, WarmupCosinePlugin
+from benchmark.evaluation.matrix import Matrix
+from benchmark.config.templates import load_template_set, task_templates
 from tests.helpers import tiny_config
 
 from . import dataset_fixtures as fx
@@ -162,7 +162,7 @@ def test_official_probe_refits_on_what_the_caller_passes_as_train():
 
 
 def test_lp_init_refits_on_the_train_split_and_eurosat_evaluation_on_its_train_folder(tmp_path):
-    from benchmark.runner import _load_splits, _split
+    from benchmark.run.runner import _load_splits, _split
 
     root = tmp_path / "data"
     fx.mnist(root), fx.eurosat(root)
@@ -179,7 +179,7 @@ def test_lp_init_refits_on_the_train_split_and_eurosat_evaluation_on_its_train_f
     _init_head(cfg, "ft", model, 0, "digits", None, "cpu")
     cap = cfg.eval.probe_max_per_class
     train, val = _split(cfg, "digits", "train", cap), _split(cfg, "digits", "val", cap)
-    from benchmark.evaluate import extract_features
+    from benchmark.evaluation.evaluate import extract_features
 
     expected = fit_official_probe(extract_features(encoder, train.x), train.y, extract_features(encoder, val.x),
                                   val.y, 10, 30, seed=cfg.seed, refit_on_val=False)
@@ -309,8 +309,8 @@ def test_zero_shot_uses_the_pretrained_text_tower_when_asked(tiny_clip_checkpoin
     settings = EvalConfig(probe_max_per_class=4)
     fixed = evaluate_round(model, [ds], {}, settings, zero_shot=pretrained)
     current = evaluate_round(model, [ds], {}, settings)
-    from benchmark.evaluate import extract_features
-    from benchmark.probe import accuracy
+    from benchmark.evaluation.evaluate import extract_features
+    from benchmark.evaluation.probe import accuracy
 
     test_f = extract_features(encoder, test.x)
     assert fixed.cells["zs"]["digits"] == accuracy(pretrained["digits"].logits(test_f), test.y)
@@ -387,7 +387,7 @@ def test_text_tower_and_logit_scale_stay_bit_identical(tiny_clip_checkpoint, tmp
 
 
 def test_frozen_text_tower_is_out_of_the_optimizer(tiny_clip_checkpoint, tmp_path):
-    from benchmark.runner import _learner
+    from benchmark.run.runner import _learner
 
     path, _ = tiny_clip_checkpoint
     encoder = create_model("cfbench-tiny-vit", path)
@@ -464,7 +464,7 @@ def test_ldifs_class_names_where_they_differ(tmp_path, monkeypatch):
     import torchvision.datasets.cifar as cifar
     import torchvision.datasets.svhn as svhn
 
-    from benchmark.templates import task_class_names
+    from benchmark.config.templates import task_class_names
 
     for module in (cifar, svhn):  # fixture files cannot match the real archives' md5 sums
         monkeypatch.setattr(module, "check_integrity", lambda *a, **k: True)

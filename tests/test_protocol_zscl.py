@@ -15,10 +15,10 @@ import tasks
 from benchmark.cli import main
 from benchmark.config import resolve
 from benchmark.models import create_model
-from benchmark.multihead import MultiHeadClassifier, TextHead
-from benchmark.report import zscl_table3
-from benchmark.schedule import WarmupCosinePlugin
-from benchmark.store import Matrix
+from benchmark.evaluation.multihead import MultiHeadClassifier, TextHead
+from benchmark.report.compare import zscl_table3
+from benchmark.run.schedule import WarmupCosinePlugin
+from benchmark.evaluation.matrix import Matrix
 from strategies import ZSCLPlugin
 from tests.test_plugins import tiny_benchmark
 
@@ -225,7 +225,7 @@ def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
 
 def test_zscl_class_names_where_they_differ(tmp_path):
     from benchmark.errors import CfbenchError
-    from benchmark.templates import task_class_names
+    from benchmark.config.templates import task_class_names
 
     root = tmp_path / "data"
     fx.mnist(root), fx.sun397(root)
@@ -262,7 +262,7 @@ def test_zscl_reference_texts_from_a_captions_file(tmp_path):
 
 
 def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpoint, tmp_path):
-    from benchmark.runner import run_strategy
+    from benchmark.run.runner import run_strategy
     from tests.helpers import tiny_config
 
     path, _ = tiny_clip_checkpoint

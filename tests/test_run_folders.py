@@ -14,8 +14,8 @@ import yaml
 from benchmark import run_folder
 from benchmark.cli import main
 from benchmark.config import experiment_digest, load_config, load_run_config
-from benchmark.run_folder import hold_run_folder, new_invocation_folder
-from benchmark.runner import run_strategy
+from benchmark.report.run_folder import hold_run_folder, new_invocation_folder
+from benchmark.run.runner import run_strategy
 
 SOAK = {"tasks": ["digits", "faces"], "eval_only": [], "strategies": ["ldifs"], "model": {"image_size": 32},
         "train": {"epochs": 2, "max_train_per_class": 12, "batch_size": 8, "warmup_steps": 2},

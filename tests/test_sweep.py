@@ -59,8 +59,8 @@ def sweep4(local_ray, tmp_path_factory):
 def references(sweep4, tmp_path_factory):
     """The same four runs by run_strategy in this process, with the config the sweep gave each
     (1 torch thread: 2 CPUs / 2 runs at a time)."""
-    from benchmark.runner import run_strategy
-    from benchmark.sweep_config import load_sweep
+    from benchmark.run.runner import run_strategy
+    from benchmark.sweep.config import load_sweep
 
     root = tmp_path_factory.mktemp("reference")
     out = {}
@@ -135,7 +135,7 @@ def test_a_worker_killed_mid_run_is_resumed_from_its_checkpoint(sweep4, referenc
 
 
 def test_running_the_sweep_again_starts_nothing(sweep4, monkeypatch, capsys):
-    import benchmark.sweep as sweep
+    import benchmark.sweep.driver as sweep
 
     path, folder, _, _ = sweep4
     before = {p: p.stat().st_mtime_ns for p in folder.glob("*/matrices/*.csv")}
@@ -184,8 +184,8 @@ def test_seed_groups_are_the_mean_sample_std_and_n_of_the_runs_metrics(sweep4):
 
 
 def test_a_group_of_one_run_has_a_blank_std(sweep4, tmp_path):
-    from benchmark.figures import group_runs
-    from benchmark.report import _matrices, group_tables
+    from benchmark.report.figures import group_runs
+    from benchmark.report.compare import _matrices, group_tables
 
     run = sweep4[1] / "ft-s0"
     groups = group_runs([(run.name, yaml.safe_load((run / "config.yaml").read_text()),
@@ -207,7 +207,7 @@ def test_a_changed_sweep_file_does_not_reuse_runs_made_with_other_settings(sweep
 
 
 def test_dry_run_lists_the_expanded_runs_and_writes_nothing(tmp_path, capsys):
-    from benchmark.sweep_config import load_sweep
+    from benchmark.sweep.config import load_sweep
 
     path = _sweep_file(tmp_path, "grid", {"strategies": ["ft", "ldifs"], "seeds": [0, 1],
                                           "strategy_params.ldifs.alpha": [1, 10.5],
@@ -267,7 +267,8 @@ def test_an_unwritable_output_folder_fails_in_one_line_and_writes_nothing(tmp_pa
 
 def test_a_worker_that_cannot_write_the_sweep_folder_says_so_in_one_line(tmp_path, monkeypatch):
     """The check every task makes first (a folder that is not shared with the worker's node)."""
-    from benchmark import sweep_worker, validate
+    from benchmark.config import validate
+    from benchmark.sweep import worker as sweep_worker
     from benchmark.errors import CfbenchError
 
     monkeypatch.setattr(validate.os, "access", lambda *a: False)
@@ -285,8 +286,8 @@ def test_a_worker_that_cannot_write_the_sweep_folder_says_so_in_one_line(tmp_pat
 
 def test_resources_follow_the_cluster():
     from benchmark.errors import CfbenchError
-    from benchmark.sweep import decide_resources
-    from benchmark.sweep_config import SweepConfig, SweepResources
+    from benchmark.sweep.driver import decide_resources
+    from benchmark.sweep.config import SweepConfig, SweepResources
 
     one_cpu_box = decide_resources(SweepConfig(), [(2.0, 0.0)])
     assert (one_cpu_box.max_parallel, one_cpu_box.num_cpus, one_cpu_box.num_gpus, one_cpu_box.threads,
@@ -300,7 +301,7 @@ def test_resources_follow_the_cluster():
 
 
 def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():
-    from benchmark.sweep_progress import SweepProgress
+    from benchmark.sweep.progress import SweepProgress
 
     stream = io.StringIO()
     progress = SweepProgress({"ft-s0": 2, "ft-s1": 2}, stream, live=True)
@@ -336,7 +337,7 @@ def test_an_unstarted_run_folder_is_cleared_only_when_it_holds_nothing_but_a_run
     import fcntl
 
     from benchmark.errors import CfbenchError
-    from benchmark.sweep_worker import clear_unstarted
+    from benchmark.sweep.worker import clear_unstarted
 
     run = tmp_path / "ft-s0"
     (run / "matrices").mkdir(parents=True)
@@ -404,7 +405,7 @@ def test_the_next_invocation_ends_only_its_own_stale_processes(tmp_path):
 
     import psutil
 
-    from benchmark.ray_reaper import end_stale
+    from benchmark.sweep.reaper import end_stale
 
     ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import tasks
-from benchmark.runner import _benchmark, run_strategy
-from benchmark.store import Matrix
-from benchmark.batches import TensorBatches
+from benchmark.run.runner import _benchmark, run_strategy
+from benchmark.evaluation.matrix import Matrix
+from benchmark.run.batches import TensorBatches
 from tests.helpers import tiny_config
 
 
@@ -39,9 +39,9 @@ def test_bf16_autocast_run_trains_with_fp32_features(tiny_cfg, tmp_path):
 def test_compiled_encoder_trains_like_eager_with_ldifs_hooks():
     import copy
 
-    from benchmark.multihead import MultiHeadClassifier
-    from benchmark.runner import _silent_evaluator, make_optimizer
-    from benchmark.training import FastNaive, configure_for_device
+    from benchmark.evaluation.multihead import MultiHeadClassifier
+    from benchmark.run.runner import _silent_evaluator, make_optimizer
+    from benchmark.run.training import FastNaive, configure_for_device
     from strategies import LDIFSPlugin
     from tests.helpers import tiny_clip_vit
 

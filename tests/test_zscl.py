@@ -142,7 +142,7 @@ def test_teacher_features_are_computed_once_per_reference_image():
 
 
 def test_zscl_refuses_image_only_models():
-    from benchmark.multihead import MultiHeadClassifier
+    from benchmark.evaluation.multihead import MultiHeadClassifier
     from benchmark.models import EfficientNetLite0
 
     model = MultiHeadClassifier(EfficientNetLite0(pretrained=None, image_size=32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from benchmark.errors import CfbenchError
+from ..errors import CfbenchError
 
 from .base import FoundationModel
 from .clip import CLIPModel, create_clip

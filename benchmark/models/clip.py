@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from benchmark.errors import CfbenchError
+from ..errors import CfbenchError
 
 from .base import FoundationModel
 

@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-from benchmark.errors import CfbenchError
+from ..errors import CfbenchError
 
 from .base import FoundationModel
 

@@ -1,0 +1,100 @@
+"""A run's figures: a heatmap per matrix (and its change vs pretrained), accuracy curves."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from ..evaluation.matrix import Matrix
+from .figures import PLAIN_TEXT, RunGroup, curves_figure, save
+
+TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
+          "lp_ece": "linear-probe calibration error (%)", "zs_ece": "zero-shot calibration error (%)"}
+
+
+def _figure(matrix: Matrix):
+    width = max(5.0, 1.0 + 1.05 * len(matrix.columns))
+    height = max(2.5, 1.2 + 0.55 * len(matrix.rows))
+    return plt.subplots(figsize=(width, height))
+
+
+def _annotate(ax, values: np.ndarray, image, fmt: str) -> None:
+    for (i, j), v in np.ndenumerate(values):
+        if math.isnan(v):
+            ax.text(j, i, "–", ha="center", va="center", color="0.5", fontsize=9)
+            continue
+        rgba = image.cmap(image.norm(v))
+        light = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2] > 0.55
+        ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=9, color="black" if light else "white")
+
+
+def _decorate(ax, rows: Sequence[str], columns: Sequence[str], pretrained_first: bool, title: str) -> None:
+    ax.set_xticks(range(len(columns)), labels=columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), labels=[f"after {r}" if r != "pretrained" else r for r in rows])
+    ax.set_xlabel("evaluated on")
+    ax.set_title(title)
+    if pretrained_first:
+        ax.axhline(0.5, color="white", linewidth=4)
+    for i, r in enumerate(rows):  # outline the cell of each task right after it was trained
+        if r in columns:
+            ax.add_patch(Rectangle((columns.index(r) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black",
+                                   linewidth=2))
+
+
+@matplotlib.rc_context(PLAIN_TEXT)
+def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
+    values = matrix.array()
+    fig, ax = _figure(matrix)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=plt.get_cmap("viridis").with_extremes(bad="0.92"),
+                      aspect="auto",
+                      vmin=np.nanmin(values) if np.isfinite(values).any() else 0,
+                      vmax=np.nanmax(values) if np.isfinite(values).any() else 100)
+    _annotate(ax, values, image, ".1f")
+    _decorate(ax, matrix.rows, matrix.columns, matrix.has_pretrained, title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return save(fig, path, fmt)
+
+
+@matplotlib.rc_context(PLAIN_TEXT)
+def delta_heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
+    """Each row after a task minus the pretrained row; diverging colours centred on 0."""
+    values = matrix.array()
+    delta = values[1:] - values[0]
+    rows = matrix.rows[1:]
+    limit = max(1.0, float(np.nanmax(np.abs(delta)))) if np.isfinite(delta).any() else 1.0
+    fig, ax = _figure(Matrix(rows, matrix.columns, delta.tolist()))
+    image = ax.imshow(np.ma.masked_invalid(delta), cmap=plt.get_cmap("RdBu").with_extremes(bad="0.92"), aspect="auto",
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit))
+    _annotate(ax, delta, image, "+.1f")
+    _decorate(ax, rows, matrix.columns, False, title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="points vs pretrained")
+    return save(fig, path, fmt)
+
+
+def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
+    """Redraw a run's figures from its CSVs alone: heatmap_<kind> (always PNG, and `fmt`),
+    heatmap_delta_<kind> for lp / zs, and curves_<kind>: accuracy on each dataset after each task."""
+    written = []
+    formats = ["png"] + ([fmt] if fmt != "png" else [])
+    for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
+        kind = csv_path.stem
+        matrix = Matrix.load(csv_path)
+        if not matrix.rows:
+            continue
+        for f in formats:
+            written.append(heatmap(matrix, run_dir / f"heatmap_{kind}", TITLES.get(kind, kind), f))
+            if matrix.has_pretrained and len(matrix.rows) > 1 and kind in ("lp", "zs"):
+                written.append(delta_heatmap(matrix, run_dir / f"heatmap_delta_{kind}",
+                                             f"change vs pretrained: {TITLES[kind]}", f))
+            if kind in ("lp", "zs", "head"):
+                group = RunGroup(run_dir.name, [run_dir.name], [0], [{kind: matrix}], [{}])
+                written.append(curves_figure([group], kind, run_dir / f"curves_{kind}", f))
+    return written

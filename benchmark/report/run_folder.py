@@ -1,0 +1,124 @@
+"""Run folders: created exclusively, held by one process at a time (an advisory lock the kernel
+releases when the process dies, even by kill -9), with progress.json from the first moment."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shlex
+import stat
+import time
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import CfbenchError
+from ..files import atomic_write_json, open_no_follow, read_json_object, refuse_links
+
+PROGRESS = "progress.json"
+DEVIATIONS = "deviations.json"  # how the run differs from its protocol (config/deviations.py)
+LOCK = ".lock"
+CHECKPOINT = "checkpoints/state.pt"  # run/checkpoint.py
+
+
+def new_invocation_folder(out: Path, label: str) -> Path:
+    """out/<timestamp>-<label>, or with -2, -3, ... when another invocation took that name in the
+    same second: mkdir is atomic, so two processes never share one folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}"
+    for n in range(1, 1000):
+        path = out / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise CfbenchError(f"{out}: could not create a new folder named {stem}-N")
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: Path, holder: str) -> Iterator[None]:
+    """folder/.lock held by this process (its pid inside) for the block; a second holder is refused
+    in one line naming the first one's pid. A .lock that is a symbolic link is refused before
+    anything is written (it could name any file of the user's)."""
+    fd = open_no_follow(folder / LOCK, os.O_RDWR | os.O_CREAT, "lock file")
+    with os.fdopen(fd, "r+") as lock:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CfbenchError(f"{folder / LOCK}: the lock file is not a regular file; remove it")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CfbenchError(f"{folder}: in use by another {holder} (pid {lock.read(32).strip() or '?'}); wait "
+                               "for it to finish or stop it first") from None
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+
+
+@contextlib.contextmanager
+def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[None]:
+    """The run folder for this process alone while the block runs. A fresh run needs a new or
+    empty folder and starts progress.json at once, with the `experiment` digest of its settings; a
+    resumed one must hold a folder of that same digest and no symbolic link. Any error is recorded
+    in progress.json."""
+    if not resume:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CfbenchError(f"{run_dir}: cannot create the run folder ({err.strerror})") from None
+        if any(run_dir.iterdir()):
+            raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {shlex.quote(str(run_dir))} "
+                               "or choose another folder")
+    with exclusive_lock(run_dir, "cfbench process"):
+        refuse_links(run_dir, "run folder")
+        if resume:
+            _check_experiment(run_dir, experiment)
+        for tmp in run_dir.rglob(".*.tmp"):  # atomic writes of a killed holder; the lock says none is live
+            tmp.unlink(missing_ok=True)
+        if not resume:
+            atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False, "experiment": experiment})
+        else:  # this attempt starts clean: the last one's error line goes
+            _clear_error(run_dir)
+        try:
+            yield
+        except BaseException as err:
+            _record_error(run_dir, err)
+            raise
+
+
+def _check_experiment(run_dir: Path, experiment: str) -> None:
+    found = read_json_object(run_dir / PROGRESS, "progress file").get("experiment")
+    if found is None:
+        raise CfbenchError(f"{run_dir / PROGRESS}: records no settings digest (a run of an older cfbench?), so it "
+                           "cannot be shown to be this config's run; start the run again")
+    if found != experiment:
+        raise CfbenchError(f"{run_dir}: config.yaml no longer matches the experiment this run started (progress.json "
+                           f"records settings digest {str(found)[:20]!r}, config.yaml gives {experiment!r}); restore "
+                           "config.yaml or start a new run")
+
+
+def _clear_error(run_dir: Path) -> None:
+    progress = read_json_object(run_dir / PROGRESS) if (run_dir / PROGRESS).is_file() else {}
+    if "error" in progress:
+        atomic_write_json(run_dir / PROGRESS, {k: v for k, v in progress.items() if k != "error"})
+
+
+def _record_error(run_dir: Path, err: BaseException) -> None:
+    """The error line beside the progress, so a sweep or a user sees why a run stopped (unless the
+    disk is full: then the line cannot be written, and the error itself says so)."""
+    try:
+        progress = read_json_object(run_dir / PROGRESS)
+    except CfbenchError:
+        progress = {"completed_tasks": [], "finished": False}
+    line = interruption_line(err) or (str(err).splitlines() or [type(err).__name__])[0]
+    try:
+        atomic_write_json(run_dir / PROGRESS, {**progress, "finished": False, "error": line})
+    except CfbenchError:
+        pass
+
+
+def interruption_line(err: BaseException) -> str:
+    """'interrupted (SIGTERM)' and the like for an interruption, else ''."""
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted ({getattr(err, 'signal_name', 'SIGINT')})"
+    return ""

@@ -1,0 +1,121 @@
+"""checkpoints/state.pt: what --resume continues from. It pins its experiment: it carries the
+settings the run started with, and a config.yaml that no longer matches them is refused, naming the
+first setting that differs. A state.pt may come from someone else, so it is loaded as tensors and
+plain types only, and every field is checked (type, range, shape) before any is used."""
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from strategies.checkpoint import plugin_states, restore_plugins
+
+from ..config import experiment_digest, experiment_settings, first_difference, lookup
+from ..errors import CfbenchError
+from ..evaluation.matrix import PRETRAINED, Matrix
+from ..files import atomic_write_bytes, atomic_write_json
+from ..report.run_folder import CHECKPOINT, PROGRESS
+
+FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugins")
+
+
+def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dict[str, Matrix],
+                    completed: int) -> None:
+    """state.pt, then the matrices and progress.json (each written atomically)."""
+    state = {"completed": completed, "experiment": experiment_settings(settings), "model": model.state_dict(),
+             "known_tasks": sorted(model.known_train_tasks_labels),  # Avalanche's, outside the state dict
+             "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
+             "plugins": plugin_states(plugins, model)}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+    for kind, m in matrices.items():
+        m.save(run_dir / "matrices" / f"{kind}.csv")
+    atomic_write_json(run_dir / PROGRESS, {"completed_tasks": matrices["lp"].rows[1:], "finished": False,
+                                                  "experiment": experiment_digest(settings)})
+
+
+def load_checkpoint(run_dir: Path, settings: dict, trained: Sequence[str], columns: Sequence[str],
+                    kinds: Sequence[str], device: str) -> dict:
+    """state.pt checked against the run's config (`settings`, as config.yaml holds them): the same
+    experiment, a task count within the sequence, matrices of this run's rows and columns."""
+    path = run_dir / CHECKPOINT
+    try:  # tensors and plain types only: a foreign run folder cannot execute code here
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # unpickling raises many types for corrupt, truncated or crafted files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CfbenchError(f"{path}: not a loadable cfbench checkpoint ({reason[:200]}); nothing was resumed") from None
+
+    def bad(field: str, why: str) -> CfbenchError:
+        return CfbenchError(f"{path}: field {field!r} {why}; not a checkpoint of this run, nothing was resumed")
+
+    if not isinstance(state, dict):
+        raise bad("(top level)", "is not a mapping")
+    for field in FIELDS:
+        if field not in state:
+            raise bad(field, "is missing (a checkpoint of another cfbench version?)")
+    pinned = state["experiment"]
+    if not isinstance(pinned, dict):
+        raise bad("experiment", "is not a mapping of settings")
+    key = first_difference(pinned, experiment_settings(settings))
+    if key:
+        raise CfbenchError(f"{run_dir / 'config.yaml'}: {key} is not what this run was started with (the "
+                           f"checkpoint's {lookup(pinned, key)!r}, now {lookup(settings, key)!r}); a run continues "
+                           "only with its own settings: restore config.yaml or start a new run")
+    done = state["completed"]
+    if type(done) is not int or not 1 <= done <= len(trained):
+        raise bad("completed", f"must be a whole number of tasks from 1 to {len(trained)}, not {done!r}"[:200])
+    if not isinstance(state["model"], dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in state["model"].items()):
+        raise bad("model", "is not a mapping of parameter names to tensors")
+    known = state["known_tasks"]
+    if not isinstance(known, list) or not all(type(t) is int and 0 <= t < done for t in known):
+        raise bad("known_tasks", f"must list task numbers below {done}")
+    _check_matrices(state["matrices"], [PRETRAINED, *trained[:done]], list(columns), set(kinds), bad)
+    if not isinstance(state["plugins"], list):
+        raise bad("plugins", "is not a list of plugin states")
+    return state
+
+
+def _check_matrices(saved: Any, rows: list[str], columns: list[str], kinds: set, bad) -> None:
+    if not isinstance(saved, dict) or set(saved) != kinds:
+        raise bad("matrices", f"must hold the matrices {sorted(kinds)}")
+    for kind, entry in saved.items():
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise bad(f"matrices.{kind}", "is not (rows, columns, values)")
+        got_rows, got_cols, values = entry
+        if list(got_rows) != rows or list(got_cols) != columns:
+            raise bad(f"matrices.{kind}", f"has rows / columns other than this run's {rows} / {columns}")
+        if not (isinstance(values, list) and len(values) == len(rows)
+                and all(isinstance(r, list) and len(r) == len(columns) for r in values)
+                and all(isinstance(v, float) and (math.isnan(v) or 0 <= v <= 100) for r in values for v in r)):
+            raise bad(f"matrices.{kind}", "values are not a rows x columns table of accuracies")
+
+
+def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix]) -> int:
+    """The checked state into the model (its heads already made), the plugins and the matrices;
+    returns how many tasks are done."""
+    path = CHECKPOINT
+    expected = model.state_dict()
+    weights = state["model"]
+    if set(weights) != set(expected):
+        odd = sorted(set(weights) ^ set(expected))
+        raise CfbenchError(f"{path}: the model weights name other parameters than this run's model ({odd[0]!r}, "
+                           f"{len(odd)} in all); nothing was resumed")
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CfbenchError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)}, this run's model "
+                               f"{tuple(expected[name].shape)}; nothing was resumed")
+    model.load_state_dict(weights)
+    model.known_train_tasks_labels = set(state["known_tasks"])
+    for k, (rows, cols, values) in state["matrices"].items():
+        matrices[k] = Matrix(list(rows), list(cols), [list(r) for r in values])
+    try:
+        restore_plugins(plugins, state["plugins"], model)
+    except Exception as err:  # a crafted plugin state can fail in any of the plugins' own types
+        raise CfbenchError(f"{path}: the strategy's saved state does not fit it ({type(err).__name__}: "
+                           f"{str(err)[:200]}); nothing was resumed") from None
+    return state["completed"]

@@ -1,0 +1,324 @@
+"""One strategy over one task sequence: Avalanche trains, the evaluators fill the matrices.
+
+`run_strategy` reads top to bottom: resolve the tasks and the strategy's parameters, build the
+encoder, the data and the learner, evaluate the pretrained model, then per task: initialise its
+head, train, evaluate every dataset, checkpoint. The helpers below it each do one of those steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
+from avalanche.benchmarks.scenarios.task_aware import with_task_labels
+from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
+from avalanche.training.plugins import EvaluationPlugin
+
+import strategies
+import tasks as task_registry
+
+from ..config import RunConfig, dump_config, experiment_digest
+from ..config.deviations import protocol_deviations, summary
+from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
+from ..config.templates import task_class_names, task_templates
+from ..errors import CfbenchError
+from ..evaluation.evaluate import (
+    EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
+)
+from ..evaluation.matrix import PRETRAINED, Matrix
+from ..evaluation.multihead import MultiHeadClassifier
+from ..evaluation.probe import fit_normalized_head, fit_official_probe
+from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
+from ..models import build_model
+from ..report.compare import finalize_run
+from ..report.run_folder import DEVIATIONS, hold_run_folder
+from ..report.trackers import Trackers
+from .augment import build_augment
+from .checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from .schedule import GradClipPlugin, WarmupCosinePlugin
+from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_device
+
+log = logging.getLogger("cfbench")
+_PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
+
+
+def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = False,
+                 stop_after: Optional[int] = None, on_start: Optional[Callable[[], None]] = None,
+                 plan: Optional[RunPlan] = None) -> Path:
+    """Train `strategy` over the sequence (`plan`: the config's, made here unless validation made
+    it); `stop_after=k` ends after k tasks as an interruption would; `on_start()` is called once
+    every check has passed, just before the run folder is held."""
+    plan = plan or make_plan(cfg)
+    trained, eval_only = plan.trained, plan.eval_only
+    params = strategies.resolve_params(strategy, cfg.strategy_params)
+    # from the settings as given, before they are filled in (a resumed run's were recorded at its start)
+    deviations = None if resume else protocol_deviations(cfg, [strategy])
+    device = select_device(cfg.device)
+    threads = set_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    with _run_log() as log_into:  # lines logged before the run folder exists are kept for its log.txt
+        encoder = build_model(cfg.model)
+        check_text_needs(cfg, strategy, encoder.has_text)
+        cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
+                          tasks=list(trained), eval_only=list(eval_only),
+                          strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
+        cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
+        plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
+        settings = cfg.to_dict()
+        # a resumed run's checkpoint must be of this config (checked before the folder is touched)
+        state = load_checkpoint(run_dir, settings, trained, trained + eval_only, matrix_kinds(encoder.has_text),
+                                device) if resume else None
+        if on_start:
+            on_start()
+        with hold_run_folder(run_dir, resume, experiment_digest(settings)):  # nothing is written before this point
+            log_into(run_dir)
+            if not resume:
+                log.info("%s", summary(cfg, deviations))
+                atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+                atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
+            with Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
+                log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s",
+                         strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
+                _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
+                                state, stop_after)
+    return run_dir
+
+
+def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_dir: Path, trained, eval_only,
+                    device: str, trackers: Trackers, state: Optional[dict], stop_after: Optional[int]) -> None:
+    """The pretrained row (or the checkpoint's `state`), then per task: initialise its head, train,
+    evaluate, checkpoint."""
+    if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
+        encoder.set_text_trainable(cfg.train.head == "text")
+    configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
+    model = MultiHeadClassifier(encoder).to(device)
+    train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
+    pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
+    learner = _learner(cfg, model, train_splits, plugins, trained, device, trackers.plugins(plugins))
+    stream = _benchmark(train_splits).train_stream
+    matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
+    zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
+    if state is not None:
+        for t in range(state["completed"]):
+            _make_head(cfg, model, t, trained[t])
+        start = apply_checkpoint(state, model, plugins, matrices)
+        learner.clock.train_exp_counter = start
+        log.info("resumed after %d task(s)", start)
+    else:
+        start = 0
+        # before any training the current text tower is the pretrained one: its classifiers serve
+        _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device), trackers)
+    for t in range(start, len(trained)):
+        if stop_after is not None and t >= stop_after:
+            return
+        name = trained[t]
+        seed_everything(cfg.seed * 1000 + t)  # per-task seeding makes --resume exact
+        _init_head(cfg, strategy, model, t, name, pretrained_zs, device)
+        learner.train_epochs = 1 if cfg.train.iterations else cfg.train.epochs_for(name)
+        learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
+        result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
+                                cfg.seed, zs_for_eval, desc=f"eval after {name}")
+        _add_rows(matrices, name, result, trackers)
+        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1)
+        log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
+    metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+    trackers.log_metrics(metrics, len(trained))
+
+
+def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:
+    return strategies.BuildContext(
+        image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
+        cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
+        classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
+        tokenizer=getattr(encoder, "tokenizer", None))
+
+
+def select_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CfbenchError("device cuda requested but no CUDA GPU is visible")
+    return name
+
+
+def set_threads(n: Optional[int]) -> int:
+    """One deliberate intra-op thread count; oversubscribed cores made extraction 10x slower."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_registry.TensorSplit:
+    return task_registry.load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir,
+                                    cfg.cache_format)
+
+
+def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
+    train, evals = split_specs(cfg, trained, eval_names)
+    train_splits = [_split(cfg, *spec) for spec in train]
+    eval_sets = [EvalDataset(n, task_class_names(n, cfg.data_root, cfg.eval.classnames),
+                             task_templates(n, cfg.eval.templates), *[_split(cfg, *spec) for spec in evals[n]],
+                             refit_on_val="val" not in task_registry.loaded_task(n, cfg.data_root).splits)
+                 for n in eval_names]
+    return train_splits, eval_sets
+
+
+def _pretrained_zero_shot(cfg: RunConfig, encoder, eval_sets: list[EvalDataset],
+                          device: str) -> Optional[dict[str, ZeroShotClassifier]]:
+    """Zero-shot classifiers of the pretrained text tower (built before any training or --resume
+    load): the evaluation's under eval.zs_text pretrained, and the ZS-init heads' weights."""
+    if not encoder.has_text:
+        return None
+    return {ds.name: ZeroShotClassifier.build(encoder, ds, device) for ds in eval_sets}
+
+
+def _benchmark(train_splits):
+    # (x, y, sample index, task): the index lets plugins cache per-sample work (LDIFS's reference)
+    datasets = [_make_taskaware_tensor_classification_dataset(s.x, s.y, torch.arange(len(s)), task_labels=i,
+                                                              targets=s.y)
+                for i, s in enumerate(train_splits)]
+    return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=datasets)))
+
+
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9) over the parameters that train, fused where torch supports it
+    (one kernel for all parameters: 5x faster steps on CPU than the per-tensor loop); the arithmetic
+    is the same."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls, extra = (torch.optim.AdamW, {}) if name == "adamw" else (torch.optim.SGD, {"momentum": 0.9})
+    try:
+        return cls(params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without a fused kernel
+        return cls(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def _silent_evaluator() -> EvaluationPlugin:
+    """The suite evaluates with its own evaluators; Avalanche's stays empty and quiet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EvaluationPlugin(loggers=[])
+
+
+def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device: str,
+             observers: Sequence = ()) -> FastNaive:
+    t = cfg.train
+    lrs = [t.lr_for(name) for name in trained]
+    controls = [WarmupCosinePlugin(lrs, t.warmup_steps, t.schedule_steps)]
+    controls += [GradClipPlugin(t.grad_clip)] if t.grad_clip else []
+    return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, lrs[0] if lrs else 0.0, t.weight_decay),
+                     criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
+                     train_splits=train_splits, train_steps=t.iterations,
+                     train_augment=build_augment(t.augment), train_mb_size=t.batch_size, train_epochs=1,
+                     eval_mb_size=cfg.eval.batch_size, device=device,
+                     plugins=[*plugins, *controls, ProgressPlugin(trained), *observers, FiniteLossGuard(trained)],
+                     evaluator=_silent_evaluator())
+
+
+def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
+    """The pretrained row, shared by every strategy of one invocation (it depends on no strategy)."""
+    settings = cfg.to_dict()
+    key = json.dumps({"model": settings["model"], "eval": settings["eval"], "data_root": cfg.data_root,
+                      "seed": cfg.seed, "datasets": [d.name for d in eval_sets]}, sort_keys=True)
+    if key not in _PRETRAINED_ROUNDS:
+        _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, cfg.eval, device, cfg.seed, zero_shot,
+                                                 desc="eval pretrained")
+    return _PRETRAINED_ROUNDS[key]
+
+
+def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult, trackers: Trackers) -> None:
+    for kind, matrix in matrices.items():
+        matrix.add_row(label, result.cells[kind])
+    trackers.log_round(len(matrices["lp"].rows) - 1, {kind: result.cells[kind] for kind in matrices})
+
+
+def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: int, name: str,
+               pretrained_zs: Optional[dict[str, ZeroShotClassifier]], device: str) -> None:
+    """The task's head before training: a text head (the current text tower over one prompt per
+    class), or a linear head with LP-init (a probe on the current encoder's features), ZS-init
+    (the pretrained text tower's class embeddings x logit_scale.exp(), ldifs_code
+    model/heads.py:17-61) or zero."""
+    head = _make_head(cfg, model, task, name)
+    how = strategies.head_init(strategy, cfg.train.head_init) if cfg.train.head == "linear" else "none"
+    if how == "zs":
+        zs = pretrained_zs[name]
+        head.load(zs.weights * zs.logit_scale, torch.zeros(len(zs.weights)))
+        log.info("ZS-init head for %s (pretrained text tower, logit scale %.2f)", name, zs.logit_scale)
+    elif how == "lp":
+        cap, batch = cfg.eval.probe_max_per_class, cfg.eval.batch_size
+        train, val = _split(cfg, name, "train", cap), _split(cfg, name, "val", cap)
+        train_f = extract_features(model.encoder, train.x, batch, device)
+        val_f = extract_features(model.encoder, val.x, batch, device)
+        if cfg.eval.probe == "official":  # refitted on the task's train split alone: finetune.py:38 passes
+            # `<dataset>Val`, whose train loader is the train split (heads.py:153-172, finetune_functions.py:89)
+            probe = fit_official_probe(train_f, train.y, val_f, val.y, len(head.linear.bias),
+                                       cfg.eval.probe_iterations, seed=cfg.seed, device=device, refit_on_val=False)
+            head.load(probe.weight, probe.bias)
+            log.info("LP-init head for %s: official probe, lr=%g", name, probe.lr)
+        else:
+            weight, bias, C = fit_normalized_head(train_f, train.y, val_f, val.y, len(head.linear.bias), seed=cfg.seed)
+            head.load(weight, bias)
+            log.info("LP-init head for %s: C=%g", name, C)
+
+
+def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str):
+    if cfg.train.head == "text":
+        template = task_templates(name, cfg.eval.templates)[0]  # ZSCL trains with one prompt per class
+        classes = task_class_names(name, cfg.data_root, cfg.eval.classnames)
+        return model.ensure_text_head(task, [template.format(c) for c in classes])
+    return model.ensure_head(task, task_registry.get_task(name).num_classes)
+
+
+class _Pending(logging.Handler):
+    """Holds records until the run folder exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _run_log() -> Iterator[Callable[[Path], None]]:
+    """Yields `log_into(run_dir)`: from then on (and for what was logged before) the run's log.txt.
+    A CfbenchError raised inside -- the one line the user sees -- goes into log.txt too."""
+    pending, handlers = _Pending(), []
+    log.addHandler(pending)
+    log.setLevel(logging.INFO)
+
+    def log_into(run_dir: Path) -> None:
+        handler = AppendLogHandler(run_dir / "log.txt")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        for record in pending.records:
+            handler.handle(record)
+        log.removeHandler(pending)
+        log.addHandler(handler)
+        handlers.append(handler)
+
+    try:
+        yield log_into
+    except CfbenchError as err:
+        if handlers:
+            log.error("error: %s", err)
+        raise
+    finally:
+        for handler in [pending, *handlers]:
+            log.removeHandler(handler)
+            handler.close()
