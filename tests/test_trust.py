@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark import store
+from benchmark import files as store
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.errors import CfbenchError
