@@ -1,12 +1,13 @@
-"""The ground floor: the file primitives every room uses. Atomic writers (a file is either the old
-one or the new one, with the umask's mode; a full disk is one line), strict one-line readers (a
-regular file under a size limit; YAML without aliases; JSON without NaN, Infinity or repeated
-keys), and folders as trust boundaries.
+"""The ground floor: the file primitives every room uses.
 
-Folders as trust boundaries. A run or sweep folder may come from someone else (copied, unpacked,
-shared on a cluster): cfbench never follows a symbolic link inside one, so it can never be made to
-write outside it. Files it reads are bounded in size and must be regular files (a link to an
-endless device is refused, not read until memory runs out). Files it creates respect the umask.
+- Folders as trust boundaries: a run or sweep folder may come from someone else (copied,
+  unpacked, shared on a cluster), so cfbench never follows a symbolic link inside one and can
+  never be made to write outside it.
+- Atomic writers: a file is the old one or the new one, with the umask's mode; a full disk is one
+  line naming the folder.
+- Strict one-line readers: a regular file under a size limit (a link to an endless device is
+  refused, not read until memory runs out); YAML without aliases; JSON without NaN, Infinity or
+  repeated keys.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
 from benchmark.evaluation.evaluate import zero_shot_logits, zero_shot_weights
-from benchmark.models import create_model
 from benchmark.evaluation.matrix import Matrix
+from benchmark.models import create_model
+
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_clip_checkpoint):

@@ -12,8 +12,8 @@ from PIL import Image
 
 from benchmark.cli import main
 from benchmark.config import TrainConfig, load_config
-from benchmark.run.runner import run_strategy
 from benchmark.evaluation.matrix import Matrix
+from benchmark.run.runner import run_strategy
 from tests.helpers import tiny_config
 
 # the smallest run that still trains both offline tasks and probes every column

@@ -5,8 +5,8 @@ import pytest
 
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
-from benchmark.evaluation.metrics import compute_metrics
 from benchmark.evaluation.matrix import Matrix
+from benchmark.evaluation.metrics import compute_metrics
 
 # rows: pretrained, after a, after b, after c; columns: a, b, c (trained) and x (eval-only)
 CSV = """after,a,b,c,x

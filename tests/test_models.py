@@ -2,8 +2,8 @@ import numpy as np
 import torch
 
 from benchmark.evaluation.evaluate import extract_features
-from benchmark.models import EfficientNetLite0, create_model
 from benchmark.evaluation.probe import accuracy, fit_probe
+from benchmark.models import EfficientNetLite0, create_model
 from tasks import load_split
 
 

@@ -22,9 +22,9 @@ import yaml
 
 import tasks
 from benchmark.config import resolve
+from benchmark.config.templates import task_class_names, task_templates
 from benchmark.models import create_model
 from benchmark.run.runner import run_strategy
-from benchmark.config.templates import task_class_names, task_templates
 from tests.test_protocol_ldifs import OfficialClassificationHead, official_zs_head
 
 TASKS = ("digits", "faces")

@@ -22,10 +22,11 @@ import yaml
 
 import tasks
 from benchmark.config import resolve
+from benchmark.config.templates import task_class_names, task_templates
 from benchmark.models.clip import CLIPModel
 from benchmark.report.run_folder import CHECKPOINT
 from benchmark.run.runner import run_strategy
-from benchmark.config.templates import task_class_names, task_templates
+from tests.test_parity_ldifs import official_cosine_lr
 
 TASKS = ("digits", "faces")
 PER_CLASS = 4     # training images per class: 40 and 8, within one batch of the protocol's 64
@@ -47,18 +48,8 @@ KEY_TOLERANCE = 1e-3  # attention key projections' weights (see _compared)
 
 # --- the official code, transcribed ------------------------------------------------------------
 
-def official_cosine_lr(optimizer, base_lr, warmup_length, steps):
-    """utils.py:13-32."""
-    def _lr_adjuster(step):
-        for param_group in optimizer.param_groups:
-            if step < warmup_length:
-                lr = base_lr * (step + 1) / warmup_length
-            else:
-                e = step - warmup_length
-                es = steps - warmup_length
-                lr = 0.5 * (1 + np.cos(np.pi * e / es)) * base_lr
-            param_group["lr"] = lr
-    return _lr_adjuster
+# ZSCL's cosine_lr (mtil/src/utils.py:9-33) is line for line the LDIFS code's: test_parity_ldifs's
+# transcription (train_utils.py:26-47; both come from WiSE-FT) serves both parity tests
 
 
 def official_merge_we(model_0, model_1, sma_count):

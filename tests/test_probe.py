@@ -42,8 +42,8 @@ def test_ece_by_hand():
 def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     from benchmark.config import EvalConfig
     from benchmark.evaluation.evaluate import EvalDataset, evaluate_round, extract_features
-    from benchmark.models import create_model
     from benchmark.evaluation.multihead import MultiHeadClassifier
+    from benchmark.models import create_model
     from tasks import load_split
 
     train = load_split("digits", "train", 64, max_per_class=20, seed=3)

@@ -14,22 +14,21 @@ import torchvision
 import yaml
 
 import tasks
-from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.cli import main
 from benchmark.config import EvalConfig
+from benchmark.config.templates import load_template_set, task_templates
 from benchmark.evaluation.evaluate import EvalDataset, ZeroShotClassifier, evaluate_round
-from benchmark.models import create_model
-from benchmark.models.clip import wants_quick_gelu
+from benchmark.evaluation.matrix import Matrix
 from benchmark.evaluation.multihead import MultiHeadClassifier
 from benchmark.evaluation.probe import fit_official_probe
+from benchmark.models import create_model
+from benchmark.models.clip import wants_quick_gelu
+from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.run.runner import _init_head, run_strategy
 from benchmark.run.schedule import GradClipPlugin, WarmupCosinePlugin
-from benchmark.evaluation.matrix import Matrix
-from benchmark.config.templates import load_template_set, task_templates
 from tests.helpers import tiny_config
 
 from . import dataset_fixtures as fx
-
 
 # ---- transcriptions of the official code ------------------------------------------------------
 

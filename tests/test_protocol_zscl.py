@@ -14,11 +14,11 @@ from avalanche.training import Naive
 import tasks
 from benchmark.cli import main
 from benchmark.config import resolve
-from benchmark.models import create_model
+from benchmark.evaluation.matrix import Matrix
 from benchmark.evaluation.multihead import MultiHeadClassifier, TextHead
+from benchmark.models import create_model
 from benchmark.report.compare import zscl_table3
 from benchmark.run.schedule import WarmupCosinePlugin
-from benchmark.evaluation.matrix import Matrix
 from strategies import ZSCLPlugin
 from tests.test_plugins import tiny_benchmark
 
@@ -224,8 +224,8 @@ def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
 
 
 def test_zscl_class_names_where_they_differ(tmp_path):
-    from benchmark.errors import CfbenchError
     from benchmark.config.templates import task_class_names
+    from benchmark.errors import CfbenchError
 
     root = tmp_path / "data"
     fx.mnist(root), fx.sun397(root)

@@ -11,11 +11,11 @@ import yaml
 from matplotlib.container import BarContainer
 
 from benchmark.cli import main
-from benchmark.report.figures import build_comparison, build_curves, group_runs
-from benchmark.evaluation.metrics import compute_metrics
-from benchmark.report.compare import _matrices
 from benchmark.evaluation.matrix import Matrix
+from benchmark.evaluation.metrics import compute_metrics
 from benchmark.files import atomic_write_json
+from benchmark.report.compare import _matrices
+from benchmark.report.figures import build_comparison, build_curves, group_runs
 
 COLUMNS = ["a", "b", "x", "y"]  # trained a, b; never trained x, y
 RNG = np.random.default_rng(0)

@@ -11,9 +11,9 @@ import time
 import pytest
 import yaml
 
-from benchmark.report import run_folder
 from benchmark.cli import main
 from benchmark.config import experiment_digest, load_config, load_run_config
+from benchmark.report import run_folder
 from benchmark.report.run_folder import hold_run_folder, new_invocation_folder
 from benchmark.run.runner import run_strategy
 

@@ -184,8 +184,8 @@ def test_seed_groups_are_the_mean_sample_std_and_n_of_the_runs_metrics(sweep4):
 
 
 def test_a_group_of_one_run_has_a_blank_std(sweep4, tmp_path):
-    from benchmark.report.figures import group_runs
     from benchmark.report.compare import _matrices, group_tables
+    from benchmark.report.figures import group_runs
 
     run = sweep4[1] / "ft-s0"
     groups = group_runs([(run.name, yaml.safe_load((run / "config.yaml").read_text()),
@@ -268,8 +268,8 @@ def test_an_unwritable_output_folder_fails_in_one_line_and_writes_nothing(tmp_pa
 def test_a_worker_that_cannot_write_the_sweep_folder_says_so_in_one_line(tmp_path, monkeypatch):
     """The check every task makes first (a folder that is not shared with the worker's node)."""
     from benchmark.config import validate
-    from benchmark.sweep import worker as sweep_worker
     from benchmark.errors import CfbenchError
+    from benchmark.sweep import worker as sweep_worker
 
     monkeypatch.setattr(validate.os, "access", lambda *a: False)
     with pytest.raises(CfbenchError, match=r"^sweep folder .*: .* is not writable$"):
@@ -286,8 +286,8 @@ def test_a_worker_that_cannot_write_the_sweep_folder_says_so_in_one_line(tmp_pat
 
 def test_resources_follow_the_cluster():
     from benchmark.errors import CfbenchError
-    from benchmark.sweep.driver import decide_resources
     from benchmark.sweep.config import SweepConfig, SweepResources
+    from benchmark.sweep.driver import decide_resources
 
     one_cpu_box = decide_resources(SweepConfig(), [(2.0, 0.0)])
     assert (one_cpu_box.max_parallel, one_cpu_box.num_cpus, one_cpu_box.num_gpus, one_cpu_box.threads,

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import tasks
-from benchmark.run.runner import _benchmark, run_strategy
 from benchmark.evaluation.matrix import Matrix
 from benchmark.run.batches import TensorBatches
+from benchmark.run.runner import _benchmark, run_strategy
 from tests.helpers import tiny_config
 
 

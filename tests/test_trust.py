@@ -20,8 +20,8 @@ from benchmark import files as store
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.errors import CfbenchError
-from benchmark.run.runner import run_strategy
 from benchmark.files import read_regular
+from benchmark.run.runner import run_strategy
 
 TINY = {"tasks": ["digits", "faces"], "eval_only": [], "strategies": ["ft"], "model": {"image_size": 32},
         "train": {"epochs": 1, "max_train_per_class": 4, "batch_size": 8, "warmup_steps": 2, "head_init": "zero"},
