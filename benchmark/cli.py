@@ -359,7 +359,7 @@ def cmd_sweep(args) -> int:
 
         print(f"cfbench: sweep {interruption_line(err)}; finished tasks are checkpointed, run the same command "
               "again to continue", file=sys.stderr)
-        return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
+        return _interruption_status(err)
 
 
 def one_line(text: str) -> str:
@@ -483,6 +483,11 @@ def _terminated(signum, frame) -> None:
     raise err
 
 
+def _interruption_status(err: KeyboardInterrupt) -> int:
+    """The shell's convention: 128 + the signal's number (SIGTERM 15, SIGINT 2)."""
+    return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
+
+
 def _interrupted(err: KeyboardInterrupt) -> int:
     from .report.run_folder import CHECKPOINT, interruption_line
 
@@ -494,7 +499,7 @@ def _interrupted(err: KeyboardInterrupt) -> int:
     else:
         hint = f"; no task of {run_dir} had finished, so there is nothing to resume: start the run again"
     print(f"cfbench: {interruption_line(err)}{hint}", file=sys.stderr)
-    return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
+    return _interruption_status(err)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

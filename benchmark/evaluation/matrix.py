@@ -12,7 +12,7 @@ from typing import Optional, Union
 import numpy as np
 
 from ..errors import CfbenchError
-from ..files import atomic_write_text, read_regular
+from ..files import atomic_write_text, read_text
 
 PRETRAINED = "pretrained"
 
@@ -70,11 +70,7 @@ class Matrix:
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "Matrix":
-        try:
-            text = read_regular(path, MATRIX_BYTES, "matrix file").decode("utf-8")
-        except UnicodeDecodeError:
-            raise CfbenchError(f"{path}: not a UTF-8 text file (a matrix is a CSV file)") from None
-        return cls.from_csv_text(text, source=str(path))
+        return cls.from_csv_text(read_text(Path(path), "matrix file", MATRIX_BYTES), source=str(path))
 
 
 MATRIX_BYTES = 16 * 1024 ** 2  # a 1,000 x 1,000 matrix is under 10 MB

@@ -16,7 +16,7 @@ from ..evaluation.metrics import METRIC_KEYS, compute_metrics
 from ..files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_yaml_mapping
 from .figures import comparison_figure, curves_figure, group_runs
 from .plots import TITLES, heatmap, plot_run
-from .run_folder import DEVIATIONS
+from .run_folder import DEVIATIONS, write_progress
 
 # what compare_runs writes into its folder (name prefixes)
 COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3")
@@ -82,8 +82,7 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
         metrics["notes"] = [f"no zero-shot (zs) matrix: {run_cfg['model']['name']} has no text tower"]
     atomic_write_json(run_dir / "metrics.json", metrics)
     plot_run(run_dir)
-    atomic_write_json(run_dir / "progress.json", {"completed_tasks": matrices["lp"].rows[1:], "finished": True,
-                                                  "experiment": experiment_digest(run_cfg)})
+    write_progress(run_dir, matrices["lp"].rows[1:], True, experiment_digest(run_cfg))
     return metrics
 
 

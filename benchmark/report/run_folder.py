@@ -76,7 +76,7 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
         for tmp in run_dir.rglob(".*.tmp"):  # atomic writes of a killed holder; the lock says none is live
             tmp.unlink(missing_ok=True)
         if not resume:
-            atomic_write_json(run_dir / PROGRESS, {"completed_tasks": [], "finished": False, "experiment": experiment})
+            write_progress(run_dir, [], False, experiment)
         else:  # this attempt starts clean: the last one's error line goes
             _clear_error(run_dir)
         try:
@@ -84,6 +84,12 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
         except BaseException as err:
             _record_error(run_dir, err)
             raise
+
+
+def write_progress(run_dir: Path, completed_tasks: list[str], finished: bool, experiment: str) -> None:
+    """progress.json: the finished tasks, whether everything is written, the settings digest."""
+    atomic_write_json(run_dir / PROGRESS, {"completed_tasks": completed_tasks, "finished": finished,
+                                           "experiment": experiment})
 
 
 def _check_experiment(run_dir: Path, experiment: str) -> None:

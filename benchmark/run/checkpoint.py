@@ -16,8 +16,8 @@ from strategies.checkpoint import plugin_states, restore_plugins
 from ..config import experiment_digest, experiment_settings, first_difference, lookup
 from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
-from ..files import atomic_write_bytes, atomic_write_json
-from ..report.run_folder import CHECKPOINT, PROGRESS
+from ..files import atomic_write_bytes
+from ..report.run_folder import CHECKPOINT, write_progress
 
 FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugins")
 
@@ -34,8 +34,7 @@ def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dic
     atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
     for kind, m in matrices.items():
         m.save(run_dir / "matrices" / f"{kind}.csv")
-    atomic_write_json(run_dir / PROGRESS, {"completed_tasks": matrices["lp"].rows[1:], "finished": False,
-                                                  "experiment": experiment_digest(settings)})
+    write_progress(run_dir, matrices["lp"].rows[1:], False, experiment_digest(settings))
 
 
 def load_checkpoint(run_dir: Path, settings: dict, trained: Sequence[str], columns: Sequence[str],
