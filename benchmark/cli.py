@@ -6,6 +6,7 @@ import os
 import shlex
 import signal
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -56,6 +57,7 @@ def cmd_run(args) -> int:
     from .config import dump_config, load_config
     from .config.deviations import headline, protocol_deviations
     from .config.deviations import summary as protocol_summary
+    from .config.protocols import protocol_description
     from .config.validate import check_run
     from .report.compare import compare_runs
     from .report.run_folder import new_invocation_folder
@@ -65,6 +67,8 @@ def cmd_run(args) -> int:
         return _resume(Path(args.resume), args)
     cfg = load_config(args.config, _run_overrides(args))
     if args.print_config:
+        if cfg.protocol:  # what the preset reproduces, as comments: the output stays a config file
+            print("\n".join(f"# {line}" for line in textwrap.wrap(protocol_description(cfg.protocol), 100)))
         print(dump_config(cfg), end="")
         found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
         print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
@@ -180,7 +184,8 @@ def cmd_list(args) -> int:
         for spec in strategies.STRATEGIES.values():
             params = ", ".join(f"{k}={v}" + (f" ({spec.allowed[k].describe()})" if k in spec.allowed else "")
                                for k, v in spec.defaults.items()) or "no parameters"
-            print(f"{spec.name:<8} {spec.description}\n{'':<8} {params}")
+            needs = "  [needs a text tower: CLIP]" if spec.needs_text else ""
+            print(f"{spec.name:<8} {spec.description}{needs}\n{'':<8} {params}")
             if spec.notes:
                 print(f"{'':<8} note: {spec.notes}")
         from .config import list_protocols, protocol_settings

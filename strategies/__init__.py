@@ -15,7 +15,11 @@ from tasks import get_task, load_split, task_classes
 
 from .context import BuildContext
 from .ewc import EWC
+from .flyp import FLYPPlugin
+from .flyp_ce import FLYPCEPlugin
+from .icarl import SELECTIONS, ICaRLPlugin
 from .l2sp import L2SPPlugin
+from .label_smoothing import LabelSmoothingPlugin
 from .ldifs import LDIFSPlugin, ldifs_distance
 from .lwf import LwF
 from .wise_ft import WiSEFTPlugin
@@ -67,6 +71,11 @@ class StrategySpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
+    head: Optional[str] = None  # overrides train.head (FLYP trains both towers: always "text")
+    # what of the training step the strategy replaces ("forward", "loss"): two components may not
+    # replace the same; "output" readers (LwF distils mb_output) cannot follow a replaced forward
+    replaces: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
     notes: str = ""  # shown by `cfbench list strategies`
     # the plugin class the build makes: its constructor checks the values (given the parameters it
     # takes; the others are the builder's) before a run starts
@@ -110,11 +119,36 @@ register_strategy(_plugin_spec("ewc", "Avalanche EWCPlugin (Fisher-weighted weig
                                EWC, {"ewc_lambda": 100.0, "mode": "separate"},
                                allowed={"ewc_lambda": NON_NEGATIVE, "mode": Allowed(choices=("separate", "online"))}))
 register_strategy(_plugin_spec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
-                               LwF, {"alpha": 1.0, "temperature": 2.0},
+                               LwF, {"alpha": 1.0, "temperature": 2.0}, reads=("output",),
                                allowed={"alpha": NON_NEGATIVE, "temperature": POSITIVE}))
 register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
                                WiSEFTPlugin, {"beta": 0.5}, allowed={"beta": FRACTION}))
 
+register_strategy(_plugin_spec("ls", "cross-entropy with smoothed labels (the LDIFS code's --finetune-loss ls)",
+                               LabelSmoothingPlugin, {"smoothing": 0.1}, replaces=("loss",),
+                               notes="the official --ls-factor default is 0.0 (= ft); 0.1 is cfbench's, not the "
+                                     "paper's: set the factor you compare",
+                               allowed={"smoothing": Allowed(min=0, max=0.999)}))
+
+
+def _prompts_for(ctx: BuildContext) -> Callable[[int], tuple[list[str], list[str]]]:
+    """task index -> (class names, every template) of that task, as the run names them."""
+    def prompts(t: int) -> tuple[list[str], list[str]]:
+        name = ctx.tasks[t]
+        classes = ctx.classes_of(name) if ctx.classes_of else task_classes(name, ctx.data_root)
+        return list(classes), list(ctx.templates_of(name) if ctx.templates_of else get_task(name).templates)
+    return prompts
+
+
+register_strategy(StrategySpec("flyp", "FLYP: CLIP's contrastive loss between each image and a prompt of its class, "
+                               "both towers trained", lambda ctx: [FLYPPlugin(_prompts_for(ctx))],
+                               needs_text=True, head="text", replaces=("forward", "loss"),
+                               notes="logit_scale is used as a number (the official .item()): it never trains; "
+                                     "the text head (templates[0]) is only evaluated"))
+register_strategy(StrategySpec("flyp-ce", "FLYP-CE: cross-entropy over one randomly drawn prompt per class, both "
+                               "towers and logit_scale trained",
+                               lambda ctx: [FLYPCEPlugin(_prompts_for(ctx))], needs_text=True, head="text",
+                               replaces=("forward",)))
 
 
 def _reference_images(ctx: BuildContext, task: str, split: str):
@@ -183,7 +217,7 @@ def read_captions(path: str) -> list[str]:
 
 
 register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set, l2 to the previous weights, "
-                               "weight ensembling (text tower)",
+                               "weight ensembling",
                                _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
                                              "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
                                              "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True},
@@ -192,15 +226,37 @@ register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference s
                                         "avg_freq": AT_LEAST_ONE, "ref_batch_size": AT_LEAST_ONE}))
 _LWF_CLIP_ALLOWED = {"temperature": POSITIVE, "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}
 register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
-                               "images and class prompts (image and text side; text tower)",
+                               "images and class prompts (image and text side)",
                                _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
                                                  "ref_batch_size": 64}, needs_text=True, plugin=ZSCLPlugin,
                                allowed=_LWF_CLIP_ALLOWED))
 register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
-                               "10 tokens per task) as the reference texts (text tower)",
+                               "10 tokens per task) as the reference texts",
                                lambda ctx, **kw: _build_lwf_clip(ctx, random_texts=True, **kw),
                                {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
                                needs_text=True, plugin=ZSCLPlugin, allowed=_LWF_CLIP_ALLOWED))
+
+# ZSCL's iCaRL baseline (scripts/icarl.sh; strategies/icarl.py cites every value). Exemplars: positions in each
+# task's `train.split` (its cached, un-augmented images); distillation texts: the current task's class prompts.
+register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the previous tasks' images (herding) on "
+                               "which the pretrained CLIP is distilled against the current task's class prompts",
+                               lambda ctx, **kw: [ICaRLPlugin(
+                                   images_of=lambda t: _reference_images(ctx, ctx.tasks[t], ctx.train_split),
+                                   prompts_of=lambda t: _class_prompts(ctx, ctx.tasks[t]), num_tasks=len(ctx.tasks),
+                                   **kw)],
+                               {"memory_size": 10000, "max_candidates": 30000, "selection": "official",
+                                "temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
+                               needs_text=True, plugin=ICaRLPlugin,
+                               notes="the memory is per task, not per class: K = memory_size, after task t the older "
+                                     "tasks keep K // t, the new one K - K // t (the official arithmetic); "
+                                     "selection official stores the image at the herding pick's position in the "
+                                     "shrinking feature array, as the released code does (herding: the picked one); "
+                                     "scripts/icarl.sh passes neither --image_loss nor --text_loss (as committed its "
+                                     "distillation is never added): weight 1 and text_loss true are lwf.sh's and "
+                                     "ZSCL.sh's",
+                               allowed={"memory_size": AT_LEAST_ONE, "max_candidates": AT_LEAST_ONE,
+                                        "selection": Allowed(choices=SELECTIONS), "temperature": POSITIVE,
+                                        "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:
@@ -210,7 +266,16 @@ def parse_strategy(combo: str) -> list[StrategySpec]:
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise CfbenchError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)} (combine with +)")
-    return [STRATEGIES[n] for n in names]
+    specs = [STRATEGIES[n] for n in names]
+    for part in ("forward", "loss"):
+        owners = [s.name for s in specs if part in s.replaces]
+        if len(owners) > 1:
+            raise CfbenchError(f"{combo}: {' and '.join(owners)} both replace the training {part}; combine at most one")
+    readers = [s.name for s in specs if "output" in s.reads]
+    if readers and any("forward" in s.replaces for s in specs):
+        raise CfbenchError(f"{combo}: {readers[0]} distils the head's outputs, which "
+                           f"{next(s.name for s in specs if 'forward' in s.replaces)} does not compute")
+    return specs
 
 
 def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:
@@ -279,6 +344,12 @@ def head_init(combo: str, default: str) -> str:
     return forced.pop() if forced else default
 
 
+def train_head(combo: str, default: str) -> str:
+    """The head a strategy (or combination) trains: FLYP's are text heads."""
+    forced = {spec.head for spec in parse_strategy(combo) if spec.head}
+    return forced.pop() if forced else default
+
+
 def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildContext] = None) -> list:
     plugins = []
     for spec in parse_strategy(combo):
@@ -290,5 +361,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildCo
 
 
 __all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "check_params", "needs_text", "head_init", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
+           "check_params", "needs_text", "head_init", "train_head", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
            "ldifs_distance"]

@@ -18,5 +18,6 @@ class BuildContext:
     tasks: tuple[str, ...] = ()                            # the trained tasks, in order
     train_split: str = "train"                             # the split the tasks train on (train.split)
     template_of: Optional[Callable[[str], str]] = None     # task -> the prompt template the run uses
+    templates_of: Optional[Callable[[str], list[str]]] = None  # task -> every template the run uses
     classes_of: Optional[Callable[[str], list[str]]] = None  # task -> the class names the run uses
     tokenizer: Any = None                                  # the model's (open_clip) tokenizer, if any

@@ -97,7 +97,7 @@ def test_zscl_mtil_preset():
     assert (z["reference_task"], z["l2"], z["avg_freq"], z["text_loss"], z["ref_batch_size"]) == ("imagenet", 1.0, 100,
                                                                                                    True, 64)
     assert cfg.strategy_params["wise-ft"] == {"beta": 0.8}
-    assert cfg.strategies == ["ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"]
+    assert cfg.strategies == ["ft", "lwf-clip", "icarl", "lwf-vr", "wise-ft", "zscl"]
     assert "eurosat_mtil" in tasks.SEQUENCES["mtil-order1"].tasks
 
 

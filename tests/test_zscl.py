@@ -71,9 +71,10 @@ def official_l2_loss(model, model_ref):
     return loss
 
 
-def official_zscl_terms(teacher, student, ref_images, texts, T, l2, l2_model):
-    """finetune.py:248-290 with --image_loss --text_loss --l2 (weight 1 each; logit_scale = the
-    trained model's). Images go through cfbench's uint8 preprocessing (teacher(x) = encode_image)."""
+def official_distillation_terms(teacher, student, ref_images, texts, T):
+    """finetune.py:248-281 with --image_loss --text_loss (weight 1 each; logit_scale = the trained
+    model's); icarl.py:179-216 is the same code line for line. Images go through cfbench's uint8
+    preprocessing (teacher(x) = encode_image)."""
     logit_scale = student.clip.logit_scale
     ref_embeddings = teacher.encode_text(teacher.tokenizer(texts))
     ref_embeddings = ref_embeddings / ref_embeddings.norm(dim=-1, keepdim=True)
@@ -84,8 +85,13 @@ def official_zscl_terms(teacher, student, ref_images, texts, T, l2, l2_model):
     logits_current = logit_scale.exp() * ref_out_current @ ref_embeddings.t()
     logits_ref = logit_scale.exp() * ref_out @ ref_embeddings.t()
     loss = official_distillation(logits_ref, logits_current, T)
-    loss = loss + official_distillation(logits_ref.t(), logits_current.t(), T)
-    return loss + l2 * official_l2_loss(student.clip, l2_model.clip)
+    return loss + official_distillation(logits_ref.t(), logits_current.t(), T)
+
+
+def official_zscl_terms(teacher, student, ref_images, texts, T, l2, l2_model):
+    """finetune.py:248-290: the distillation terms and --l2."""
+    return official_distillation_terms(teacher, student, ref_images, texts, T) + l2 * official_l2_loss(
+        student.clip, l2_model.clip)
 
 
 def test_zscl_loss_equals_the_transcribed_official_terms():

@@ -18,6 +18,10 @@ def list_protocols() -> dict[str, str]:
     return {p.stem: str(read_yaml_mapping(p).get("description", "")).strip() for p in sorted(PROTOCOL_DIR.glob("*.yaml"))}
 
 
+def protocol_description(name: str) -> str:
+    return list_protocols().get(name, "")
+
+
 def protocol_settings(name: str) -> dict:
     # a name, never a path: `--protocol ../x` must not read a file outside benchmark/protocols/
     if not isinstance(name, str) or not PROTOCOL_NAME.fullmatch(name) or not (PROTOCOL_DIR / f"{name}.yaml").is_file():

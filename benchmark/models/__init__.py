@@ -5,7 +5,6 @@ import os
 from typing import Optional
 
 from ..errors import CfbenchError
-
 from .base import FoundationModel
 from .clip import CLIPModel, create_clip
 from .efficientnet import EfficientNetLite0

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..errors import CfbenchError
-
 from .base import FoundationModel
 
 

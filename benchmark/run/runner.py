@@ -71,6 +71,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         check_text_needs(cfg, strategy, encoder.has_text)
         cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
                           tasks=list(trained), eval_only=list(eval_only),
+                          train=replace(cfg.train, head=strategies.train_head(strategy, cfg.train.head)),
                           strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
         cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
         plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
@@ -138,7 +139,9 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
 def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:
     return strategies.BuildContext(
         image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
-        cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split, template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
+        cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split,
+        template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
+        templates_of=lambda n: list(task_templates(n, cfg.eval.templates)),
         classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
         tokenizer=getattr(encoder, "tokenizer", None))
 

@@ -26,12 +26,28 @@ class FastNaive(Naive):
     train_steps: an iteration budget per task (then train_epochs should be 1); None = epochs.
     train_augment: applied to each training batch's images once they are on the device; plugins
     (and LDIFS's reference pass) see the augmented batch as `strategy.mb_x`.
+
+    A strategy whose objective is not the head's cross-entropy (FLYP's contrastive loss, label
+    smoothing) gives one plugin `training_forward(strategy)` and/or `training_loss(strategy)`: they
+    replace the forward and the criterion while training; penalties still add to the loss after it.
     """
 
     def __init__(self, *, train_splits: list[TensorSplit], train_steps: Optional[int] = None,
                  train_augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None, **kwargs):
         super().__init__(**kwargs)
         self.train_splits, self.train_steps, self.train_augment = train_splits, train_steps, train_augment
+        self._forward_owner = _the_one(self.plugins, "training_forward")
+        self._loss_owner = _the_one(self.plugins, "training_loss")
+
+    def forward(self):
+        if self.is_training and self._forward_owner is not None:
+            return self._forward_owner.training_forward(self)
+        return super().forward()
+
+    def criterion(self):
+        if self.is_training and self._loss_owner is not None:
+            return self._loss_owner.training_loss(self)
+        return super().criterion()
 
     def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
         t = self.experience.current_experience
@@ -55,6 +71,14 @@ class FastNaive(Naive):
         super()._unpack_minibatch()
         if self.train_augment is not None and self.is_training:
             self.mbatch[0] = self.train_augment(self.mbatch[0])
+
+
+def _the_one(plugins, hook: str):
+    owners = [p for p in plugins if hasattr(p, hook)]
+    if len(owners) > 1:
+        raise CfbenchError(f"{' and '.join(type(p).__name__ for p in owners)} both replace the training {hook[9:]}; "
+                           "combine at most one of them")
+    return owners[0] if owners else None
 
 
 def configure_for_device(encoder, device: str, precision: str, compile: bool = False) -> None:
