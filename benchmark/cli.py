@@ -315,12 +315,13 @@ def cmd_compare(args) -> int:
 def cmd_plot(args) -> int:
     from .files import refuse_links
     from .report.plots import plot_run
+    from .report.within import plot_within
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "matrices").is_dir():
         raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
     refuse_links(run_dir, "run folder")
-    for path in plot_run(run_dir, args.format):
+    for path in plot_run(run_dir, args.format) + plot_within(run_dir, args.format):
         print(path)
     return 0
 

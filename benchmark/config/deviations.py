@@ -5,8 +5,9 @@ setting, after both are made effective: the tasks actually trained and evaluated
 resolved), each per-task map (`train.epochs`, `train.lr`) read for the trained tasks, and each run
 strategy's parameters with their defaults filled in. Settings that describe the machine or the
 bookkeeping, not the experiment, are left out: MACHINE_SETTINGS, the cache's format and budget, `out`,
-`loggers` and `seed` (runs differing only in their seed are replicates of one experiment), and the
-strategy parameters that size resources (`StrategySpec.machine`). A value the protocol needs but cannot
+`loggers` and `seed` (runs differing only in their seed are replicates of one experiment),
+`eval.within_task` (curves beside the matrices, which change nothing the run trains or reports), and
+the strategy parameters that size resources (`StrategySpec.machine`). A value the protocol needs but cannot
 ship (its file's `supplied:` section, e.g. ZSCL's captions file) follows the protocol when given and
 is a change when left null.
 """
@@ -81,6 +82,8 @@ def _effective(cfg: RunConfig, combos: list[str]) -> dict:
     """The settings that define the experiment, as values comparable key by key."""
     data = {k: v for k, v in cfg.to_dict().items() if k not in NOT_COMPARED}
     data["model"]["image_size"] = cfg.model.image_size or default_image_size(cfg.model.name)  # null: the model's own
+    # extra evaluation points: the run trains the same weights and fills the same matrices with or without
+    data["eval"].pop("within_task", None)
     try:
         plan = make_plan(cfg)
         data["tasks"], data["eval_only"] = list(plan.trained), list(plan.eval_only)

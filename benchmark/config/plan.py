@@ -66,6 +66,9 @@ def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:
         raise CfbenchError(f"train.head text needs a text tower; {cfg.model.name} has none (use linear)")
     if strategies.head_init(strategy, cfg.train.head_init) == "zs":
         raise CfbenchError(f"train.head_init zs needs a text tower; {cfg.model.name} has none (use lp or zero)")
+    if cfg.eval.within_task.points and "zs" in cfg.eval.within_task.kinds:
+        raise CfbenchError(f"eval.within_task.kinds zs (zero-shot) needs a text tower; {cfg.model.name} has none "
+                           "(use lp or head)")
 
 
 def split_specs(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):

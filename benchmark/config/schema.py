@@ -91,6 +91,15 @@ def per_task(value, task: str, where: str):
 
 
 @dataclass
+class WithinTaskConfig:
+    """Evaluation at `points` evenly spaced steps inside every task, in process (forgetting as
+    fine-tuning proceeds); 0 = off. kinds: zs (test features only), head, lp (fits a probe per point)."""
+
+    points: int = field(default=0, metadata={"min": 0, "max": 100000})
+    kinds: list[Literal["zs", "lp", "head"]] = field(default_factory=lambda: ["zs"])
+
+
+@dataclass
 class EvalConfig:
     probe: Literal["sklearn", "official"] = "sklearn"  # official: the LDIFS code's PyTorch logistic regression
     probe_max_per_class: Optional[int] = field(default=100, metadata=_POSITIVE)  # null: the whole split
@@ -101,6 +110,7 @@ class EvalConfig:
     zs_text: Literal["pretrained", "current"] = "current"  # whose text tower makes the zero-shot classifiers
     templates: Optional[str] = None  # null: clip-benchmark's; or a name in protocols/templates/, or a YAML path
     classnames: Optional[str] = None  # null: the tasks' curated names; or a name in protocols/classnames/, or a path
+    within_task: WithinTaskConfig = field(default_factory=WithinTaskConfig)  # curves during fine-tuning
 
 
 @dataclass
@@ -139,6 +149,9 @@ class RunConfig:
         for key in ("strategies", "tasks", "eval_only"):
             _refuse_repeats(getattr(self, key) or [], key)
         self.train.augment.check("train.augment")
+        _refuse_repeats(self.eval.within_task.kinds, "eval.within_task.kinds")
+        if self.eval.within_task.points and not self.eval.within_task.kinds:
+            raise CfbenchError("config: eval.within_task.kinds must name at least one of zs, lp, head")
         if self.train.label_smoothing >= 1:
             raise CfbenchError(f"config: train.label_smoothing must be < 1, not {self.train.label_smoothing}")
 

@@ -105,30 +105,35 @@ def probe_logits(settings, train: tuple[torch.Tensor, torch.Tensor], val: Option
 
 def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trained: dict[str, int],
                    settings, device: str = "cpu", seed: int = 0,
-                   zero_shot: Optional[dict[str, ZeroShotClassifier]] = None, desc: str = "eval") -> RoundResult:
+                   zero_shot: Optional[dict[str, ZeroShotClassifier]] = None, desc: str = "eval",
+                   kinds: Optional[Sequence[str]] = None) -> RoundResult:
     """trained maps task name -> task label of every task whose head exists (head accuracy).
     settings: an EvalConfig; zero_shot: fixed classifiers per dataset (zs_text: pretrained), else
-    the current text tower builds them."""
+    the current text tower builds them. kinds: only these of zs, lp, head (and their ECEs); None:
+    all. Only what they need is computed: zs and head read test features alone, lp also the probe's."""
     result = RoundResult()
+    want = set(kinds) if kinds is not None else {"lp", "zs", "head"}
     encoder, batch_size = model.encoder, settings.batch_size
     for ds in progress.bar(datasets, desc=desc, leave=False, unit="dataset"):
-        train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
-        val = None
-        if settings.probe == "official":
-            val = (extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y)
-        logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device,
-                              ds.refit_on_val)
-        result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
-        result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
-        if encoder.has_text:
+        if "lp" in want:
+            train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
+            val = None
+            if settings.probe == "official":
+                val = (extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y)
+            logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device,
+                                  ds.refit_on_val)
+            result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
+            result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
+        if encoder.has_text and "zs" in want:
             classifier = zero_shot[ds.name] if zero_shot else ZeroShotClassifier.build(encoder, ds, device)
             zs = classifier.logits(test_f)
             result.cells["zs"][ds.name] = accuracy(zs, ds.test.y)
             result.cells["zs_ece"][ds.name] = expected_calibration_error(zs, ds.test.y)
-        result.cells["head"][ds.name] = None
-        if ds.name in trained:
-            with torch.no_grad():
-                head_logits = model.head_logits(trained[ds.name], test_f.to(device)).cpu()
-            result.cells["head"][ds.name] = accuracy(head_logits, ds.test.y)
+        if "head" in want:
+            result.cells["head"][ds.name] = None
+            if ds.name in trained:
+                with torch.no_grad():
+                    head_logits = model.head_logits(trained[ds.name], test_f.to(device)).cpu()
+                result.cells["head"][ds.name] = accuracy(head_logits, ds.test.y)
     return result

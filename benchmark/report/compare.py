@@ -13,13 +13,15 @@ from ..config.deviations import count_label
 from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.metrics import METRIC_KEYS, compute_metrics
+from ..evaluation.within import PREFIX, Curve, curve_files, matrix_files
 from ..files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_yaml_mapping
 from .figures import comparison_figure, curves_figure, group_runs
 from .plots import TITLES, heatmap, plot_run
 from .run_folder import DEVIATIONS, write_progress
+from .within import plot_within, within_figure
 
 # what compare_runs writes into its folder (name prefixes)
-COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3")
+COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3", "within_")
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
                    ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
@@ -31,13 +33,13 @@ LOWER_IS_BETTER = {"LP Forgetting"}
 def run_metrics(run_dir: Path) -> dict:
     """Metrics of every matrix, computed from the CSVs exactly as `cfbench metrics` would."""
     out = {}
-    for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
+    for csv_path in matrix_files(run_dir / "matrices"):
         out[csv_path.stem] = compute_metrics(Matrix.load(csv_path))
     return out
 
 
 def _matrices(run_dir: Path) -> dict[str, Matrix]:
-    return {p.stem: Matrix.load(p) for p in sorted((run_dir / "matrices").glob("*.csv"))}
+    return {p.stem: Matrix.load(p) for p in matrix_files(run_dir / "matrices")}
 
 
 def latex_table(header: list[str], rows: list[list], text_columns: int = 3) -> str:
@@ -73,15 +75,20 @@ def latex_table(header: list[str], rows: list[list], text_columns: int = 3) -> s
     return "\n".join(lines) + "\n"
 
 
-def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool) -> dict:
-    """Writes the matrices, metrics.json, the figures and the finished progress.json; returns the metrics."""
+def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, model_has_text: bool,
+                 curves: Optional[dict[str, Curve]] = None) -> dict:
+    """Writes the matrices (and within-task curves), metrics.json, the figures and the finished
+    progress.json; returns the metrics."""
     for kind, matrix in matrices.items():
         matrix.save(run_dir / "matrices" / f"{kind}.csv")
+    for kind, curve in (curves or {}).items():
+        curve.save(run_dir / "matrices" / f"{PREFIX}{kind}.csv")
     metrics = run_metrics(run_dir)
     if not model_has_text:
         metrics["notes"] = [f"no zero-shot (zs) matrix: {run_cfg['model']['name']} has no text tower"]
     atomic_write_json(run_dir / "metrics.json", metrics)
     plot_run(run_dir)
+    plot_within(run_dir)
     write_progress(run_dir, matrices["lp"].rows[1:], True, experiment_digest(run_cfg))
     return metrics
 
@@ -251,6 +258,9 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     comparison_figure(run_groups, out_dir / "comparison", fmt)
     for kind in ("lp", "zs"):
         curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt)
+    for kind in sorted(set.intersection(*(set(curve_files(d / "matrices")) for d in run_dirs))):
+        within_figure([(d.name, Curve.load(curve_files(d / "matrices")[kind])) for d in run_dirs], kind,
+                      out_dir / f"within_{kind}", fmt)
     if groups or (groups is None and any(g.n > 1 for g in run_groups)):
         grouped_md, grouped_csv = group_tables(run_groups)
         atomic_write_text(out_dir / "comparison_groups.md", grouped_md)

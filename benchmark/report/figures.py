@@ -189,6 +189,17 @@ def curves_figure(groups: Sequence[RunGroup], kind: str, path: Path, fmt: str = 
     return None if fig is None else save(fig, path, fmt)
 
 
+def panel_grid(n: int, panel_width: float):
+    """A figure of n panels, four to a row, and its n axes in order; the grid's spare panels hidden."""
+    ncols = min(4, n)
+    nrows = math.ceil(n / ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.0 * nrows + 0.8), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 @matplotlib.rc_context(PLAIN_TEXT)
 def build_curves(groups: Sequence[RunGroup], kind: str):
     """One panel per evaluated dataset: accuracy after each stage (pretrained, then each task),
@@ -197,11 +208,9 @@ def build_curves(groups: Sequence[RunGroup], kind: str):
     if not drawn:
         return None
     columns = drawn[0][2].columns
+    fig, axes = panel_grid(len(columns), 3.4)
     ncols = min(4, len(columns))
-    nrows = math.ceil(len(columns) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows + 0.8), squeeze=False)
-    for j, column in enumerate(columns):
-        ax = axes[j // ncols][j % ncols]
+    for ax, (j, column) in zip(axes, enumerate(columns)):
         for g, stack, first in drawn:
             if column not in first.columns:
                 continue
@@ -222,9 +231,7 @@ def build_curves(groups: Sequence[RunGroup], kind: str):
                       ha="right", fontsize=7)
         if j % ncols == 0:
             ax.set_ylabel("accuracy (%)")
-    for k in range(len(columns), nrows * ncols):
-        axes[k // ncols][k % ncols].set_visible(False)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(f"{KIND_LABELS.get(kind, kind)} accuracy after each task (dashed: pretrained)")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, frameon=False)

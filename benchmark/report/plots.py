@@ -14,6 +14,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from ..evaluation.matrix import Matrix
+from ..evaluation.within import matrix_files
 from .figures import PLAIN_TEXT, RunGroup, curves_figure, save
 
 TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
@@ -84,7 +85,7 @@ def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
     heatmap_delta_<kind> for lp / zs, and curves_<kind>: accuracy on each dataset after each task."""
     written = []
     formats = ["png"] + ([fmt] if fmt != "png" else [])
-    for csv_path in sorted((run_dir / "matrices").glob("*.csv")):
+    for csv_path in matrix_files(run_dir / "matrices"):
         kind = csv_path.stem
         matrix = Matrix.load(csv_path)
         if not matrix.rows:

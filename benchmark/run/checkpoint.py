@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from strategies.checkpoint import plugin_states, restore_plugins
 from ..config import experiment_digest, experiment_settings, first_difference, lookup
 from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
+from ..evaluation.within import PREFIX, Curve
 from ..files import atomic_write_bytes
 from ..report.run_folder import CHECKPOINT, write_progress
 
@@ -23,17 +24,20 @@ FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugin
 
 
 def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dict[str, Matrix],
-                    completed: int) -> None:
-    """state.pt, then the matrices and progress.json (each written atomically)."""
+                    completed: int, curves: Optional[dict[str, Curve]] = None) -> None:
+    """state.pt, then the matrices, the within-task curves and progress.json (each written atomically)."""
     state = {"completed": completed, "experiment": experiment_settings(settings), "model": model.state_dict(),
              "known_tasks": sorted(model.known_train_tasks_labels),  # Avalanche's, outside the state dict
              "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
-             "plugins": plugin_states(plugins, model)}
+             "plugins": plugin_states(plugins, model),
+             "within": {k: c.to_state() for k, c in (curves or {}).items()}}
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
     for kind, m in matrices.items():
         m.save(run_dir / "matrices" / f"{kind}.csv")
+    for kind, c in (curves or {}).items():
+        c.save(run_dir / "matrices" / f"{PREFIX}{kind}.csv")
     write_progress(run_dir, matrices["lp"].rows[1:], False, experiment_digest(settings))
 
 
@@ -94,9 +98,10 @@ def _check_matrices(saved: Any, rows: list[str], columns: list[str], kinds: set,
             raise bad(f"matrices.{kind}", "values are not a rows x columns table of accuracies")
 
 
-def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix]) -> int:
-    """The checked state into the model (its heads already made), the plugins and the matrices;
-    returns how many tasks are done."""
+def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix],
+                     curves: Optional[dict[str, Curve]] = None) -> int:
+    """The checked state into the model (its heads already made), the plugins, the matrices and the
+    within-task curves (replaced in `curves`); returns how many tasks are done."""
     path = CHECKPOINT
     expected = model.state_dict()
     weights = state["model"]
@@ -112,6 +117,14 @@ def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix]) -
     model.known_train_tasks_labels = set(state["known_tasks"])
     for k, (rows, cols, values) in state["matrices"].items():
         matrices[k] = Matrix(list(rows), list(cols), [list(r) for r in values])
+    curves = {} if curves is None else curves
+    saved = state.get("within", {})
+    if not isinstance(saved, dict) or set(saved) != set(curves):
+        raise CfbenchError(f"{path}: holds within-task curves {sorted(saved) if isinstance(saved, dict) else '?'}, "
+                           f"this run evaluates {sorted(curves)}; nothing was resumed")
+    done = [name for name in matrices["lp"].rows[1:]]
+    for kind in curves:
+        curves[kind] = Curve.from_state(saved[kind], curves[kind].columns, done, f"{path}: within.{kind}")
     try:
         restore_plugins(plugins, state["plugins"], model)
     except Exception as err:  # a crafted plugin state can fail in any of the plugins' own types

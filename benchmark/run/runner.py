@@ -38,6 +38,7 @@ from ..evaluation.evaluate import (
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.multihead import MultiHeadClassifier
 from ..evaluation.probe import fit_normalized_head, fit_official_probe
+from ..evaluation.within import Curve
 from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
 from ..models import build_model
 from ..report.compare import finalize_run
@@ -47,6 +48,7 @@ from .augment import build_augment
 from .checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_device
+from .within import WithinTaskEvaluation
 
 log = logging.getLogger("cfbench")
 _PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
@@ -105,20 +107,30 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     model = MultiHeadClassifier(encoder).to(device)
     train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
     pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
-    learner = _learner(cfg, model, train_splits, plugins, trained, device, trackers.plugins(plugins))
-    stream = _benchmark(train_splits).train_stream
     matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
+    curves = {k: Curve(list(trained + eval_only)) for k in within_kinds(cfg, encoder.has_text)}
     zs_for_eval = pretrained_zs if cfg.eval.zs_text == "pretrained" else None
+
+    def evaluate_within(t: int) -> RoundResult:
+        return evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device, cfg.seed,
+                              zs_for_eval, desc=f"within {trained[t]}", kinds=list(curves))
+
+    within = [WithinTaskEvaluation(trained, cfg.eval.within_task.points, curves, evaluate_within)] if curves else []
+    learner = _learner(cfg, model, train_splits, plugins, trained, device, [*trackers.plugins(plugins), *within])
+    stream = _benchmark(train_splits).train_stream
     if state is not None:
         for t in range(state["completed"]):
             _make_head(cfg, model, t, trained[t])
-        start = apply_checkpoint(state, model, plugins, matrices)
+        start = apply_checkpoint(state, model, plugins, matrices, curves)
         learner.clock.train_exp_counter = start
         log.info("resumed after %d task(s)", start)
     else:
         start = 0
         # before any training the current text tower is the pretrained one: its classifiers serve
-        _add_rows(matrices, PRETRAINED, _pretrained_round(cfg, model, eval_sets, pretrained_zs, device), trackers)
+        pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device)
+        _add_rows(matrices, PRETRAINED, pretrained, trackers)
+        for kind, curve in curves.items():
+            curve.add(PRETRAINED, 0, 0, pretrained.cells[kind])
     for t in range(start, len(trained)):
         if stop_after is not None and t >= stop_after:
             return
@@ -130,10 +142,17 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
                                 cfg.seed, zs_for_eval, desc=f"eval after {name}")
         _add_rows(matrices, name, result, trackers)
-        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1)
+        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1, curves)
         log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
-    metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text)
+    metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text, curves=curves)
     trackers.log_metrics(metrics, len(trained))
+
+
+def within_kinds(cfg: RunConfig, has_text: bool) -> list[str]:
+    """The kinds evaluated inside each task, cheapest first (zs and head read test features only);
+    none when eval.within_task is off."""
+    wanted = set(cfg.eval.within_task.kinds) if cfg.eval.within_task.points else set()
+    return [k for k in ("zs", "head", "lp") if k in wanted and (k != "zs" or has_text)]
 
 
 def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:

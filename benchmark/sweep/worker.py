@@ -38,7 +38,7 @@ LOGS = "logs"
 # anything else is never cleared
 RUN_ENTRIES = {"config.yaml", "progress.json", DEVIATIONS, "log.txt", ".lock", "matrices", "checkpoints",
                "metrics.json", "tensorboard", "mlruns", "wandb", "tracker.csv"}
-RUN_PREFIXES = ("heatmap_", "curves_")
+RUN_PREFIXES = ("heatmap_", "curves_", "within_")
 
 
 def check_output_folder(folder: Path) -> None:

@@ -1,0 +1,71 @@
+"""Figures of accuracy as fine-tuning proceeds (matrices/within_<kind>.csv): one panel per evaluated
+dataset, accuracy against the global step, one line per run, task boundaries as dotted lines and
+the pretrained value dashed."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import matplotlib
+
+from ..evaluation.matrix import PRETRAINED
+from ..evaluation.within import Curve, curve_files
+from .figures import KIND_LABELS, PLAIN_TEXT, panel_grid, save
+
+
+def task_ends(curve: Curve) -> list[tuple[str, int]]:
+    """(task, global step at its end) for each trained task of the curve."""
+    ends: dict[str, int] = {}
+    for task, _, global_step in curve.points:
+        if task != PRETRAINED:
+            ends[task] = global_step
+    return list(ends.items())
+
+
+@matplotlib.rc_context(PLAIN_TEXT)
+def build_within(series: Sequence[tuple[str, Curve]], kind: str):
+    """series: (label, curve) per run, the first one's datasets and task boundaries drawn."""
+    drawn = [(label, c) for label, c in series if c.points]
+    if not drawn:
+        return None
+    columns = drawn[0][1].columns
+    fig, axes = panel_grid(len(columns), 3.6)
+    for ax, column in zip(axes, columns):
+        for label, curve in drawn:
+            if column not in curve.columns:
+                continue
+            i = curve.columns.index(column)
+            steps = [p[2] for p in curve.points]
+            values = [row[i] for row in curve.values]
+            line, = ax.plot(steps, values, marker="o", markersize=2, linewidth=1.2, label=label)
+            if curve.points[0][0] == PRETRAINED and not math.isnan(values[0]):
+                ax.axhline(values[0], color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.7)
+        for task, end in task_ends(drawn[0][1])[:-1]:
+            ax.axvline(end, color="0.6", linestyle=":", linewidth=0.8)
+        ax.set_title(column, fontsize=9)
+        ax.set_xlabel("global step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{KIND_LABELS.get(kind, kind)} accuracy (%) during fine-tuning (dotted: task ends; dashed: "
+                 "pretrained)", fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if len(drawn) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if len(drawn) > 1 else 0, 1, 0.95))
+    return fig
+
+
+def within_figure(series: Sequence[tuple[str, Curve]], kind: str, path: Path, fmt: str = "png") -> Optional[Path]:
+    fig = build_within(series, kind)
+    return None if fig is None else save(fig, path, fmt)
+
+
+def plot_within(run_dir: Path, fmt: str = "png") -> list[Path]:
+    """within_<kind>.<fmt> (and PNG) for each curve a run wrote."""
+    written = []
+    for kind, path in curve_files(run_dir / "matrices").items():
+        curve = Curve.load(path)
+        for f in ["png"] + ([fmt] if fmt != "png" else []):
+            out = within_figure([(run_dir.name, curve)], kind, run_dir / f"within_{kind}", f)
+            written += [out] if out else []
+    return written
