@@ -201,6 +201,8 @@ def cmd_list(args) -> int:
             default = " (default)" if name == DEFAULT_PROTOCOL else ""
             print(f"{name}{default}\n  {description}")
         print("cfbench run --protocol NAME --print-config shows every resolved setting")
+    elif args.what == "references":
+        _list_references()
     else:
         from .models import OFFLINE_MODELS
 
@@ -211,6 +213,18 @@ def cmd_list(args) -> int:
         print("open_clip models (pretrained: a tag, which downloads, or a local checkpoint path):")
         print("  " + ", ".join(open_clip.list_models()))
     return 0
+
+
+def _list_references() -> None:
+    from .report.references import list_references, load_reference
+
+    for name in list_references():
+        ref = load_reference(name)
+        rows = ", ".join(f"{r.method} ({r.strategy or '-'})" for r in ref.rows)
+        print(f"{ref.name}\n  {ref.table}\n  paper: {ref.paper}\n  protocol {ref.protocol}, sequence {ref.sequence}, "
+              f"{ref.kind} matrix; source {ref.source['repository']}@{ref.source['commit'][:7]} {ref.source['file']}"
+              f"\n  rows (cfbench strategy): {rows}")
+    print("cfbench compare RUN... --reference NAME sets runs beside a reference's published numbers")
 
 
 def cmd_data_check(args) -> int:
@@ -303,12 +317,13 @@ def cmd_compare(args) -> int:
     check_writable_folder(out, "--out")
     if out.is_dir():  # the entries compare writes, never through a link planted there
         refuse_links(out, "output folder", [p.name for p in out.iterdir() if p.name.startswith(COMPARE_OUTPUTS)])
-    print(compare_runs(dirs, out, args.format, args.latex))
+    print(compare_runs(dirs, out, args.format, args.latex, reference=args.reference))
     tex = ", comparison.tex" if args.latex else ""
     groups = ", comparison_groups.md/.csv and groups/ (seed groups: mean, std, n; mean heatmaps)" \
         if (out / "comparison_groups.csv").is_file() else ""
+    ref = f", reference_{args.reference}.md/.csv/.{args.format} (published beside measured)" if args.reference else ""
     print(f"wrote {out / 'comparison.md'}, comparison.csv{tex}, comparison.{args.format} (forgetting | accuracy), "
-          f"curves_<kind>.{args.format} (accuracy after each task){groups}")
+          f"curves_<kind>.{args.format} (accuracy after each task){groups}{ref}")
     return 0
 
 
@@ -414,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, help="torch threads (default: every core)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished task")
     r.set_defaults(func=cmd_run)
-    ls = sub.add_parser("list", help="list tasks, sequences, strategies, models or protocols")
-    ls.add_argument("what", choices=("tasks", "sequences", "strategies", "models", "protocols"))
+    ls = sub.add_parser("list", help="list tasks, sequences, strategies, models, protocols or references "
+                        "(published numbers)")
+    ls.add_argument("what", choices=("tasks", "sequences", "strategies", "models", "protocols", "references"))
     ls.set_defaults(func=cmd_list)
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
@@ -447,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "vector, for papers; default png)")
     c.add_argument("--latex", action="store_true", help="also print and write comparison.tex: a booktabs table "
                    "of the CSV's numbers, best per column in bold")
+    c.add_argument("--reference", metavar="NAME", help="set each run beside a paper's published Transfer / Avg / "
+                   "Last (cfbench list references): published, measured, difference; reference_NAME.md/.csv "
+                   "(.tex with --latex) and a figure with the published values marked")
     c.set_defaults(func=cmd_compare)
     pl = sub.add_parser("plot", help="redraw a run's heatmaps and accuracy curves from its CSVs")
     pl.add_argument("run_dir")

@@ -115,6 +115,8 @@ def _cases(tmp, clip_path):
         ("compare-unfinished", ["compare", _finished_run(tmp / "r4", **{"progress.json": '{"finished": false}'})]),
         ("compare-out-is-a-file", ["compare", _finished_run(tmp / "r5"), "--out", str(tmp / "a_file")]),
         ("compare-bad-format", ["compare", _finished_run(tmp / "r6"), "--format", "bmp"]),
+        ("compare-unknown-reference", ["compare", _finished_run(tmp / "r10"), "--reference", "nope"]),
+        ("compare-reference-as-a-path", ["compare", _finished_run(tmp / "r11"), "--reference", "../protocols/demo"]),
         ("plot-not-a-run", ["plot", str(tmp)]),
         ("plot-corrupt-matrix", ["plot", _finished_run(tmp / "r7", **{"matrices/lp.csv": "after,a\nx,notanumber\n"})]),
         ("list-unknown", ["list", "everything"]),

@@ -17,11 +17,13 @@ from ..evaluation.within import PREFIX, Curve, curve_files, matrix_files
 from ..files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_yaml_mapping
 from .figures import comparison_figure, curves_figure, group_runs
 from .plots import TITLES, heatmap, plot_run
+from .published import write_reference_comparison
+from .references import load_reference
 from .run_folder import DEVIATIONS, write_progress
 from .within import plot_within, within_figure
 
 # what compare_runs writes into its folder (name prefixes)
-COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3", "within_")
+COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3", "reference_", "within_")
 
 COMPARE_COLUMNS = [("lp", "avg", "LP Avg"), ("lp", "last", "LP Last"), ("lp", "transfer", "LP Transfer"),
                    ("lp", "bwt", "LP BWT"), ("lp", "forgetting", "LP Forgetting"),
@@ -224,15 +226,17 @@ def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
 
 
 def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: bool = False,
-                 groups: Optional[bool] = None) -> str:
+                 groups: Optional[bool] = None, reference: Optional[str] = None) -> str:
     """Writes comparison.md, comparison.csv, the figures comparison.<fmt> (forgetting on the
     never-trained datasets | accuracy) and curves_<kind>.<fmt> (accuracy after each task), with
     `latex` comparison.tex (and, for MTIL runs with zero-shot matrices, table3.md in ZSCL's
     layout); when runs differ only in their seed (or `groups`), comparison_groups.md/.csv (mean,
-    sample std, n) and each group's mean matrices and heatmaps under groups/; returns the
-    Markdown printed (and the LaTeX)."""
+    sample std, n) and each group's mean matrices and heatmaps under groups/; with `reference`
+    (benchmark/references/NAME.yaml) the runs beside its published numbers, reference_NAME.md/.csv
+    (.tex) and .<fmt>; returns the Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
+    published = load_reference(reference) if reference is not None else None  # refused before anything is written
     header = ["run", "strategy", "protocol", *(label for _, _, label in COMPARE_COLUMNS)]
     rows: list[list] = []
     mtil: list[tuple[str, Matrix]] = []
@@ -275,4 +279,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
         table3 = zscl_table3(mtil)
         atomic_write_text(out_dir / "table3.md", table3)
         table += "\nZero-shot accuracy in ZSCL's Table 3 layout (table3.md):\n\n" + table3
+    if published is not None:
+        labelled = [(name, cfg, row[2], matrices) for (name, cfg, _, matrices), row in zip(runs, rows)]
+        table += f"\nBeside the published numbers (reference_{published.name}.md):\n\n" + write_reference_comparison(
+            published, labelled, run_groups, out_dir, fmt, latex)
     return table

@@ -129,9 +129,12 @@ def untrained_deltas(group: RunGroup, kind: str) -> tuple[list[str], np.ndarray]
     return [first.columns[i] for i in cols], stack[:, -1, cols] - stack[:, 0, cols]
 
 
-def _bars(ax, groups: Sequence[RunGroup], categories: Sequence[str], values: list[list[tuple[float, float]]]) -> None:
-    """Grouped bars: one group of bars per category, one bar per run group, error bars = std."""
+def _bars(ax, groups: Sequence[RunGroup], categories: Sequence[str],
+          values: list[list[tuple[float, float]]]) -> list[np.ndarray]:
+    """Grouped bars: one group of bars per category, one bar per run group, error bars = std;
+    returns each group's bar positions."""
     width = 0.8 / max(1, len(groups))
+    positions = []
     for i, g in enumerate(groups):
         means = [values[i][j][0] for j in range(len(categories))]
         stds = [values[i][j][1] if g.n > 1 else 0.0 for j in range(len(categories))]
@@ -139,7 +142,9 @@ def _bars(ax, groups: Sequence[RunGroup], categories: Sequence[str], values: lis
         bars = ax.bar(x, means, width, yerr=stds if g.n > 1 else None, capsize=3,
                       label=f"{g.label} (n={g.n})" if g.n > 1 else g.label)
         ax.bar_label(bars, fmt="%+.1f" if ax.get_label() == "forgetting" else "%.1f", fontsize=7, padding=2)
+        positions.append(x)
     ax.set_xticks(range(len(categories)), labels=categories, rotation=20, ha="right")
+    return positions
 
 
 def comparison_figure(groups: Sequence[RunGroup], path: Path, fmt: str = "png", kind: str = "lp") -> Path:
@@ -147,9 +152,11 @@ def comparison_figure(groups: Sequence[RunGroup], path: Path, fmt: str = "png", 
 
 
 @matplotlib.rc_context(PLAIN_TEXT)
-def build_comparison(groups: Sequence[RunGroup], kind: str = "lp"):
+def build_comparison(groups: Sequence[RunGroup], kind: str = "lp",
+                     published: Optional[Sequence[Optional[dict[str, float]]]] = None):
     """Left: change vs pretrained on each never-trained dataset and their mean, symmetric around
-    zero. Right: Avg / Last / Transfer accuracy on its own 0-100 axis."""
+    zero. Right: Avg / Last / Transfer accuracy on its own 0-100 axis; `published` (one per group,
+    None for none) marks a paper's value of each metric on the group's bar with a black star."""
     columns: list[str] = []
     for g in groups:
         columns += [c for c in untrained_deltas(g, kind)[0] if c not in columns]
@@ -175,7 +182,11 @@ def build_comparison(groups: Sequence[RunGroup], kind: str = "lp"):
     left.set_title("concept forgetting: never-trained datasets")
     right.set_label("accuracy")
     acc = [[g.metric(kind, key) for key, _ in ACCURACY_METRICS] for g in groups]
-    _bars(right, groups, [label for _, label in ACCURACY_METRICS], acc)
+    positions = _bars(right, groups, [label for _, label in ACCURACY_METRICS], acc)
+    marked = [(x, value) for i, values in enumerate(published or []) if values
+              for x, (key, _) in zip(positions[i], ACCURACY_METRICS) if (value := values.get(key)) is not None]
+    if marked:
+        right.scatter(*zip(*marked), marker="*", s=60, color="black", zorder=3, label="published")
     right.set_ylim(0, 105)
     right.set_ylabel(f"{KIND_LABELS.get(kind, kind)} accuracy (%)")
     right.set_title("accuracy on the trained tasks")
