@@ -2,8 +2,8 @@
 `state.pt` with `torch.load(weights_only=True)`: a run folder from someone else cannot run code.
 
 A plugin lists what `--resume` restores in `checkpoint_attrs`. Modules are saved as their
-state dicts and rebuilt on load from the run's own model (a copy of its encoder, or of the whole
-multi-head model) with that state; Avalanche's ParamData (EWC) and LwF helper become dicts.
+state dicts and rebuilt on load from the run's own model (a copy of its encoder or of its image
+tower alone, or of the whole multi-head model) with that state; Avalanche's ParamData (EWC) and LwF helper become dicts.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ KIND = "__cfbench__"
 def export_state(value: Any, model: torch.nn.Module) -> Any:
     """`value` as tensors, numbers, strings, None, lists and dicts."""
     if isinstance(value, torch.nn.Module):
-        template = "encoder" if type(value) is type(model.encoder) else "model"
+        template = "model" if type(value) is not type(model.encoder) else \
+            "image_tower" if getattr(value, "image_tower_only", False) else "encoder"
         frozen = [n for n, p in value.named_parameters() if not p.requires_grad]
         return {KIND: "module", "template": template, "state": value.state_dict(), "training": value.training,
                 "frozen": frozen, "known_tasks": sorted(getattr(value, "known_train_tasks_labels", ()))}
@@ -49,7 +50,9 @@ def import_state(saved: Any, model: torch.nn.Module, current: Any = None) -> Any
         return saved
     kind = saved[KIND]
     if kind == "module":
-        module = copy.deepcopy(model.encoder if saved["template"] == "encoder" else model)
+        templates = {"encoder": lambda: copy.deepcopy(model.encoder), "model": lambda: copy.deepcopy(model),
+                     "image_tower": lambda: model.encoder.image_tower_copy()}
+        module = templates[saved["template"]]()
         module.load_state_dict(saved["state"])
         frozen = set(saved["frozen"])
         for name, p in module.named_parameters():

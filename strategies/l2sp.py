@@ -25,7 +25,9 @@ class L2SPPlugin(SupervisedPlugin):
 
     def before_training_exp(self, strategy, **kwargs):
         if self.reference == "previous" or self.reference_params is None:
-            self.reference_params = {n: p.detach().clone() for n, p in strategy.model.encoder.named_parameters()}
+            # the parameters that train: a frozen text tower is never in the penalty
+            self.reference_params = {n: p.detach().clone() for n, p in strategy.model.encoder.named_parameters()
+                                     if p.requires_grad}
 
     def before_backward(self, strategy, **kwargs):
         penalty = l2sp_penalty(strategy.model.encoder, self.reference_params)

@@ -214,7 +214,9 @@ class LDIFSPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy, **kwargs):
         encoder = self._feature_net(strategy.model)
         if self.reference == "previous" or self.reference_encoder is None:
-            self.reference_encoder = copy.deepcopy(encoder).eval().requires_grad_(False)
+            # a FoundationModel's reference is its image tower alone (a CLIP's text tower is never read)
+            frozen = copy.deepcopy(encoder) if self.slice_names is not None else encoder.image_tower_copy()
+            self.reference_encoder = frozen.eval().requires_grad_(False)
         start = time.perf_counter()
         augmenting = getattr(strategy, "train_augment", None) is not None
         if self.cache and augmenting:

@@ -152,3 +152,34 @@ def test_ldifs_on_tiny_resnet_against_explicit_stage_outputs():
         expected += np.mean(vals) / 3
     assert ldifs_distance(hb, ha, "nchw").item() == pytest.approx(expected, rel=1e-5)
     assert expected > 0
+
+
+def test_the_reference_encoder_is_the_image_tower_alone_and_checkpoints_as_one():
+    """LDIFS reads the image tower's slices only: its frozen reference holds no text tower (its
+    parameter count equals clip.visual's), gives the same slices, and a checkpoint restores it as one."""
+    from avalanche.training import Naive
+
+    from strategies import LDIFSPlugin
+    from strategies.checkpoint import export_state, import_state
+    from tests.test_plugins import model_with_heads, tiny_benchmark
+
+    model = model_with_heads(4)
+    plugin = LDIFSPlugin(alpha=1.0, cache=False)
+    strategy = Naive(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), train_mb_size=6,
+                     train_epochs=1, plugins=[plugin])
+    strategy.train(tiny_benchmark().train_stream[0], eval_streams=[])
+    reference, encoder = plugin.reference_encoder, model.encoder
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(reference) == count(encoder.clip.visual) < count(encoder)
+    assert reference.clip.transformer is None and reference.tokenizer is None and not reference.has_text
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    encoder.eval()  # as the reference: the same attention kernel
+    with torch.no_grad(), capture_slices(reference.slice_modules()) as ref, \
+            capture_slices(encoder.slice_modules()) as cur:
+        reference(x), encoder(x)
+    assert all(torch.equal(a, b) for a, b in zip(ref, cur))  # lr 0: the encoder is still the reference
+    saved = export_state(reference, model)
+    assert saved["template"] == "image_tower" and not any(k.startswith("clip.transformer") for k in saved["state"])
+    restored = import_state(saved, model)
+    assert count(restored) == count(reference) and not restored.training
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in reference.state_dict().items())

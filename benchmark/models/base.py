@@ -1,6 +1,7 @@
 """The foundation-model interface every strategy and evaluator relies on."""
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +49,11 @@ class FoundationModel(nn.Module):
 
     def slice_modules(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def image_tower_copy(self) -> "FoundationModel":
+        """A copy for image features alone (LDIFS's frozen reference); encoders with a text tower
+        leave it out."""
+        return copy.deepcopy(self)
 
     def train(self, mode: bool = True) -> "FoundationModel":
         super().train(mode)
