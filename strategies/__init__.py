@@ -220,10 +220,14 @@ register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference s
                                "weight ensembling",
                                _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
                                              "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
-                                             "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True},
-                               needs_text=True, plugin=ZSCLPlugin,
+                                             "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True,
+                                             "feature_budget_mb": 2048.0},
+                               needs_text=True, plugin=ZSCLPlugin, machine=("feature_budget_mb",),
+                               notes="teacher features of the reference set are kept float32 within "
+                                     "feature_budget_mb, else float16 (ImageNet's: 1.3 GB)",
                                allowed={"temperature": POSITIVE, "weight": NON_NEGATIVE, "l2": NON_NEGATIVE,
-                                        "avg_freq": AT_LEAST_ONE, "ref_batch_size": AT_LEAST_ONE}))
+                                        "avg_freq": AT_LEAST_ONE, "ref_batch_size": AT_LEAST_ONE,
+                                        "feature_budget_mb": NON_NEGATIVE}))
 _LWF_CLIP_ALLOWED = {"temperature": POSITIVE, "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}
 register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
                                "images and class prompts (image and text side)",

@@ -1,4 +1,5 @@
-"""Where LDIFS keeps per-sample reference slices: RAM, or a memory-mapped temporary file.
+"""Where per-sample reference features are kept (LDIFS's slices, ZSCL's teacher features): RAM, or a
+memory-mapped temporary file.
 
 `allocate` picks the most precise dtype that fits the RAM budget (cache_dtype "auto": float32,
 else float16 -- normalized features lie in [-1, 1], where float16 keeps 11 significant bits),
@@ -46,8 +47,8 @@ def allocate(n: int, examples: list[torch.Tensor], dtype: str = "auto", ram_mb: 
             return [torch.empty((n, *e.shape[1:]), dtype=candidate).to(memory_format=f) for e, f in zip(examples, fmt)]
     need = n * per_sample * 2 / 2**20
     if need <= disk_mb:
-        log.info("LDIFS reference cache: %.0f MB float16, memory-mapped from a temporary file", need)
+        log.info("reference cache: %.0f MB float16, memory-mapped from a temporary file", need)
         return [_memmapped(n, e) for e in examples]
-    log.info("LDIFS reference cache would need %.0f MB > budgets (RAM %.0f, disk %.0f MB): "
+    log.info("reference cache would need %.0f MB > budgets (RAM %.0f, disk %.0f MB): "
              "the reference runs on every batch", need, ram_mb, disk_mb)
     return None

@@ -35,6 +35,7 @@ from avalanche.core import SupervisedPlugin
 
 from tasks.compact import gather
 
+from . import slice_store
 from .l2sp import l2sp_penalty
 
 log = logging.getLogger("cfbench")
@@ -67,7 +68,7 @@ class ZSCLPlugin(SupervisedPlugin):
                  reference_texts: Union[Sequence[str], torch.Tensor] = (),
                  temperature: float = 2.0, weight: float = 1.0, text_loss: bool = False, l2: float = 0.0,
                  avg_freq: int = 100, ref_batch_size: int = 64, weight_ensemble: bool = True, seed: int = 0,
-                 teacher: str = "pretrained",
+                 teacher: str = "pretrained", feature_budget_mb: float = 2048.0,
                  reference_for: Optional[Callable[[int], tuple[torch.Tensor, Union[list[str], torch.Tensor]]]] = None):
         super().__init__()
         if avg_freq < 1 or ref_batch_size < 1:
@@ -80,6 +81,7 @@ class ZSCLPlugin(SupervisedPlugin):
         self.temperature, self.weight, self.text_loss = float(temperature), float(weight), bool(text_loss)
         self.l2, self.avg_freq, self.ref_batch_size = float(l2), int(avg_freq), int(ref_batch_size)
         self.weight_ensemble, self.seed = bool(weight_ensemble), int(seed)
+        self.feature_budget_mb = float(feature_budget_mb)
         self.teacher = None
         self._generator = torch.Generator()
         self._order: list[torch.Tensor] = []
@@ -101,7 +103,7 @@ class ZSCLPlugin(SupervisedPlugin):
             raise ValueError("ZSCL needs a model with a text tower (an open_clip CLIP)")
         if self.reference_for is not None:  # a reference set per task (LwF: the task's own data)
             self.reference_images, self.reference_texts = self.reference_for(strategy.experience.current_experience)
-            self._text_embeddings = self._teacher_features = None
+            self._text_embeddings = self._teacher_features = self._have_features = None
         if self.reference_images is None or len(self.reference_texts) == 0:
             raise ValueError("ZSCL needs reference_images and reference_texts")
         if self.teacher is None or self.teacher_source == "previous":
@@ -109,7 +111,7 @@ class ZSCLPlugin(SupervisedPlugin):
             # this task starts
             self.teacher = copy.deepcopy(encoder).eval().requires_grad_(False)
             if self.teacher_source == "previous":
-                self._text_embeddings = self._teacher_features = None
+                self._text_embeddings = self._teacher_features = self._have_features = None
         if self._text_embeddings is None:
             self._text_embeddings = self._encode_texts(strategy.device)
         self._iteration, self._count, self.merged_at = 0, 0, []
@@ -140,17 +142,25 @@ class ZSCLPlugin(SupervisedPlugin):
 
     @torch.no_grad()
     def _teacher_image_features(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self._teacher_features is None:
-            dim = self._text_embeddings.shape[1]
-            self._teacher_features = torch.zeros(len(self.reference_images), dim)
+        if self._have_features is None:
+            # float32 within feature_budget_mb, else float16 (ImageNet's 1.28 M x 512: 2.6 GB -> 1.3 GB;
+            # the features are unit vectors, float16 keeps 11 significant bits), else memory-mapped
+            example = self._text_embeddings[:1].cpu()
+            stores = slice_store.allocate(len(self.reference_images), [example], "auto", self.feature_budget_mb)
+            self._teacher_features = stores[0] if stores else None
             self._have_features = torch.zeros(len(self.reference_images), dtype=torch.bool)
+            log.info("ZSCL: teacher features of %d reference images kept as %s", len(self.reference_images),
+                     "none (computed every step)" if stores is None else stores[0].dtype)
+        if self._teacher_features is None:
+            self.teacher_images += len(index)
+            return F.normalize(self.teacher(x).float(), dim=-1)
         missing = ~self._have_features[index]
         if missing.any():
             feats = F.normalize(self.teacher(x[missing.to(x.device)]).float(), dim=-1)
-            self._teacher_features[index[missing]] = feats.cpu()
+            self._teacher_features[index[missing]] = feats.cpu().to(self._teacher_features.dtype)
             self._have_features[index[missing]] = True
             self.teacher_images += int(missing.sum())
-        return self._teacher_features[index].to(x.device, non_blocking=True)
+        return self._teacher_features[index].to(x.device, non_blocking=True).float()
 
     def penalty(self, student, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         scale = student.clip.logit_scale.exp().float()
