@@ -477,3 +477,43 @@ def test_ldifs_class_names_where_they_differ(tmp_path, monkeypatch):
     assert task_class_names("cifar100", str(root), "ldifs")[0] == "thing_0"  # underscores kept, as cifar100.py:42
     assert tasks.task_classes("cifar100", str(root))[0] == "thing 0"
     assert task_class_names("digits", None, "ldifs") == tasks.task_classes("digits")  # not listed: the defaults
+
+
+def test_lp_init_reuses_the_rounds_probe_and_resumes_byte_identical(tiny_clip_checkpoint, tmp_path, monkeypatch):
+    """The official probe's lr search (5 fits) runs once per dataset per round: the next task's
+    LP-init reuses the round's (same encoder, features, seed) and refits on the train split alone --
+    one more fit for MNIST (the round refitted on train + val), none for EuroSAT (whose source fixes
+    its val split, so the round's probe is that fit). --resume takes the head from the checkpoint."""
+    import benchmark.evaluation.evaluate as evaluate
+    import benchmark.evaluation.probe as probe
+    from benchmark.config import load_config
+
+    path, _ = tiny_clip_checkpoint
+    root = tmp_path / "data"
+    fx.mnist(root), fx.eurosat(root)
+    tasks.clear_memory()
+    config = tmp_path / "ldifs-tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [], "data_root": str(root),
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path}, "cache_dir": str(tmp_path / "cache"),
+        "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": 1, "eurosat": 1}},
+        "eval": {"probe_iterations": 30}, "threads": 2}))
+    cfg = load_config(str(config))
+    searches, fits = [], []
+    search, fit = evaluate.select_official_lr, probe._fit_torch_lr
+    monkeypatch.setattr(evaluate, "select_official_lr", lambda *a, **k: searches.append(1) or search(*a, **k))
+    monkeypatch.setattr(probe, "_fit_torch_lr", lambda *a, **k: fits.append(1) or fit(*a, **k))
+    full = run_strategy(cfg, "ft", tmp_path / "full")
+    assert len(searches) == 3 * 2  # rounds (pretrained, after mnist, after eurosat) x datasets; was 3 * 2 + 2
+    assert len(fits) == 3 * 2 * 6 + 1  # 5 searched lrs + the refit per dataset per round; MNIST's LP-init refit
+    log = (full / "log.txt").read_text()
+    assert "LP-init head for mnist: official probe" in log and "LP-init head for eurosat: official probe" in log
+    searches.clear()
+    part = run_strategy(cfg, "ft", tmp_path / "part", stop_after=1)
+    state = torch.load(part / "checkpoints" / "state.pt", weights_only=True)
+    assert state["next_head"]["weight"].shape == (10, 16) and state["next_head"]["bias"].shape == (10,)
+    searches.clear()
+    assert main(["run", "--resume", str(part)]) == 0
+    assert len(searches) == 2  # the round after eurosat; the eurosat head came from the checkpoint
+    for kind in ("lp", "head", "zs", "lp_ece"):
+        assert (part / f"matrices/{kind}.csv").read_bytes() == (full / f"matrices/{kind}.csv").read_bytes()

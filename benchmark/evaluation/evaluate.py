@@ -13,7 +13,10 @@ from tasks.compact import ImageStore, gather
 
 from .. import progress
 from .multihead import MultiHeadClassifier
-from .probe import accuracy, expected_calibration_error, fit_official_probe, fit_probe
+from .probe import (
+    NormalizedProbe, OfficialSelection, accuracy, expected_calibration_error, fit_normalized_head, fit_probe,
+    refit_official_probe, select_official_lr
+)
 
 IMAGE_KINDS = ("lp", "head", "lp_ece")
 TEXT_KINDS = ("zs", "zs_ece")
@@ -46,6 +49,7 @@ class RoundResult:
     """cells[kind][dataset] = value (None where undefined)."""
 
     cells: dict[str, dict[str, Optional[float]]] = field(default_factory=lambda: defaultdict(dict))
+    kept: dict[str, ProbeWork] = field(default_factory=dict)  # the datasets evaluate_round was asked to keep
 
 
 @torch.no_grad()
@@ -90,39 +94,81 @@ class ZeroShotClassifier:
         return zero_shot_logits(features, self.weights, self.logit_scale)
 
 
-def probe_logits(settings, train: tuple[torch.Tensor, torch.Tensor], val: Optional[tuple[torch.Tensor, torch.Tensor]],
-                 test_f: torch.Tensor, num_classes: int, seed: int, device: str, refit_on_val: bool = True) -> torch.Tensor:
+@dataclass
+class ProbeWork:
+    """What a round's linear probe of one dataset computed, kept for the next task's LP-init (which
+    fits on the same features): probe-train (and the official probe's val) features, the official
+    lr search and final probe."""
+
+    train_f: torch.Tensor
+    train_y: torch.Tensor
+    val_f: Optional[torch.Tensor] = None
+    val_y: Optional[torch.Tensor] = None
+    selection: Optional[OfficialSelection] = None
+    probe: Optional[NormalizedProbe] = None  # refitted on train + val when refit_on_val
+    refit_on_val: bool = True
+
+
+def probe_round(settings, work: ProbeWork, test_f: torch.Tensor, num_classes: int, seed: int, device: str,
+                refit_on_val: bool = True) -> torch.Tensor:
     """Linear-probe logits on test features: settings.probe "sklearn" (C fixed, standardized
-    features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `val`, refitted on train
-    and, with refit_on_val, val)."""
+    features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `work.val_f`, refitted on
+    train and, with refit_on_val, val; the search and the probe are left in `work`)."""
+    if settings.probe != "official":
+        return fit_probe(work.train_f, work.train_y, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
+    if work.val_f is None:
+        raise ValueError("the official probe needs a validation split")
+    work.selection = select_official_lr(work.train_f, work.train_y, work.val_f, work.val_y, num_classes,
+                                        settings.probe_iterations, seed=seed, device=device)
+    fit = (torch.cat([work.train_f, work.val_f]), torch.cat([work.train_y, work.val_y])) if refit_on_val \
+        else (work.train_f, work.train_y)
+    work.probe = refit_official_probe(*fit, work.selection, num_classes, settings.probe_iterations, device)
+    work.refit_on_val = refit_on_val
+    return work.probe.logits(test_f)
+
+
+def lp_init_weights(settings, work: ProbeWork, num_classes: int, seed: int,
+                    device: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """LP-init head (weight, bias, how) from probe features of the encoder about to train. Official
+    probe: refitted on the task's train split alone (finetune.py:38 passes `<dataset>Val`, whose
+    train loader is the train split; heads.py:153-172, finetune_functions.py:89) -- from the round's
+    lr search when `work` kept one, and the round's probe itself when that was fitted on train alone.
+    Else logistic regression on normalized features, C chosen on val (fit_normalized_head)."""
     if settings.probe == "official":
-        if val is None:
-            raise ValueError("the official probe needs a validation split")
-        return fit_official_probe(*train, *val, num_classes, settings.probe_iterations, seed=seed,
-                                  device=device, refit_on_val=refit_on_val).logits(test_f)
-    return fit_probe(*train, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
+        if work.probe is not None and not work.refit_on_val:
+            probe = work.probe
+        else:
+            selection = work.selection or select_official_lr(work.train_f, work.train_y, work.val_f, work.val_y,
+                                                             num_classes, settings.probe_iterations, seed=seed,
+                                                             device=device)
+            probe = refit_official_probe(work.train_f, work.train_y, selection, num_classes,
+                                         settings.probe_iterations, device)
+        return probe.weight.cpu(), probe.bias.cpu(), f"official probe, lr={probe.lr:g}"
+    weight, bias, C = fit_normalized_head(work.train_f, work.train_y, work.val_f, work.val_y, num_classes, seed=seed)
+    return weight, bias, f"C={C:g}"
 
 
 def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trained: dict[str, int],
                    settings, device: str = "cpu", seed: int = 0,
                    zero_shot: Optional[dict[str, ZeroShotClassifier]] = None, desc: str = "eval",
-                   kinds: Optional[Sequence[str]] = None) -> RoundResult:
+                   kinds: Optional[Sequence[str]] = None, keep: Sequence[str] = ()) -> RoundResult:
     """trained maps task name -> task label of every task whose head exists (head accuracy).
     settings: an EvalConfig; zero_shot: fixed classifiers per dataset (zs_text: pretrained), else
     the current text tower builds them. kinds: only these of zs, lp, head (and their ECEs); None:
-    all. Only what they need is computed: zs and head read test features alone, lp also the probe's."""
+    all. Only what they need is computed: zs and head read test features alone, lp also the probe's.
+    keep: datasets whose probe work is kept in `result.kept` (the next task's LP-init)."""
     result = RoundResult()
     want = set(kinds) if kinds is not None else {"lp", "zs", "head"}
     encoder, batch_size = model.encoder, settings.batch_size
     for ds in progress.bar(datasets, desc=desc, leave=False, unit="dataset"):
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
         if "lp" in want:
-            train_f = extract_features(encoder, ds.probe_train.x, batch_size, device)
-            val = None
+            work = ProbeWork(extract_features(encoder, ds.probe_train.x, batch_size, device), ds.probe_train.y)
             if settings.probe == "official":
-                val = (extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y)
-            logits = probe_logits(settings, (train_f, ds.probe_train.y), val, test_f, ds.num_classes, seed, device,
-                                  ds.refit_on_val)
+                work.val_f, work.val_y = extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y
+            logits = probe_round(settings, work, test_f, ds.num_classes, seed, device, ds.refit_on_val)
+            if ds.name in keep:
+                result.kept[ds.name] = work
             result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
             result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
         if encoder.has_text and "zs" in want:

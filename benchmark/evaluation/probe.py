@@ -109,14 +109,22 @@ def _fit_torch_lr(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     return NormalizedProbe(weight.detach(), bias.detach(), lr)
 
 
-def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+@dataclass
+class OfficialSelection:
+    """The official probe's lr search: the chosen lr, and the forked RNG after the search, from which
+    the final fit draws its init (so a refit from a kept selection equals the whole procedure)."""
+
+    lr: float
+    rng_state: torch.Tensor
+
+
+def select_official_lr(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
                        num_classes: int, iterations: int = 1000, lrs=OFFICIAL_LRS, seed: int = 0,
-                       device: str = "cpu", refit_on_val: bool = True) -> NormalizedProbe:
-    """ldifs_code model/heads.py:90-115: one fit per lr on the train split, the lr with the best
-    validation accuracy (first on ties) refitted on train + validation (refit_on_val) or on train
-    alone (heads.py:114 refits on what its caller passes as train_embeddings). The official code draws
-    the inits from an unseeded global RNG; here from a forked RNG seeded with `seed`, in the same
-    order, so a run is reproducible and the caller's RNG is untouched."""
+                       device: str = "cpu") -> OfficialSelection:
+    """ldifs_code model/heads.py:90-113: one fit per lr on the train split, the lr with the best
+    validation accuracy (first on ties). The official code draws the inits from an unseeded global
+    RNG; here from a forked RNG seeded with `seed`, in the same order, so a run is reproducible and
+    the caller's RNG is untouched."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         best_acc, best_lr = 0.0, lrs[0]
@@ -125,9 +133,26 @@ def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torc
             acc = accuracy(probe.logits(val_f), val_y)
             if acc > best_acc:
                 best_acc, best_lr = acc, lr
-        if refit_on_val:
-            train_f, train_y = torch.cat([train_f, val_f]), torch.cat([train_y, val_y])
-        return _fit_torch_lr(train_f, train_y, num_classes, best_lr, iterations, device)
+        return OfficialSelection(best_lr, torch.get_rng_state())
+
+
+def refit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, selection: OfficialSelection,
+                         num_classes: int, iterations: int = 1000, device: str = "cpu") -> NormalizedProbe:
+    """heads.py:114: the chosen lr refitted on what the caller passes as train."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(selection.rng_state)
+        return _fit_torch_lr(train_f, train_y, num_classes, selection.lr, iterations, device)
+
+
+def fit_official_probe(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor,
+                       num_classes: int, iterations: int = 1000, lrs=OFFICIAL_LRS, seed: int = 0,
+                       device: str = "cpu", refit_on_val: bool = True) -> NormalizedProbe:
+    """The whole official probe: the lr search, then the refit on train + validation (refit_on_val)
+    or on train alone."""
+    selection = select_official_lr(train_f, train_y, val_f, val_y, num_classes, iterations, lrs, seed, device)
+    if refit_on_val:
+        train_f, train_y = torch.cat([train_f, val_f]), torch.cat([train_y, val_y])
+    return refit_official_probe(train_f, train_y, selection, num_classes, iterations, device)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

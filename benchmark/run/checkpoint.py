@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from strategies.checkpoint import plugin_states, restore_plugins
+from tasks import get_task
 
 from ..config import experiment_digest, experiment_settings, first_difference, lookup
 from ..errors import CfbenchError
@@ -24,13 +25,16 @@ FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugin
 
 
 def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dict[str, Matrix],
-                    completed: int, curves: Optional[dict[str, Curve]] = None) -> None:
-    """state.pt, then the matrices, the within-task curves and progress.json (each written atomically)."""
+                    completed: int, curves: Optional[dict[str, Curve]] = None,
+                    next_head: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """state.pt, then the matrices, the within-task curves and progress.json (each written atomically).
+    next_head: the next task's LP-init head, fitted from the round just evaluated."""
     state = {"completed": completed, "experiment": experiment_settings(settings), "model": model.state_dict(),
              "known_tasks": sorted(model.known_train_tasks_labels),  # Avalanche's, outside the state dict
              "matrices": {k: (m.rows, m.columns, m.values) for k, m in matrices.items()},
              "plugins": plugin_states(plugins, model),
-             "within": {k: c.to_state() for k, c in (curves or {}).items()}}
+             "within": {k: c.to_state() for k, c in (curves or {}).items()},
+             "next_head": next_head}
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
@@ -80,7 +84,22 @@ def load_checkpoint(run_dir: Path, settings: dict, trained: Sequence[str], colum
     _check_matrices(state["matrices"], [PRETRAINED, *trained[:done]], list(columns), set(kinds), bad)
     if not isinstance(state["plugins"], list):
         raise bad("plugins", "is not a list of plugin states")
+    _check_next_head(state.get("next_head"), trained[done] if done < len(trained) else None, bad)
     return state
+
+
+def _check_next_head(saved: Any, task: Optional[str], bad) -> None:
+    """None (not LP-init, the last task, or an older checkpoint), or the next task's head: finite
+    float weight (classes x features) and bias (classes)."""
+    if saved is None:
+        return
+    classes = get_task(task).num_classes if task is not None else None
+    weight, bias = (saved.get("weight"), saved.get("bias")) if isinstance(saved, dict) else (None, None)
+    if not (isinstance(saved, dict) and set(saved) == {"weight", "bias"} and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+            and weight.is_floating_point() and bias.is_floating_point() and weight.dim() == 2
+            and weight.shape[0] == classes and bias.shape == (classes,)
+            and bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):
+        raise bad("next_head", f"is not an LP-init head of {task}'s {classes} classes")
 
 
 def _check_matrices(saved: Any, rows: list[str], columns: list[str], kinds: set, bad) -> None:
@@ -114,6 +133,10 @@ def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix],
             raise CfbenchError(f"{path}: weight {name!r} has shape {tuple(tensor.shape)}, this run's model "
                                f"{tuple(expected[name].shape)}; nothing was resumed")
     model.load_state_dict(weights)
+    head = state.get("next_head")
+    if head is not None and head["weight"].shape[1] != model.encoder.feature_dim:
+        raise CfbenchError(f"{path}: the next task's LP-init head reads {head['weight'].shape[1]} features, this "
+                           f"run's encoder gives {model.encoder.feature_dim}; nothing was resumed")
     model.known_train_tasks_labels = set(state["known_tasks"])
     for k, (rows, cols, values) in state["matrices"].items():
         matrices[k] = Matrix(list(rows), list(cols), [list(r) for r in values])

@@ -33,11 +33,11 @@ from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_p
 from ..config.templates import task_class_names, task_templates
 from ..errors import CfbenchError
 from ..evaluation.evaluate import (
-    EvalDataset, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, matrix_kinds
+    EvalDataset, ProbeWork, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, lp_init_weights,
+    matrix_kinds
 )
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.multihead import MultiHeadClassifier
-from ..evaluation.probe import fit_normalized_head, fit_official_probe
 from ..evaluation.within import Curve
 from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
 from ..models import build_model
@@ -51,6 +51,7 @@ from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_
 from .within import WithinTaskEvaluation
 
 log = logging.getLogger("cfbench")
+LPHead = dict  # {"weight": (classes, features), "bias": (classes,)}: plain tensors, as the checkpoint keeps them
 _PRETRAINED_ROUNDS: dict[str, RoundResult] = {}
 
 
@@ -118,31 +119,43 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     within = [WithinTaskEvaluation(trained, cfg.eval.within_task.points, curves, evaluate_within)] if curves else []
     learner = _learner(cfg, model, train_splits, plugins, trained, device, [*trackers.plugins(plugins), *within])
     stream = _benchmark(train_splits).train_stream
+    lp_init = cfg.train.head == "linear" and strategies.head_init(strategy, cfg.train.head_init) == "lp"
+
+    def next_lp_head(t: int, result: RoundResult) -> Optional[LPHead]:
+        """Task t's LP-init head, from the round just evaluated (the same encoder): its probe work reused."""
+        if not lp_init or t >= len(trained):
+            return None
+        return _lp_init_head(cfg, model, trained[t], result.kept.get(trained[t]), device)
+
     if state is not None:
         for t in range(state["completed"]):
             _make_head(cfg, model, t, trained[t])
         start = apply_checkpoint(state, model, plugins, matrices, curves)
+        next_head = state.get("next_head")  # None from an older checkpoint: fitted again, the same head
         learner.clock.train_exp_counter = start
         log.info("resumed after %d task(s)", start)
     else:
         start = 0
         # before any training the current text tower is the pretrained one: its classifiers serve
-        pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device)
+        pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device, keep=trained[:1] if lp_init else [])
         _add_rows(matrices, PRETRAINED, pretrained, trackers)
         for kind, curve in curves.items():
             curve.add(PRETRAINED, 0, 0, pretrained.cells[kind])
+        next_head = next_lp_head(0, pretrained)
     for t in range(start, len(trained)):
         if stop_after is not None and t >= stop_after:
             return
         name = trained[t]
         seed_everything(cfg.seed * 1000 + t)  # per-task seeding makes --resume exact
-        _init_head(cfg, strategy, model, t, name, pretrained_zs, device)
+        _init_head(cfg, strategy, model, t, name, pretrained_zs, device, next_head)
         learner.train_epochs = 1 if cfg.train.iterations else cfg.train.epochs_for(name)
         learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
         result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
-                                cfg.seed, zs_for_eval, desc=f"eval after {name}")
+                                cfg.seed, zs_for_eval, desc=f"eval after {name}",
+                                keep=trained[t + 1:t + 2] if lp_init else [])
         _add_rows(matrices, name, result, trackers)
-        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1, curves)
+        next_head = next_lp_head(t + 1, result)
+        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1, curves, next_head)
         log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
     metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text, curves=curves)
     trackers.log_metrics(metrics, len(trained))
@@ -252,14 +265,15 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
                      evaluator=_silent_evaluator())
 
 
-def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str) -> RoundResult:
-    """The pretrained row, shared by every strategy of one invocation (it depends on no strategy)."""
+def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str, keep: Sequence[str]) -> RoundResult:
+    """The pretrained row, shared by every strategy of one invocation (it depends on no strategy);
+    the probe work of `keep` is kept by the strategy that evaluates it first."""
     settings = cfg.to_dict()
     key = json.dumps({"model": settings["model"], "eval": settings["eval"], "data_root": cfg.data_root,
                       "seed": cfg.seed, "datasets": [d.name for d in eval_sets]}, sort_keys=True)
     if key not in _PRETRAINED_ROUNDS:
         _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, cfg.eval, device, cfg.seed, zero_shot,
-                                                 desc="eval pretrained")
+                                                 desc="eval pretrained", keep=keep)
     return _PRETRAINED_ROUNDS[key]
 
 
@@ -270,11 +284,12 @@ def _add_rows(matrices: dict[str, Matrix], label: str, result: RoundResult, trac
 
 
 def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: int, name: str,
-               pretrained_zs: Optional[dict[str, ZeroShotClassifier]], device: str) -> None:
+               pretrained_zs: Optional[dict[str, ZeroShotClassifier]], device: str,
+               prepared: Optional[LPHead] = None) -> None:
     """The task's head before training: a text head (the current text tower over one prompt per
-    class), or a linear head with LP-init (a probe on the current encoder's features), ZS-init
-    (the pretrained text tower's class embeddings x logit_scale.exp(), ldifs_code
-    model/heads.py:17-61) or zero."""
+    class), or a linear head with LP-init (`prepared` after the previous round, else a probe on the
+    current encoder's features), ZS-init (the pretrained text tower's class embeddings x
+    logit_scale.exp(), ldifs_code model/heads.py:17-61) or zero."""
     head = _make_head(cfg, model, task, name)
     how = strategies.head_init(strategy, cfg.train.head_init) if cfg.train.head == "linear" else "none"
     if how == "zs":
@@ -282,20 +297,25 @@ def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: 
         head.load(zs.weights * zs.logit_scale, torch.zeros(len(zs.weights)))
         log.info("ZS-init head for %s (pretrained text tower, logit scale %.2f)", name, zs.logit_scale)
     elif how == "lp":
-        cap, batch = cfg.eval.probe_max_per_class, cfg.eval.batch_size
-        train, val = _split(cfg, name, "train", cap), _split(cfg, name, "val", cap)
-        train_f = extract_features(model.encoder, train.x, batch, device)
-        val_f = extract_features(model.encoder, val.x, batch, device)
-        if cfg.eval.probe == "official":  # refitted on the task's train split alone: finetune.py:38 passes
-            # `<dataset>Val`, whose train loader is the train split (heads.py:153-172, finetune_functions.py:89)
-            probe = fit_official_probe(train_f, train.y, val_f, val.y, len(head.linear.bias),
-                                       cfg.eval.probe_iterations, seed=cfg.seed, device=device, refit_on_val=False)
-            head.load(probe.weight, probe.bias)
-            log.info("LP-init head for %s: official probe, lr=%g", name, probe.lr)
-        else:
-            weight, bias, C = fit_normalized_head(train_f, train.y, val_f, val.y, len(head.linear.bias), seed=cfg.seed)
-            head.load(weight, bias)
-            log.info("LP-init head for %s: C=%g", name, C)
+        weights = prepared or _lp_init_head(cfg, model, name, None, device)
+        head.load(weights["weight"], weights["bias"])
+
+
+def _lp_init_head(cfg: RunConfig, model: MultiHeadClassifier, name: str, kept: Optional[ProbeWork],
+                  device: str) -> LPHead:
+    """LP-init weights for task `name` from the current encoder: the evaluation round's probe work
+    when it was kept (the same features, the official probe's lr search), else features extracted
+    here; the val features the round's probe did not need (sklearn) are extracted here."""
+    cap, batch = cfg.eval.probe_max_per_class, cfg.eval.batch_size
+    if kept is None:
+        train = _split(cfg, name, "train", cap)
+        kept = ProbeWork(extract_features(model.encoder, train.x, batch, device), train.y)
+    if kept.val_f is None:
+        val = _split(cfg, name, "val", cap)
+        kept.val_f, kept.val_y = extract_features(model.encoder, val.x, batch, device), val.y
+    weight, bias, how = lp_init_weights(cfg.eval, kept, task_registry.get_task(name).num_classes, cfg.seed, device)
+    log.info("LP-init head for %s: %s", name, how)
+    return {"weight": weight, "bias": bias}
 
 
 def _make_head(cfg: RunConfig, model: MultiHeadClassifier, task: int, name: str):
