@@ -425,17 +425,23 @@ def test_ldifs_with_augmentation_runs_the_reference_on_every_batch(tiny_clip_che
     assert "reference runs on every batch" in (run / "log.txt").read_text()
 
 
-def test_ldifs_protocol_runs_through_the_cli_on_fixture_datasets(tiny_clip_checkpoint, tmp_path):
-    path, _ = tiny_clip_checkpoint
+def _fixture_protocol_run(tmp_path, checkpoint: str, mnist_epochs: int, probe_iterations: int, **extra):
+    """A config file of the ldifs protocol scaled down: MNIST then EuroSAT as fixture datasets under
+    tmp_path / "data", the tiny CLIP checkpoint."""
     root = tmp_path / "data"
     fx.mnist(root), fx.eurosat(root)
     tasks.clear_memory()
     config = tmp_path / "ldifs-tiny.yaml"
     config.write_text(yaml.safe_dump({
         "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [],
-        "model": {"name": "cfbench-tiny-vit", "pretrained": path},
-        "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": 2, "eurosat": 1}},
-        "eval": {"probe_iterations": 100}, "threads": 2}))
+        "model": {"name": "cfbench-tiny-vit", "pretrained": checkpoint},
+        "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": mnist_epochs, "eurosat": 1}},
+        "eval": {"probe_iterations": probe_iterations}, "threads": 2, **extra}))
+    return config, root
+
+
+def test_ldifs_protocol_runs_through_the_cli_on_fixture_datasets(tiny_clip_checkpoint, tmp_path):
+    config, root = _fixture_protocol_run(tmp_path, tiny_clip_checkpoint[0], mnist_epochs=2, probe_iterations=100)
     out = tmp_path / "results"
     assert main(["run", str(config), "--data-root", str(root), "--out", str(out), "--strategy", "ldifs"]) == 0
     (run,) = out.glob("*/ldifs-s0")
@@ -488,16 +494,8 @@ def test_lp_init_reuses_the_rounds_probe_and_resumes_byte_identical(tiny_clip_ch
     import benchmark.evaluation.probe as probe
     from benchmark.config import load_config
 
-    path, _ = tiny_clip_checkpoint
-    root = tmp_path / "data"
-    fx.mnist(root), fx.eurosat(root)
-    tasks.clear_memory()
-    config = tmp_path / "ldifs-tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [], "data_root": str(root),
-        "model": {"name": "cfbench-tiny-vit", "pretrained": path}, "cache_dir": str(tmp_path / "cache"),
-        "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": 1, "eurosat": 1}},
-        "eval": {"probe_iterations": 30}, "threads": 2}))
+    config, _ = _fixture_protocol_run(tmp_path, tiny_clip_checkpoint[0], mnist_epochs=1, probe_iterations=30,
+                                      data_root=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
     cfg = load_config(str(config))
     searches, fits = [], []
     search, fit = evaluate.select_official_lr, probe._fit_torch_lr
