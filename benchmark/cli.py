@@ -351,19 +351,45 @@ def _positive_int(text: str) -> int:
     return value
 
 
+PERF_SUITE_FLAGS = ("model", "repeats", "batch_size", "epochs", "no_eval", "augment", "zscl")
+
+
 def cmd_perf(args) -> int:
+    if args.projection is not None:
+        return _perf_projection(args)
+    if args.strategy or args.json:
+        raise CfbenchError(f"perf: {'--strategy' if args.strategy else '--json'} goes with --projection PROTOCOL")
     from .config import ModelConfig
     from .models import check_model
 
-    check_model(ModelConfig(name=args.model, pretrained="package" if args.model == "efficientnet_lite0" else None))
-    if args.zscl and args.model == "efficientnet_lite0":
+    model = args.model or "efficientnet_lite0"
+    check_model(ModelConfig(name=model, pretrained="package" if model == "efficientnet_lite0" else None))
+    if args.zscl and model == "efficientnet_lite0":
         raise CfbenchError("perf --zscl needs an open_clip --model (ZSCL trains a text tower)")
     from .perf.bench import run_perf
     from .run.runner import select_device, set_threads
 
     set_threads(args.threads)
-    print(run_perf(args.model, args.repeats, select_device(args.device), args.samples, args.batch_size,
-                   args.epochs, not args.no_eval, args.augment, args.zscl))
+    print(run_perf(model, args.repeats or 3, select_device(args.device), args.samples or 640, args.batch_size or 64,
+                   args.epochs or 3, not args.no_eval, args.augment, args.zscl))
+    return 0
+
+
+def _perf_projection(args) -> int:
+    """`perf --projection PROTOCOL`: the protocol's wall time projected from rates measured here."""
+    given = [f"--{k.replace('_', '-')}" for k in PERF_SUITE_FLAGS if getattr(args, k) not in (None, False)]
+    if given:
+        raise CfbenchError(f"perf --projection measures the protocol's own model and settings; {given[0]} does not "
+                           "go with it (only --strategy, --samples, --device, --threads, --json)")
+    from .files import strict_json
+    from .perf.projection import run_projection
+    from .run.runner import select_device, set_threads
+
+    chosen = [s for item in args.strategy or [] for s in item.split(",") if s.strip()] or None
+    device = select_device(args.device)
+    set_threads(args.threads)
+    result, table = run_projection(args.projection, chosen, args.samples or 64, device)
+    print(strict_json(result, indent=2) if args.json else table)
     return 0
 
 
@@ -483,13 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--out", help="parent of the sweep folder <out>/<name>/ (default: the base config's out)")
     sw.add_argument("--dry-run", action="store_true", help="list the expanded runs and exit; nothing is written")
     sw.set_defaults(func=cmd_sweep)
-    pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md)")
-    pf.add_argument("--model", default="efficientnet_lite0",
-                    help="efficientnet_lite0 (packaged weights) or an open_clip name (random weights)")
-    pf.add_argument("--repeats", type=_positive_int, default=3, help="rounds of alternated variants (median)")
-    pf.add_argument("--samples", type=_positive_int, default=640, help="training samples per epoch")
-    pf.add_argument("--batch-size", type=_positive_int, default=64)
-    pf.add_argument("--epochs", type=_positive_int, default=3, help="epochs per timed task (the LDIFS cache amortizes)")
+    pf = sub.add_parser("perf", help="benchmark the suite against bare PyTorch (ratios, see BENCHMARKS.md), or "
+                        "project a protocol's wall time on this device (--projection)")
+    pf.add_argument("--projection", metavar="PROTOCOL", help="project PROTOCOL's wall time per task and in total "
+                    "from the published split sizes and rates measured here (its model with random weights), "
+                    "beside the official code's path emulated and measured on this device")
+    pf.add_argument("--strategy", action="append", help="with --projection: strategies to project (default: the "
+                    "protocol's); repeatable or comma-separated")
+    pf.add_argument("--json", action="store_true", help="with --projection: print the projection as JSON")
+    pf.add_argument("--model", help="efficientnet_lite0 (packaged weights, the default) or an open_clip name "
+                    "(random weights)")
+    pf.add_argument("--repeats", type=_positive_int, help="rounds of alternated variants (median; default 3)")
+    pf.add_argument("--samples", type=_positive_int, help="training samples per epoch (default 640); with "
+                    "--projection: the images (JPEG files) and, on a CPU, the batch and probe features every rate "
+                    "is measured at, scaled by count (default 64)")
+    pf.add_argument("--batch-size", type=_positive_int, help="default 64")
+    pf.add_argument("--epochs", type=_positive_int, help="epochs per timed task (the LDIFS cache amortizes; default 3)")
     pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round and probe comparisons")
     pf.add_argument("--augment", action="store_true", help="compare FT and LDIFS on RandomResizedCrop batches "
                     "(the ldifs protocol: LDIFS's reference runs on every batch) instead of the cache variants")

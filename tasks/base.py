@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -150,15 +151,42 @@ def random_split_indices(n: int, first: int, seed: int) -> tuple[np.ndarray, np.
     return perm[:first], perm[first:]
 
 
+def holdout_size(n: int, fraction: float = 0.1, max_val: int = 20000) -> int:
+    """How many of n source train samples the validation hold-out takes (`validation_split`)."""
+    return min(int(n * fraction), max_val)
+
+
 def validation_split(n: int, fraction: float = 0.1, max_val: int = 20000,
                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The official LDIFS code's hold-out: int(10 % of train), at most 20,000, torch seed 0.
 
     Returns sorted (train, val) indices into the source train split.
     """
-    n_val = min(int(n * fraction), max_val)
+    n_val = holdout_size(n, fraction, max_val)
     train, val = random_split_indices(n, n - n_val, seed)
     return np.sort(train), np.sort(val)
+
+
+_PUBLISHED = re.compile(r"~?([0-9][0-9,]*) ([a-z]+)(.*)")
+_SPLIT_WORDS = {"train": "train", "trainval": "train", "probe": "train", "val": "val", "test": "test"}
+
+
+def published_counts(task: Task) -> dict[str, int]:
+    """The split sizes a task's `sizes` line publishes, as {"train": n, "test": n} and "val" where
+    the source fixes a validation split: "8,144 train / 8,041 test", "3,680 trainval / ...",
+    "50,000 val (used as test)" (a val split the task tests on), "~87,000 train" (approximate)."""
+    counts: dict[str, int] = {}
+    for part in task.sizes.split("/"):
+        found = _PUBLISHED.fullmatch(part.strip())
+        word = _SPLIT_WORDS.get(found.group(2)) if found else None
+        if word is None:
+            raise ValueError(f"task {task.name}: cannot read split sizes from {task.sizes!r}")
+        if word == "val" and "used as test" in found.group(3):
+            word = "test"
+        counts[word] = int(found.group(1).replace(",", ""))
+    if "train" not in counts or "test" not in counts:
+        raise ValueError(f"task {task.name}: sizes {task.sizes!r} name no train and test counts")
+    return counts
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
