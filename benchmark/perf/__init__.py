@@ -1,4 +1,6 @@
 """The perf room: speed measured as ratios in one run (BENCHMARKS.md). The suite against a bare
 PyTorch loop (bench.py: `cfbench perf`), the raw vs compact cache (cache.py, also
-`python -m benchmark.perf_cache`; no Avalanche needed) and the sweep's overhead (sweep.py).
-Nothing here is imported by a run."""
+`python -m benchmark.perf_cache`; no Avalanche needed), the sweep's overhead (sweep.py), and a
+protocol's wall time projected from measured rates, beside the official code's path
+(projection.py, rates.py, official.py: `cfbench perf --projection`), and the before / after of
+removed waste (waste.py: `python -m benchmark.perf.waste`). Nothing here is imported by a run."""
