@@ -96,6 +96,8 @@ def test_projection_command_runs_end_to_end_and_prints_json(tiny_clip_checkpoint
     out, err = capsys.readouterr()
     result = json.loads(out)
     assert result["header"]["scaled"] and result["header"]["device"].startswith("CPU")
+    # ldifs10 at 224 px is 262 GB as raw squares: the run reads a compact cache, and so do the rates
+    assert result["header"]["cache_format"] == "compact" and "(compact cache)" in err
     assert result["header"]["strategies"] == ["ft", "ldifs"] and "official training step, ldifs" in err
     rates = Rates(**result["rates"])
     assert all(v > 0 for v in [*rates.train.values(), *rates.official_train.values(), rates.extract,

@@ -216,7 +216,7 @@ def text(result: dict, projections: list[Projection]) -> str:
     scaled = (f"CPU numbers measured at --samples {h['samples']} images / features and scaled linearly by count"
               if h["scaled"] else "measured at real batch sizes and real probe sizes where they fit")
     lines = [f"# cfbench perf --projection {h['protocol']}: {h['device']}; model {h['model']} (random weights) at "
-             f"{h['image_size']} px, {h['precision']}, batch {h['batch_size']}; strategies "
+             f"{h['image_size']} px, {h['precision']}, batch {h['batch_size']}, {h['cache_format']} cache; strategies "
              f"{', '.join(h['strategies'])}; {scaled}"]
     for p in projections:
         lines += table(p)
@@ -272,13 +272,24 @@ def _notes(cfg: RunConfig, header: dict) -> list[str]:
             "once-per-task passes (LDIFS's reference copy, EWC's Fisher)"]
 
 
+def cache_format(cfg: RunConfig, sizes: dict[str, Sizes]) -> str:
+    """The cache the run would read at the published sizes: cache_format as set, or for auto raw
+    while every split fits cache_budget_gb as uint8 squares (config.plan.choose_cache_format)."""
+    if cfg.cache_format != "auto":
+        return cfg.cache_format
+    side = cfg.model.image_size or default_image_size(cfg.model.name)
+    images = sum(s.train + s.probe_train + s.probe_val + s.test for s in sizes.values())
+    return "raw" if images * 3 * side ** 2 / 1e9 <= cfg.cache_budget_gb else "compact"
+
+
 def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, device: str) -> tuple[dict, str]:
     """Measure, project and report: (the JSON-able result, the text table)."""
     cfg = load_config(None, {"protocol": protocol, **({"strategies": chosen} if chosen else {})})
     plan = make_plan(cfg)
     combos, skipped = _measurable(cfg, bool(chosen))
     sizes = {name: dataset_sizes(name, cfg) for name in plan.evaluated}
-    rates = measure_rates(cfg, plan, combos, samples, device, {n: s.probe_train for n, s in sizes.items()})
+    form = cache_format(cfg, sizes)
+    rates = measure_rates(cfg, plan, combos, samples, device, {n: s.probe_train for n, s in sizes.items()}, form)
     projections = [project(cfg, plan, combo, rates) for combo in combos]
     scaled = device != "cuda"
     header = {"protocol": protocol, "device": describe_device(device), "model": cfg.model.name,
@@ -287,7 +298,7 @@ def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, dev
               else "fp32", "batch_size": cfg.train.batch_size, "strategies": combos, "samples": samples,
               "scaled": scaled, "train_batch": min(cfg.train.batch_size, samples) if scaled else cfg.train.batch_size,
               "eval_batch": min(cfg.eval.batch_size, samples) if scaled else cfg.eval.batch_size,
-              "workers": official.workers()}
+              "workers": official.workers(), "cache_format": form}
     unofficial = [combo for combo, rate in rates.official_train.items() if rate is None]
     if unofficial:
         skipped.append(f"official training not emulated for {', '.join(unofficial)} (emulated: "

@@ -26,7 +26,7 @@ import strategies
 import tasks
 from tasks import TensorSplit
 from tasks.base import FileSource
-from tasks.cache import decode
+from tasks.cache import cached_images
 
 from ..config import RunConfig
 from ..config.plan import RunPlan
@@ -129,14 +129,14 @@ def train_rate(cfg: RunConfig, encoder: FoundationModel, combo: str, data: Tenso
     return timer.rate()
 
 
-def extract_rate(encoder: FoundationModel, data: TensorSplit, batch: int, batches: int, device: str) -> float:
-    """Images/s of `extract_features` (no grad, the evaluation's batch size) after one warm-up batch."""
+def extract_rate(encoder: FoundationModel, data: TensorSplit, batch: int, device: str) -> float:
+    """Images/s of `extract_features` over the whole split (no grad, the evaluation's batch size,
+    decoding as the run's cache does) after one warm-up batch."""
     extract_features(encoder, data.x[:batch], batch, device)
-    x = data.x[torch.arange(batches * batch) % len(data)]
     _sync(device)
     start = time.perf_counter()
-    extract_features(encoder, x, batch, device)
-    return len(x) / (time.perf_counter() - start)
+    extract_features(encoder, data.x, batch, device)
+    return len(data) / (time.perf_counter() - start)
 
 
 def probe_size(n: int, width: int, classes: int, samples: int, device: str) -> int:
@@ -194,9 +194,11 @@ def describe_device(device: str) -> str:
 
 
 def measure_rates(cfg: RunConfig, plan: RunPlan, combos: list[str], samples: int, device: str,
-                  probe_counts: dict[str, int]) -> Rates:
-    """Every rate the projection of `combos` over `plan` needs, on `device`, from `samples` photos;
-    probe_counts: each evaluated dataset's probe training features (the size a GPU measures at)."""
+                  probe_counts: dict[str, int], cache_format: str = "raw") -> Rates:
+    """Every rate the projection of `combos` over `plan` needs, on `device`, from `samples` photos
+    (at least a batch) cached as the run would cache them at full scale (`cache_format`: compact
+    stores decode every batch); probe_counts: each evaluated dataset's probe training features
+    (the size a GPU measures at)."""
     scaled = device != "cuda"
     encoder = random_encoder(cfg)
     classes = tasks.get_task(plan.trained[0]).num_classes
@@ -206,21 +208,22 @@ def measure_rates(cfg: RunConfig, plan: RunPlan, combos: list[str], samples: int
     eval_batches = max(CPU_EXTRACT_BATCHES if scaled else GPU_EXTRACT_BATCHES, math.ceil(samples / eval_batch))
     train, official_train = {}, {}
     with tempfile.TemporaryDirectory(prefix="cfbench-perf-") as folder:
-        paths = official.write_photos(Path(folder), samples)
-        source = FileSource(paths, [0] * len(paths))  # decoded as the cache decodes: shortest side, centre crop
-        pixels = torch.from_numpy(decode(source, np.arange(len(paths)), encoder.image_size))
-        n = max(samples, batch)
-        data = TensorSplit(pixels[torch.arange(n) % len(paths)], torch.arange(n) % classes)
+        n = max(samples, batch, eval_batch * eval_batches)
+        paths = official.write_photos(Path(folder), n)
+        images = cached_images("perf", "photos", FileSource(paths, [0] * n), np.arange(n), encoder.image_size,
+                               str(Path(folder) / "cache"), cache_format)
+        data = TensorSplit(images, torch.arange(n) % classes)
         for combo in combos:
-            train[combo] = _measured(f"cfbench training step, {combo}, batch {batch}, 1 + {steps} steps",
+            train[combo] = _measured(f"cfbench training step ({cache_format} cache), {combo}, batch {batch}, "
+                                     f"1 + {steps} steps",
                                      lambda: train_rate(cfg, encoder, combo, data, classes, batch, steps, device))
             official_train[combo] = _measured(
                 f"official training step, {combo}, batch {batch}, 1 + {steps} steps",
                 lambda: _official_train(cfg, encoder, combo, paths, classes, batch, steps, device))
         evaluator = copy.deepcopy(encoder)
         configure_for_device(evaluator, device, cfg.train.precision)
-        extract = _measured(f"cfbench feature extraction, batch {eval_batch}, 1 + {eval_batches} batches",
-                            lambda: extract_rate(evaluator.to(device), data, eval_batch, eval_batches, device))
+        extract = _measured(f"cfbench feature extraction ({cache_format} cache), batch {eval_batch}, {n} images",
+                            lambda: extract_rate(evaluator.to(device), data, eval_batch, device))
         official_extract = _measured(f"official feature extraction, batch {eval_batch}, 1 + {eval_batches} batches",
                                      lambda: official.extract_rate(encoder, paths, eval_batch, eval_batches, device))
     probe, official_probe = _probes(cfg, probe_counts, encoder.feature_dim, samples, device)
