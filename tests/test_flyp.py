@@ -115,6 +115,30 @@ def test_label_smoothing_equals_the_official_loss_and_torch_cross_entropy():
     assert not torch.allclose(label_smoothing_loss(logits, target, 0.3), label_smoothing_loss(logits, target, 0.0))
 
 
+def test_ls_run_equals_ft_with_the_same_label_smoothing(tmp_path):
+    """The `ls` strategy end to end on the offline tasks: the same matrices as `ft` under
+    train.label_smoothing (README: the two settings reproduce --finetune-loss ls), and not plain ft's."""
+    from benchmark.evaluation.matrix import Matrix
+    from tests.helpers import tiny_config
+
+    small = {"model": {"image_size": 32}, "eval_only": [], "train": {"max_train_per_class": 8, "iterations": 3},
+             "eval": {"probe_max_per_class": 4, "test_max_per_class": 4}}
+    ls = run_strategy(tiny_config(tmp_path, small, {"strategy_params": {"ls": {"smoothing": 0.3}}}), "ls",
+                      tmp_path / "ls")
+    ft = run_strategy(tiny_config(tmp_path, small, {"train": {**small["train"], "label_smoothing": 0.3}}), "ft",
+                      tmp_path / "ft")
+    plain = run_strategy(tiny_config(tmp_path, small), "ft", tmp_path / "plain")
+    for kind in ("lp", "head"):
+        assert (ls / f"matrices/{kind}.csv").read_bytes() == (ft / f"matrices/{kind}.csv").read_bytes()
+    assert Matrix.load(ls / "matrices/head.csv").rows == ["pretrained", "digits", "faces"]
+    weights = [torch.load(run / "checkpoints/state.pt", weights_only=True)["model"] for run in (ls, ft, plain)]
+    trained = [k for k in weights[0] if weights[0][k].is_floating_point()]
+    gap = lambda a, b: max(float((a[k] - b[k]).abs().max()) for k in trained)  # noqa: E731
+    same, smoothing = gap(weights[0], weights[1]), gap(weights[0], weights[2])
+    print("largest weight difference, ls vs ft + label_smoothing:", same, "; ls vs plain ft:", smoothing)
+    assert same < 1e-6 and smoothing > 100 * same  # the formulas agree to ~1e-7 per loss; the smoothing trains
+
+
 class _Tokens:
     """A tokenizer that makes each prompt's text its own row (for checking which prompt was drawn)."""
 
