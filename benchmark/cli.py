@@ -220,7 +220,8 @@ def _list_references() -> None:
 
     for name in list_references():
         ref = load_reference(name)
-        rows = ", ".join(f"{r.method} ({r.strategy or ('the pretrained row' if r.pretrained else '-')})" for r in ref.rows)
+        rows = ", ".join(f"{r.method} ({r.strategy or ('the pretrained row' if r.pretrained else '-')})"
+                         for r in ref.rows)
         print(f"{ref.name}\n  {ref.table}\n  paper: {ref.paper}\n  protocol {ref.protocol}, sequence {ref.sequence}, "
               f"{ref.kind} matrix; source {ref.source['repository']}@{ref.source['commit'][:7]} {ref.source['file']}"
               f"\n  rows (cfbench strategy): {rows}")

@@ -365,5 +365,5 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildCo
 
 
 __all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "check_params", "needs_text", "head_init", "train_head", "build_plugins", "LDIFSPlugin", "L2SPPlugin", "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin",
-           "ldifs_distance"]
+           "check_params", "needs_text", "head_init", "train_head", "build_plugins", "LDIFSPlugin", "L2SPPlugin",
+           "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin", "ldifs_distance"]

@@ -106,24 +106,23 @@ class ProbeWork:
     val_y: Optional[torch.Tensor] = None
     selection: Optional[OfficialSelection] = None
     probe: Optional[NormalizedProbe] = None  # refitted on train + val when refit_on_val
-    refit_on_val: bool = True
+    refit_on_val: bool = True  # the dataset's (EvalDataset.refit_on_val)
 
 
-def probe_round(settings, work: ProbeWork, test_f: torch.Tensor, num_classes: int, seed: int, device: str,
-                refit_on_val: bool = True) -> torch.Tensor:
+def probe_round(settings, work: ProbeWork, test_f: torch.Tensor, num_classes: int, seed: int,
+                device: str) -> torch.Tensor:
     """Linear-probe logits on test features: settings.probe "sklearn" (C fixed, standardized
     features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `work.val_f`, refitted on
-    train and, with refit_on_val, val; the search and the probe are left in `work`)."""
+    train and, with work.refit_on_val, val; the search and the probe are left in `work`)."""
     if settings.probe != "official":
         return fit_probe(work.train_f, work.train_y, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
     if work.val_f is None:
         raise ValueError("the official probe needs a validation split")
     work.selection = select_official_lr(work.train_f, work.train_y, work.val_f, work.val_y, num_classes,
                                         settings.probe_iterations, seed=seed, device=device)
-    fit = (torch.cat([work.train_f, work.val_f]), torch.cat([work.train_y, work.val_y])) if refit_on_val \
+    fit = (torch.cat([work.train_f, work.val_f]), torch.cat([work.train_y, work.val_y])) if work.refit_on_val \
         else (work.train_f, work.train_y)
     work.probe = refit_official_probe(*fit, work.selection, num_classes, settings.probe_iterations, device)
-    work.refit_on_val = refit_on_val
     return work.probe.logits(test_f)
 
 
@@ -163,10 +162,11 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
     for ds in progress.bar(datasets, desc=desc, leave=False, unit="dataset"):
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
         if "lp" in want:
-            work = ProbeWork(extract_features(encoder, ds.probe_train.x, batch_size, device), ds.probe_train.y)
+            work = ProbeWork(extract_features(encoder, ds.probe_train.x, batch_size, device), ds.probe_train.y,
+                             refit_on_val=ds.refit_on_val)
             if settings.probe == "official":
                 work.val_f, work.val_y = extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y
-            logits = probe_round(settings, work, test_f, ds.num_classes, seed, device, ds.refit_on_val)
+            logits = probe_round(settings, work, test_f, ds.num_classes, seed, device)
             if ds.name in keep:
                 result.kept[ds.name] = work
             result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)

@@ -258,11 +258,13 @@ def _notes(cfg: RunConfig, header: dict) -> list[str]:
               "scaled linearly by count (full-batch probe steps are linear in N); fixed per-step costs are scaled "
               "too, so these hours are high".format(**header)) if header["scaled"] else (
         "training at the protocol's batch, probes at each dataset's real feature count where it fits in memory")
-    probe = (f"probes: {PROBE_FITS} fits per dataset and round (5 lrs + refit) of {cfg.eval.probe_iterations} "
-             f"full-batch steps; an LP-init head costs {LP_INIT_FITS} fit (it reuses the round before it; none where "
-             "that round fitted on train alone), the official code's extracts and sweeps again") if cfg.eval.probe == "official" else \
-        "probe: one sklearn fit per dataset and round, timed on random features; the official evaluation is one " \
-        "zero-shot pass over test"
+    if cfg.eval.probe == "official":
+        probe = (f"probes: {PROBE_FITS} fits per dataset and round (5 lrs + refit) of {cfg.eval.probe_iterations} "
+                 f"full-batch steps; an LP-init head costs {LP_INIT_FITS} fit (it reuses the round before it; none "
+                 "where that round fitted on train alone), the official code's extracts and sweeps again")
+    else:
+        probe = ("probe: one sklearn fit per dataset and round, timed on random features; the official evaluation "
+                 "is one zero-shot pass over test")
     return [scaled, probe,
             f"official path: {official.PHOTO_SIZE[0]}x{official.PHOTO_SIZE[1]} JPEG photos decoded by PIL in "
             f"{header['workers']} DataLoader workers with per-image transforms, fp32, not fused AdamW; LDIFS runs the "

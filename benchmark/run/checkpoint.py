@@ -94,8 +94,10 @@ def _check_next_head(saved: Any, task: Optional[str], bad) -> None:
     if saved is None:
         return
     classes = get_task(task).num_classes if task is not None else None
-    weight, bias = (saved.get("weight"), saved.get("bias")) if isinstance(saved, dict) else (None, None)
-    if not (isinstance(saved, dict) and set(saved) == {"weight", "bias"} and isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
+    if not (isinstance(saved, dict) and set(saved) == {"weight", "bias"}):
+        raise bad("next_head", "is not a mapping of an LP-init head's weight and bias")
+    weight, bias = saved["weight"], saved["bias"]
+    if not (isinstance(weight, torch.Tensor) and isinstance(bias, torch.Tensor)
             and weight.is_floating_point() and bias.is_floating_point() and weight.dim() == 2
             and weight.shape[0] == classes and bias.shape == (classes,)
             and bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bias).all())):

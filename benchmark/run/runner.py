@@ -137,7 +137,8 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     else:
         start = 0
         # before any training the current text tower is the pretrained one: its classifiers serve
-        pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device, keep=trained[:1] if lp_init else [])
+        pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device,
+                                       keep=trained[:1] if lp_init else [])
         _add_rows(matrices, PRETRAINED, pretrained, trackers)
         for kind, curve in curves.items():
             curve.add(PRETRAINED, 0, 0, pretrained.cells[kind])
