@@ -1,6 +1,6 @@
 """Progress output: live tqdm bars on a terminal, one line per finished stage otherwise
-(CI logs, nohup, cluster jobs), so captured output never fills with carriage returns.
-(No Avalanche import: the cache uses this on bare machines too.)"""
+(CI logs, nohup, cluster jobs), so captured output never fills with carriage returns. Under DDP
+only rank 0 shows progress. (No Avalanche import: the cache uses this on bare machines too.)"""
 from __future__ import annotations
 
 import sys
@@ -8,6 +8,8 @@ import time
 from typing import Any, Optional
 
 from tqdm.auto import tqdm
+
+from .distributed import world
 
 
 def interactive() -> bool:
@@ -50,6 +52,8 @@ class StageLine:
 
 def bar(iterable=None, **kwargs):
     """tqdm(iterable, **kwargs) on a terminal, else a StageLine with the same calls."""
+    if not world().writer:
+        kwargs["disable"] = True
     if interactive():
         return tqdm(iterable, file=sys.stderr, **kwargs)
     kwargs.setdefault("total", len(iterable) if iterable is not None else None)

@@ -84,6 +84,8 @@ class StrategySpec:
     machine: tuple[str, ...] = ()
     # {parameter: Allowed}: where the method makes sense (a negative weight would train to the end)
     allowed: dict[str, Allowed] = field(default_factory=dict)
+    # why the strategy cannot train one run over several processes (None: it can, exactly)
+    not_data_parallel: Optional[str] = None
 
 
 def _plugin_spec(name: str, description: str, plugin: type, defaults: dict, **extra) -> StrategySpec:
@@ -143,11 +145,15 @@ def _prompts_for(ctx: BuildContext) -> Callable[[int], tuple[list[str], list[str
 register_strategy(StrategySpec("flyp", "FLYP: CLIP's contrastive loss between each image and a prompt of its class, "
                                "both towers trained", lambda ctx: [FLYPPlugin(_prompts_for(ctx))],
                                needs_text=True, head="text", replaces=("forward", "loss"),
+                               not_data_parallel="its contrastive loss couples every image of the batch with every "
+                                                 "prompt, which a rank's shard does not see",
                                notes="logit_scale is used as a number (the official .item()): it never trains; "
                                      "the text head (templates[0]) is only evaluated"))
 register_strategy(StrategySpec("flyp-ce", "FLYP-CE: cross-entropy over one randomly drawn prompt per class, both "
                                "towers and logit_scale trained",
                                lambda ctx: [FLYPCEPlugin(_prompts_for(ctx))], needs_text=True, head="text",
+                               not_data_parallel="it replaces the training forward, which DistributedDataParallel "
+                                                 "must run",
                                replaces=("forward",)))
 
 
@@ -251,6 +257,8 @@ register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the 
                                {"memory_size": 10000, "max_candidates": 30000, "selection": "official",
                                 "temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
                                needs_text=True, plugin=ICaRLPlugin,
+                               not_data_parallel="its exemplar selection (herding over features) is not yet shared "
+                                                 "out among ranks",
                                notes="the memory is per task, not per class: K = memory_size, after task t the older "
                                      "tasks keep K // t, the new one K - K // t (the official arithmetic); "
                                      "selection official stores the image at the herding pick's position in the "
@@ -280,6 +288,14 @@ def parse_strategy(combo: str) -> list[StrategySpec]:
         raise CfbenchError(f"{combo}: {readers[0]} distils the head's outputs, which "
                            f"{next(s.name for s in specs if 'forward' in s.replaces)} does not compute")
     return specs
+
+
+def check_data_parallel(combo: str, processes: int) -> None:
+    """Refuses, before anything is written, a strategy that cannot train over `processes` > 1."""
+    for spec in parse_strategy(combo):
+        if processes > 1 and spec.not_data_parallel:
+            raise CfbenchError(f"{spec.name} cannot train over {processes} processes: {spec.not_data_parallel}; "
+                               "run it in one process")
 
 
 def resolve_params(combo: str, overrides: dict[str, dict]) -> dict[str, dict]:

@@ -301,7 +301,8 @@ class LDIFSPlugin(SupervisedPlugin):
             reference = self._reference_slices(strategy.mb_x, getattr(strategy, "mb_task_id", None))
             penalty = ldifs_distance(self._captured, reference, layout, self.normalize)
         self.last_penalty = penalty.detach()
-        strategy.loss += self.alpha * penalty
+        # a mean over the batch: under DDP this rank's share of the global batch's mean
+        strategy.loss += self.alpha * penalty * getattr(strategy, "shard_weight", 1.0)
         self._captured = []
 
     def after_training_exp(self, strategy, **kwargs):

@@ -7,3 +7,9 @@ class LwF(LwFPlugin):
 
     def __init__(self, alpha: float = 1.0, temperature: float = 2.0):
         super().__init__(alpha=alpha, temperature=temperature)
+
+    def before_backward(self, strategy, **kwargs):
+        """Avalanche's distillation term, a mean over the batch: under DDP this rank's share of the
+        global batch's mean (`shard_weight`, 1 in one process)."""
+        penalty = self.lwf(strategy.mb_x, strategy.mb_output, strategy.model)
+        strategy.loss += penalty * getattr(strategy, "shard_weight", 1.0)

@@ -14,6 +14,12 @@ official code (Thunderbeee/ZSCL, mtil/src/models/finetune.py and helpers.py):
   starts as the weights at the task's start (finetune.py:309-320, helpers.py:31-34); the average
   replaces the weights at the end of the task: it is evaluated and the next task starts from it.
 
+Under DDP every rank draws the same reference batch; with the image-side loss alone each rank
+takes its shard of it (the loss is a mean over its images); the text-side loss normalizes over the
+batch's images, so with text_loss every rank computes it on the whole batch (its gradient, the
+same on every rank, survives DDP's average unchanged). The weight ensembling is the same on every
+rank: so are the weights it averages.
+
 The teacher never changes and reference images are not augmented, so the teacher's image
 features are computed once per reference sample (the first time it is drawn) and reused; the
 reference texts' embeddings once per sequence.
@@ -33,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
+from benchmark.distributed import shard, shard_weight, world
 from tasks.compact import gather
 
 from . import slice_store
@@ -174,10 +181,13 @@ class ZSCLPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kwargs):
         index = self._next_indices()
+        weight = 1.0
+        if not self.text_loss and world().active:  # the image-side loss is a mean over reference images: sharded
+            weight, index = shard_weight(len(index)), index[shard(len(index))]
         x = gather(self.reference_images, index, strategy.device).to(strategy.device, non_blocking=True)
         self.last_reference_batch = x
         encoder = strategy.model.encoder
-        penalty = self.penalty(encoder, index, x)
+        penalty = self.penalty(encoder, index, x) * weight
         if self._start is not None:
             penalty = penalty + self.l2 * l2sp_penalty(encoder, self._start)
         self.last_penalty = penalty.detach()

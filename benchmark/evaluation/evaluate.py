@@ -12,6 +12,7 @@ from tasks import TensorSplit
 from tasks.compact import ImageStore, gather
 
 from .. import progress
+from ..distributed import gather_chunks, owned_chunks
 from .multihead import MultiHeadClassifier
 from .probe import (
     NormalizedProbe, OfficialSelection, accuracy, expected_calibration_error, fit_normalized_head, fit_probe,
@@ -55,11 +56,15 @@ class RoundResult:
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, x: "torch.Tensor | ImageStore", batch_size: int = 256,
                      device: str = "cpu") -> torch.Tensor:
-    """Pooled features in large no-grad batches, returned on the CPU as float32."""
+    """Pooled features in large no-grad batches, returned on the CPU as float32. Under DDP the
+    batches are shared out among the ranks and gathered: each sample is encoded in the same batch
+    as in one process, so every rank gets the one-process features."""
     was_training = encoder.training
     encoder.eval()
-    out = [encoder(gather(x, slice(i, i + batch_size), device).to(device, non_blocking=True)).float().cpu()
-           for i in range(0, len(x), batch_size)]
+    count = -(-len(x) // batch_size)
+    mine = {k: encoder(gather(x, slice(k * batch_size, (k + 1) * batch_size), device).to(device, non_blocking=True)
+                       ).float().cpu() for k in owned_chunks(count)}
+    out = gather_chunks(mine, count)
     encoder.train(was_training)
     return torch.cat(out) if out else torch.empty(0, getattr(encoder, "feature_dim", 0))
 

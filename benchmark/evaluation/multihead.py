@@ -46,6 +46,23 @@ class TextHead(nn.Module):
         return encoder.clip.logit_scale.exp() * F.normalize(features.float(), dim=-1) @ text.T
 
 
+def _apply_head(head: nn.Module, features: torch.Tensor, encoder: FoundationModel) -> torch.Tensor:
+    if isinstance(head, TextHead):
+        return head(features, encoder)
+    return head(features.to(head.linear.weight.device))
+
+
+class SingleTask(nn.Module):
+    """One task's classifier: the shared encoder and the task's head (the same modules, not copies)."""
+
+    def __init__(self, encoder: FoundationModel, head: nn.Module):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _apply_head(self.head, self.encoder(x), self.encoder)
+
+
 class MultiHeadClassifier(MultiTaskModule):
     def __init__(self, encoder: FoundationModel):
         super().__init__()
@@ -70,10 +87,11 @@ class MultiHeadClassifier(MultiTaskModule):
 
     def head_logits(self, task_label: int, features: torch.Tensor) -> torch.Tensor:
         """The task's head applied to pooled features (linear or text head)."""
-        head = self.heads[str(int(task_label))]
-        if isinstance(head, TextHead):
-            return head(features, self.encoder)
-        return head(features.to(head.linear.weight.device))
+        return _apply_head(self.heads[str(int(task_label))], features, self.encoder)
+
+    def task_module(self, task_label: int) -> "SingleTask":
+        """The encoder and this task's head alone, as one module (what DistributedDataParallel wraps)."""
+        return SingleTask(self.encoder, self.heads[str(int(task_label))])
 
     def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
         """Unlike Avalanche's MultiTaskModule.forward, a single-task batch gets exactly its head's

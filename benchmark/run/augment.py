@@ -5,7 +5,9 @@
 tensor `resized_crop` with bicubic interpolation back to the batch's size -- the transform of
 open_clip's train preprocessing (scale 0.9-1 there), which the official LDIFS code trains with.
 It runs where the batch lives (the GPU when training there), on the cached images (shortest side
-resized to the model's size, centre-cropped) rather than on the original files.
+resized to the model's size, centre-cropped) rather than on the original files. Under DDP every rank
+draws the boxes of the whole global batch, in order, and crops its own shard with its samples' boxes:
+a global batch is cropped the same at any number of ranks (benchmark/distributed.py).
 """
 from __future__ import annotations
 
@@ -23,14 +25,20 @@ class RandomResizedCropBatch:
     def __repr__(self) -> str:
         return f"RandomResizedCrop(scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, bicubic)"
 
-    def crop_boxes(self, x: torch.Tensor) -> list[tuple[int, int, int, int]]:
-        """(top, left, height, width) per sample, drawn exactly as torchvision draws them."""
-        return [RandomResizedCrop.get_params(x[i], list(self.scale), list(self.ratio)) for i in range(len(x))]
+    def crop_boxes(self, x: torch.Tensor, count: Optional[int] = None) -> list[tuple[int, int, int, int]]:
+        """(top, left, height, width) for `count` samples of x's size (default len(x)), drawn
+        exactly as torchvision draws them."""
+        image = x.new_empty(x.shape[1:])  # get_params reads the size alone
+        return [RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+                for _ in range(len(x) if count is None else count)]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, total: Optional[int] = None, keep: Optional[slice] = None) -> torch.Tensor:
+        """x cropped; with `total` and `keep`, x is the shard at positions `keep` of a global batch
+        of `total`: all `total` boxes are drawn and x's samples get theirs."""
         size = list(x.shape[-2:])
         out = torch.empty_like(x)
-        for i, (top, left, h, w) in enumerate(self.crop_boxes(x)):
+        boxes = self.crop_boxes(x, total)
+        for i, (top, left, h, w) in enumerate(boxes[keep] if keep is not None else boxes):
             out[i] = TF.resized_crop(x[i], top, left, h, w, size, InterpolationMode.BICUBIC, antialias=True)
         return out
 

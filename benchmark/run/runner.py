@@ -23,6 +23,7 @@ from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
 from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 from avalanche.benchmarks.utils import _make_taskaware_tensor_classification_dataset
 from avalanche.training.plugins import EvaluationPlugin
+from threadpoolctl import threadpool_limits
 
 import strategies
 import tasks as task_registry
@@ -31,6 +32,7 @@ from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
 from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
 from ..config.templates import task_class_names, task_templates
+from ..distributed import barrier, world
 from ..errors import CfbenchError
 from ..evaluation.evaluate import (
     EvalDataset, ProbeWork, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, lp_init_weights,
@@ -63,6 +65,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     every check has passed, just before the run folder is held."""
     plan = plan or make_plan(cfg)
     trained, eval_only = plan.trained, plan.eval_only
+    ranks = world()  # several processes (torchrun): rank 0 alone writes (benchmark/distributed.py)
+    strategies.check_data_parallel(strategy, ranks.size)
     params = strategies.resolve_params(strategy, cfg.strategy_params)
     # from the settings as given, before they are filled in (a resumed run's were recorded at its start)
     deviations = None if resume else protocol_deviations(cfg, [strategy])
@@ -84,15 +88,19 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
                                 device) if resume else None
         if on_start:
             on_start()
-        with hold_run_folder(run_dir, resume, experiment_digest(settings)):  # nothing is written before this point
-            log_into(run_dir)
-            if not resume:
+        held = hold_run_folder(run_dir, resume, experiment_digest(settings)) if ranks.writer \
+            else contextlib.nullcontext()
+        with held:  # nothing is written before this point
+            if ranks.writer:
+                log_into(run_dir)
+            if not resume and ranks.writer:
                 log.info("%s", summary(cfg, deviations))
                 atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
                 atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
-            with Trackers(cfg.loggers, run_dir, cfg.to_dict()) as trackers:
-                log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s",
-                         strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format)
+            with Trackers(cfg.loggers if ranks.writer else [], run_dir, cfg.to_dict()) as trackers:
+                log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s%s",
+                         strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format,
+                         f", {ranks.size} processes (DDP)" if ranks.active else "")
                 _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
                                 state, stop_after)
     return run_dir
@@ -107,6 +115,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     configure_for_device(encoder, device, cfg.train.precision, cfg.train.compile)
     model = MultiHeadClassifier(encoder).to(device)
     train_splits, eval_sets = _load_splits(cfg, trained, trained + eval_only)
+    writer = world().writer
     pretrained_zs = _pretrained_zero_shot(cfg, encoder, eval_sets, device)
     matrices = {k: Matrix(columns=list(trained + eval_only)) for k in matrix_kinds(encoder.has_text)}
     curves = {k: Curve(list(trained + eval_only)) for k in within_kinds(cfg, encoder.has_text)}
@@ -156,10 +165,12 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
                                 keep=trained[t + 1:t + 2] if lp_init else [])
         _add_rows(matrices, name, result, trackers)
         next_head = next_lp_head(t + 1, result)
-        save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1, curves, next_head)
+        if writer:
+            save_checkpoint(run_dir, cfg.to_dict(), model, plugins, matrices, t + 1, curves, next_head)
         log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
-    metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text, curves=curves)
-    trackers.log_metrics(metrics, len(trained))
+    if writer:
+        metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text, curves=curves)
+        trackers.log_metrics(metrics, len(trained))
 
 
 def within_kinds(cfg: RunConfig, has_text: bool) -> list[str]:
@@ -188,9 +199,12 @@ def select_device(name: str) -> str:
 
 
 def set_threads(n: Optional[int]) -> int:
-    """One deliberate intra-op thread count; oversubscribed cores made extraction 10x slower."""
-    n = n or os.cpu_count() or 1
+    """One deliberate intra-op thread count; oversubscribed cores made extraction 10x slower. The
+    default is every core, shared out among the processes of one machine under torchrun."""
+    n = n or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     torch.set_num_threads(n)
+    if world().active:  # and the probes' BLAS: N processes of every core each spin-wait on each other
+        threadpool_limits(n)
     return n
 
 
@@ -206,6 +220,22 @@ def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_re
 
 
 def _load_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
+    with first_on_each_machine():  # one process per machine fills the cache, the others then read it
+        return _read_splits(cfg, trained, eval_names)
+
+
+@contextlib.contextmanager
+def first_on_each_machine() -> Iterator[None]:
+    """The block runs on each machine's first process, then on the others."""
+    first = world().local_rank == 0
+    if not first:
+        barrier()
+    yield
+    if first:
+        barrier()
+
+
+def _read_splits(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]):
     train, evals = split_specs(cfg, trained, eval_names)
     train_splits = [_split(cfg, *spec) for spec in train]
     eval_sets = [EvalDataset(n, task_class_names(n, cfg.data_root, cfg.eval.classnames),
@@ -257,6 +287,9 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
     lrs = [t.lr_for(name) for name in trained]
     controls = [WarmupCosinePlugin(lrs, t.warmup_steps, t.schedule_steps)]
     controls += [GradClipPlugin(t.grad_clip)] if t.grad_clip else []
+    # Avalanche warns under torch.distributed about every plugin not written for its own distributed
+    # helper; cfbench's loop shards the batches itself (FastNaive) and the plugins need nothing more
+    warnings.filterwarnings("ignore", message="You are using plugins that are not compatible")
     return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, lrs[0] if lrs else 0.0, t.weight_decay),
                      criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
                      train_splits=train_splits, train_steps=t.iterations,

@@ -11,10 +11,12 @@ from typing import Callable, Optional
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
+from torch.nn.parallel import DistributedDataParallel
 
 from tasks import TensorSplit
 
 from .. import progress
+from ..distributed import shard, shard_weight, world
 from ..errors import CfbenchError
 from .batches import TensorBatches
 
@@ -30,6 +32,12 @@ class FastNaive(Naive):
     A strategy whose objective is not the head's cross-entropy (FLYP's contrastive loss, label
     smoothing) gives one plugin `training_forward(strategy)` and/or `training_loss(strategy)`: they
     replace the forward and the criterion while training; penalties still add to the loss after it.
+
+    Under torch.distributed (benchmark/distributed.py) each rank trains its shard of every global
+    batch through a DistributedDataParallel wrapper of the encoder and the current task's head,
+    made anew for each task once its head exists (a wrapper of the whole multi-head model would
+    wait forever for the gradients of the other tasks' heads, which a task's loss never reaches).
+    The criterion, and every batch-mean penalty, is multiplied by `shard_weight`.
     """
 
     def __init__(self, *, train_splits: list[TensorSplit], train_steps: Optional[int] = None,
@@ -38,28 +46,51 @@ class FastNaive(Naive):
         self.train_splits, self.train_steps, self.train_augment = train_splits, train_steps, train_augment
         self._forward_owner = _the_one(self.plugins, "training_forward")
         self._loss_owner = _the_one(self.plugins, "training_loss")
+        self.ranks = world()
+        if self.ranks.active and self._forward_owner is not None:
+            raise CfbenchError(f"{type(self._forward_owner).__name__} replaces the training forward, which "
+                               "DistributedDataParallel must run; train it in one process")
+        self.shard_weight = 1.0  # N * n_r / B of the current batch (benchmark/distributed.py)
+        self._ddp: Optional[DistributedDataParallel] = None
 
     def forward(self):
         if self.is_training and self._forward_owner is not None:
             return self._forward_owner.training_forward(self)
+        if self.is_training and self._ddp is not None:
+            return self._ddp(self.mb_x)
         return super().forward()
 
     def criterion(self):
         if self.is_training and self._loss_owner is not None:
-            return self._loss_owner.training_loss(self)
-        return super().criterion()
+            loss = self._loss_owner.training_loss(self)
+        else:
+            loss = super().criterion()
+        return loss * self.shard_weight if self.is_training and self.ranks.active else loss
+
+    def _wrap_for_ranks(self) -> None:
+        task = self.model.task_module(self.experience.current_experience)
+        ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.device.type == "cuda" else None
+        # buffers never change while training (BatchNorm statistics are not synchronised: see README)
+        self._ddp = DistributedDataParallel(task, device_ids=ids, broadcast_buffers=False)
+
+    def _after_training_exp(self, **kwargs):
+        self._ddp = None  # its gradient hooks go with it
+        super()._after_training_exp(**kwargs)
 
     def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
         t = self.experience.current_experience
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps,
-                                        self.device)
+                                        self.device, self.ranks)
 
     def make_optimizer(self, **kwargs) -> None:
         """Called before each task: fresh optimizer state over the parameters that train (a frozen
         text tower stays out; Avalanche's default would put every parameter of the model back in)."""
         self.optimizer.state = defaultdict(dict)
         self.optimizer.param_groups[0]["params"] = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ranks.active:
+            self._wrap_for_ranks()
 
     @property
     def mb_sample_index(self) -> torch.Tensor:
@@ -69,7 +100,13 @@ class FastNaive(Naive):
 
     def _unpack_minibatch(self):
         super()._unpack_minibatch()
-        if self.train_augment is not None and self.is_training:
+        if not self.is_training:
+            return
+        total = self.dataloader.global_size
+        self.shard_weight = shard_weight(total, self.ranks)
+        if self.train_augment is not None and self.ranks.active:  # the whole batch's crop boxes, this shard's crops
+            self.mbatch[0] = self.train_augment(self.mbatch[0], total, shard(total, self.ranks))
+        elif self.train_augment is not None:
             self.mbatch[0] = self.train_augment(self.mbatch[0])
 
 
