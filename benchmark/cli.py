@@ -15,6 +15,8 @@ from typing import Optional
 
 from .errors import CfbenchError
 
+INVOCATION_ENV = "CFBENCH_INVOCATION"  # the invocation folder `--nproc` made, for its rank 0 to fill
+
 
 def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*QP solver.*")
@@ -65,6 +67,8 @@ def cmd_run(args) -> int:
 
     if args.resume:
         return _resume(Path(args.resume), args)
+    if args.nproc and _launched():
+        raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
     cfg = load_config(args.config, _run_overrides(args))
     if args.print_config:
         if cfg.protocol:  # what the preset reproduces, as comments: the output stays a config file
@@ -82,7 +86,13 @@ def cmd_run(args) -> int:
         return 0
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
-    invocation = new_invocation_folder(Path(cfg.out), label)
+    if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
+        invocation = new_invocation_folder(Path(cfg.out), label)
+        return _launch(args, invocation)
+    ranks = _join_ranks(cfg.device)
+    given = os.environ.get(INVOCATION_ENV)  # the launcher's (benchmark/run/launch.py)
+    invocation = (Path(given) if given else new_invocation_folder(Path(cfg.out), label)) if ranks.writer else None
+    invocation = broadcast(invocation)
     run_dirs = []
     try:
         for combo in cfg.strategies:
@@ -91,18 +101,69 @@ def cmd_run(args) -> int:
                     f"{' -> '.join(plan.trained)}; run directory {run_dir}")
             start = time.time()
             run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir, plan=plan,
-                                        on_start=lambda line=line: print(line, file=sys.stderr)))
-            print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
+                                        on_start=lambda line=line: ranks.writer and print(line, file=sys.stderr)))
+            if ranks.writer:
+                print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
     except BaseException:
-        if not any(invocation.iterdir()):  # refused before its run folder existed: leave nothing behind
+        if ranks.writer and not given and not any(invocation.iterdir()):
+            # refused before its run folder existed: leave nothing behind
             invocation.rmdir()
             if not out_existed and not any(invocation.parent.iterdir()):
                 invocation.parent.rmdir()
         raise
-    table = compare_runs(run_dirs, invocation)
-    print(table)
-    print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
+    if ranks.writer:
+        print(compare_runs(run_dirs, invocation))
+        print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
     return 0
+
+
+def _launched() -> bool:
+    from .distributed import launched
+
+    return launched()
+
+
+def _join_ranks(device: str):
+    """This process's place among torchrun's ranks (one process: rank 0 of 1)."""
+    from .distributed import init_from_env
+
+    return init_from_env(device)
+
+
+def broadcast(value):
+    from .distributed import broadcast as rank0s
+
+    return rank0s(value)
+
+
+def _launch(args, invocation: Path) -> int:
+    """`--nproc N`: this command again as N ranks (torch's elastic launcher), then one line if one failed."""
+    from .files import read_json_object
+    from .report.run_folder import CHECKPOINT, PROGRESS
+    from .run.launch import launch_local
+
+    try:
+        launch_local(args.nproc, ["-m", "benchmark", *_without_nproc(args.argv)], invocation / ".ranks",
+                     {INVOCATION_ENV: str(invocation)})
+    except CfbenchError as err:
+        stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
+                         and not read_json_object(d / PROGRESS, "progress file").get("finished"))
+        hint = "".join(f"; finished tasks are checkpointed: continue with cfbench run --nproc {args.nproc} "
+                       f"--resume {shlex.quote(str(d))}" for d in stopped[:1])
+        raise CfbenchError(f"{err}{hint} (each rank's output: {invocation / '.ranks'})") from None
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
 
 
 def _resume(run_dir: Path, args) -> int:
@@ -114,7 +175,8 @@ def _resume(run_dir: Path, args) -> int:
     from .run.runner import run_strategy
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-             if k not in ("command", "func", "resume", *MACHINE_SETTINGS) and v not in (None, False, [])]
+             if k not in ("command", "func", "resume", "argv", "nproc", *MACHINE_SETTINGS)
+             and v not in (None, False, [])]
     if given:
         raise CfbenchError(f"--resume continues with {run_dir / 'config.yaml'} as it is; {', '.join(given)} would "
                            f"be ignored (only {', '.join('--' + k.replace('_', '-') for k in MACHINE_SETTINGS)} may "
@@ -134,9 +196,15 @@ def _resume(run_dir: Path, args) -> int:
     machine = {k: getattr(args, k) for k in MACHINE_SETTINGS if getattr(args, k) is not None}
     cfg = load_run_config(run_dir / "config.yaml", machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
+    if args.nproc and args.nproc > 1:
+        if _launched():
+            raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
+        return _launch(args, run_dir.parent)
+    ranks = _join_ranks(cfg.device)
     _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)
-    print(f"finished {run_dir}")
-    _finish_invocation(run_dir.parent)
+    if ranks.writer:
+        print(f"finished {run_dir}")
+        _finish_invocation(run_dir.parent)
     return 0
 
 
@@ -455,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int)
     r.add_argument("--threads", type=int, help="torch threads (default: every core)")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last finished task")
+    r.add_argument("--nproc", type=_positive_int, help="train the run data-parallel over N processes on this machine "
+                   "(torch's elastic launcher, as torchrun --standalone; DDP over gloo on CPU, NCCL on GPUs: one "
+                   "GPU each); the protocol's batch stays the global batch. README 'One run on several GPUs'")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list tasks, sequences, strategies, models, protocols or references "
                         "(published numbers)")
@@ -566,9 +637,12 @@ def _interrupted(err: KeyboardInterrupt) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     _quiet_imports()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
+        if os.environ.get("CFBENCH_LAUNCHED"):
+            return _as_launched_rank(args)
         return args.func(args)
     except CfbenchError as err:
         print(f"cfbench: error: {one_line(str(err))}", file=sys.stderr)
@@ -581,6 +655,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group
+            from .distributed import shutdown
+
+            shutdown()
+
+
+def _as_launched_rank(args) -> int:
+    """A rank `--nproc` started: its error is recorded for the launcher, which prints the one line;
+    stopped by the launcher (its peer failed), it leaves quietly."""
+    from .run.launch import record_rank_failure
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as err:
+        return _interruption_status(err)
+    except BaseException as err:
+        record_rank_failure(err)
+        return 2 if isinstance(err, CfbenchError) else 1
 
 
 if __name__ == "__main__":

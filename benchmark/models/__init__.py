@@ -6,7 +6,7 @@ from typing import Optional
 
 from ..errors import CfbenchError
 from .base import FoundationModel
-from .clip import CLIPModel, create_clip
+from .clip import CLIPModel, create_clip, open_clip_with_configs
 from .efficientnet import EfficientNetLite0
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -31,7 +31,7 @@ def default_image_size(name: str) -> Optional[int]:
     config without building it; None for a name no config knows."""
     if name == "efficientnet_lite0":
         return 64
-    import open_clip
+    open_clip = open_clip_with_configs()
 
     size = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
     return size[0] if isinstance(size, (list, tuple)) else size
@@ -50,8 +50,7 @@ def check_model(cfg) -> None:
         if pretrained not in (None, "package") and not os.path.isfile(pretrained):
             raise CfbenchError(f"{cfg.name}: pretrained must be 'package' or a checkpoint file, not {pretrained!r}")
         return
-    import open_clip
-
+    open_clip = open_clip_with_configs()
     if cfg.name not in open_clip.list_models():
         raise CfbenchError(f"unknown model {cfg.name!r}; see `cfbench list models`")
     tags = open_clip.list_pretrained_tags_by_model(cfg.name)

@@ -11,6 +11,22 @@ from torch import nn
 from ..errors import CfbenchError
 from .base import FoundationModel
 
+CONFIGS_ENV = "CFBENCH_OPEN_CLIP_CONFIGS"
+
+
+def open_clip_with_configs():
+    """open_clip, with the model configs (JSON, open_clip's format) of the file or folder that
+    $CFBENCH_OPEN_CLIP_CONFIGS names registered: an architecture of one's own by name, in every
+    process of a run (torchrun's ranks start afresh)."""
+    import open_clip
+
+    extra = os.environ.get(CONFIGS_ENV)
+    if extra:
+        if not os.path.exists(extra):
+            raise CfbenchError(f"{CONFIGS_ENV}={extra}: no such file or folder of open_clip model configs")
+        open_clip.add_model_config(extra)
+    return open_clip
+
 
 class CLIPModel(FoundationModel):
     has_text = True
@@ -95,7 +111,7 @@ def wants_quick_gelu(name: str, pretrained: Optional[str], quick_gelu: Optional[
 
 def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True,
                 quick_gelu: Optional[bool] = None) -> CLIPModel:
-    import open_clip
+    open_clip = open_clip_with_configs()
 
     if name not in open_clip.list_models():
         raise CfbenchError(f"unknown open_clip model {name!r}; see `cfbench list models`")

@@ -1,0 +1,176 @@
+"""One run over several processes (DDP, gloo on CPU): the global batch's arithmetic, and end to
+end `cfbench run --nproc 2` against one process with the same global batch -- weights, matrices,
+who writes, a rank killed with SIGKILL and `--resume` under the launcher."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from benchmark.cli import main
+from benchmark.distributed import World, shard, shard_weight
+from benchmark.run.augment import RandomResizedCropBatch
+
+STRATEGIES = ["ft", "ldifs", "ewc", "l2sp", "zscl"]
+KINDS = ("lp", "zs", "head")  # accuracies: equal; calibration (ECE) follows weights that differ by ~1e-7
+WEIGHT_RTOL = 1e-5
+
+
+def test_shards_of_a_batch_that_does_not_divide_weight_back_to_its_mean():
+    losses = torch.rand(7, dtype=torch.float64)
+    ranks = [World(r, 3) for r in range(3)]
+    assert [list(range(7))[shard(7, w)] for w in ranks] == [[0, 3, 6], [1, 4], [2, 5]]
+    # DDP averages the ranks' gradients: (1/N) sum_r weight_r * mean_r = the global batch's mean
+    shares = [shard_weight(7, w) * losses[shard(7, w)].mean() for w in ranks]
+    assert torch.isclose(sum(shares) / 3, losses.mean(), rtol=1e-12)
+    # a batch smaller than N: the rank without a sample runs a stand-in with weight 0
+    assert shard(1, World(1, 2)) == slice(0, 1) and shard_weight(1, World(1, 2)) == 0.0
+    assert shard_weight(8, World(1, 2)) == 1.0 and shard_weight(5, World()) == 1.0
+
+
+def test_a_global_batch_is_cropped_the_same_on_any_number_of_ranks():
+    x = torch.randint(0, 255, (5, 3, 24, 24), dtype=torch.uint8)
+    augment = RandomResizedCropBatch((0.3, 1.0))
+    torch.manual_seed(3)
+    whole = augment(x)
+    after_whole = torch.rand(1)
+    for size in (2, 3):
+        shards = []
+        for rank in range(size):  # every rank starts from the same RNG state, as seeded runs do
+            torch.manual_seed(3)
+            part = shard(5, World(rank, size))
+            shards.append(augment(x[part], 5, part))
+            assert torch.equal(torch.rand(1), after_whole)  # every rank drew the whole batch's boxes
+        for rank in range(size):
+            assert torch.equal(shards[rank], whole[shard(5, World(rank, size))])
+
+
+@pytest.fixture(scope="module")
+def perturbed_clip(tiny_clip_checkpoint, tmp_path_factory):
+    """The tiny random CLIP with no all-zero tensor (relative differences per tensor are then
+    measured against weights of real size, as in a pretrained model), and its config folder for
+    the ranks, which start afresh (CFBENCH_OPEN_CLIP_CONFIGS)."""
+    _, model = tiny_clip_checkpoint
+    torch.manual_seed(1)
+    state = {k: v + 0.02 * torch.randn_like(v) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path_factory.mktemp("ddp") / "tiny-perturbed.pt"
+    torch.save({"state_dict": state}, path)
+    return str(path), str(Path(tiny_clip_checkpoint[0]).parent)
+
+
+def _config(tmp_path: Path, checkpoint: str, name: str, **train) -> Path:
+    cfg = {"tasks": ["digits", "faces"], "eval_only": ["photo_patches"],
+           "model": {"name": "cfbench-tiny-vit", "pretrained": checkpoint, "image_size": 32},
+           # 15 does not divide by 2 ranks; SGD: Adam would turn the rounding noise of zero gradients
+           # (attention key biases) into full steps, in one process as much as in two
+           "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "optimizer": "sgd", "lr": 3e-4,
+                     "warmup_steps": 2, "head_init": "zs", **train},
+           "eval": {"probe_max_per_class": 8, "test_max_per_class": 6, "batch_size": 32},
+           "strategy_params": {"zscl": {"ref_batch_size": 9, "avg_freq": 3, "l2": 0.5}}, "threads": 1}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _launch(config: Path, out: Path, configs: str, *extra: str, wait: bool = True):
+    env = {**os.environ, "CFBENCH_OPEN_CLIP_CONFIGS": configs}
+    cmd = [sys.executable, "-m", "benchmark", "run", *([str(config)] if config else []), "--nproc", "2", *extra]
+    if out:
+        cmd += ["--out", str(out)]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _one_process(config: Path, out: Path, strategies: list[str], configs: str, monkeypatch) -> Path:
+    monkeypatch.setenv("CFBENCH_OPEN_CLIP_CONFIGS", configs)
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", str(config), "--out", str(out), *[f"--strategy={s}" for s in strategies]]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (invocation,) = out.iterdir()
+    return invocation
+
+
+def _files(run: Path) -> set[str]:
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()}
+
+
+def _assert_same_run(one: Path, two: Path) -> None:
+    a = torch.load(one / "checkpoints/state.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints/state.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key, x in a.items():
+        if x.is_floating_point():
+            rel = ((x - b[key]).abs().max() / x.abs().max()).item()
+            assert rel <= WEIGHT_RTOL, f"{one.name} {key}: relative difference {rel:.2e}"
+    for kind in KINDS:
+        assert (one / f"matrices/{kind}.csv").read_text() == (two / f"matrices/{kind}.csv").read_text(), kind
+    assert _files(one) == _files(two)
+
+
+def test_two_gloo_ranks_train_every_strategy_as_one_process(perturbed_clip, tmp_path, monkeypatch):
+    """Without augmentation (LDIFS then reads its references from the per-sample cache each rank
+    builds); with augmentation: the test below."""
+    checkpoint, configs = perturbed_clip
+    config = _config(tmp_path, checkpoint, "plain", augment={"kind": "none"})
+    one = _one_process(config, tmp_path / "one", STRATEGIES, configs, monkeypatch)
+    _launch(config, tmp_path / "two", configs, *[f"--strategy={s}" for s in STRATEGIES])
+    (two,) = (tmp_path / "two").iterdir()  # rank 1 made no folder of its own
+    for strategy in STRATEGIES:
+        _assert_same_run(one / f"{strategy}-s0", two / f"{strategy}-s0")
+    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {".ranks"}
+
+
+def _ranks_of(launcher: int) -> dict[int, int]:
+    """{rank: pid} of the launcher's worker processes."""
+    found = {}
+    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if rank:
+            found[int(rank[0][5:])] = int(pid)
+    return found
+
+
+def test_a_killed_rank_ends_the_job_in_one_line_and_resume_under_the_launcher_is_exact(perturbed_clip, tmp_path,
+                                                                                      monkeypatch):
+    """With augmentation, and a second task long enough to kill a rank in."""
+    checkpoint, configs = perturbed_clip
+    config = _config(tmp_path, checkpoint, "long", augment={"kind": "rrc", "scale": [0.5, 1.0]},
+                     epochs={"faces": 40, "default": 1})
+    _launch(config, tmp_path / "reference", configs, "--strategy=ft")
+    (reference,) = (tmp_path / "reference").iterdir()
+    one = _one_process(config, tmp_path / "one", ["ft"], configs, monkeypatch)
+    _assert_same_run(one / "ft-s0", reference / "ft-s0")
+
+    job = _launch(config, tmp_path / "killed", configs, "--strategy=ft", wait=False)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("cfbench:")]
+    assert len(errors) == 1 and "rank 1 of 2" in errors[0] and "SIGKILL" in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    (run,) = (tmp_path / "killed").glob("*/ft-s0")
+    assert f"--nproc 2 --resume {run}" in errors[0]
+    assert json.loads((run / "progress.json").read_text())["completed_tasks"] == ["digits"]
+
+    _launch(None, None, configs, "--resume", str(run))
+    for kind in ("lp", "zs", "head", "lp_ece", "zs_ece"):
+        assert (run / f"matrices/{kind}.csv").read_bytes() == (reference / f"ft-s0/matrices/{kind}.csv").read_bytes()
+    resumed = torch.load(run / "checkpoints/state.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(reference / "ft-s0/checkpoints/state.pt", weights_only=True)["model"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
