@@ -287,7 +287,7 @@ def test_a_worker_that_cannot_write_the_sweep_folder_says_so_in_one_line(tmp_pat
 def test_resources_follow_the_cluster():
     from benchmark.errors import CfbenchError
     from benchmark.sweep.config import SweepConfig, SweepResources
-    from benchmark.sweep.driver import decide_resources
+    from benchmark.sweep.driver import decide_resources, ranks_for
 
     one_cpu_box = decide_resources(SweepConfig(), [(2.0, 0.0)])
     assert (one_cpu_box.max_parallel, one_cpu_box.num_cpus, one_cpu_box.num_gpus, one_cpu_box.threads,
@@ -298,6 +298,10 @@ def test_resources_follow_the_cluster():
     assert (two_nodes.max_parallel, two_nodes.num_cpus, two_nodes.threads) == (2, 12.0, 12)
     with pytest.raises(CfbenchError, match="no node of the Ray cluster has 4 CPU"):
         decide_resources(SweepConfig(resources=SweepResources(num_cpus=4)), [(2.0, 0.0)])
+    # a run holding several whole GPUs trains over as many DDP processes
+    four = decide_resources(SweepConfig(resources=SweepResources(num_gpus=4)), [(32.0, 8.0)])
+    assert (four.max_parallel, four.num_gpus, ranks_for(four.num_gpus)) == (2, 4.0, 4)
+    assert [ranks_for(g) for g in (0.0, 0.5, 1.0, 2.5)] == [1, 1, 1, 1]
 
 
 def test_on_a_terminal_the_progress_is_one_line_redrawn_in_place():

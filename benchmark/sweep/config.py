@@ -19,7 +19,8 @@ file always gives the same names and a second invocation finds the runs of the f
       train.lr: [1.0e-3, 1.0e-4]             # any other setting, by its dotted path
     max_parallel: null            # runs at a time (null: one per GPU, or one per node without GPUs)
     max_retries: 2                # a failed run is resumed from its checkpoint this many times
-    resources: {num_cpus: null, num_gpus: null}   # per run (null: all CPUs / max_parallel; 1 GPU if any)
+    resources: {num_cpus: null, num_gpus: null}   # per run (null: all CPUs / max_parallel; 1 GPU if any;
+                                                  # N >= 2 whole GPUs: the run trains DDP over them)
 
 Every problem is one `CfbenchError` line naming the file; nothing here writes anything.
 """

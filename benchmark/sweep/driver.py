@@ -62,6 +62,11 @@ class Resources:
                 f"threads){gpus}")
 
 
+def ranks_for(num_gpus: float) -> int:
+    """A run that holds N >= 2 whole GPUs trains over N DDP processes (one per GPU), else in one."""
+    return int(num_gpus) if num_gpus >= 2 and float(num_gpus).is_integer() else 1
+
+
 def decide_resources(spec: SweepConfig, nodes: Sequence[tuple[float, float]],
                      max_parallel: Optional[int] = None) -> Resources:
     """Per-run CPUs and GPUs and the runs at a time, from the alive nodes' (CPUs, GPUs)."""
@@ -153,6 +158,7 @@ class Scheduler:
         if not self.res.num_gpus and cfg.device == "auto":
             cfg = cfg.replace(device="cpu")  # no GPU was reserved for it
         return {"name": run.name, "sweep_dir": str(self.plan.folder), "config": cfg.to_dict(), "attempt": attempt,
+                "nproc": ranks_for(self.res.num_gpus),
                 "cwd": os.getcwd(), "env": {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}}
 
     def run(self, todo: list) -> None:

@@ -32,6 +32,7 @@ from ..config.validate import check_writable_folder
 from ..errors import CfbenchError
 from ..files import atomic_write_json, open_append, read_json_object
 from ..report.run_folder import CHECKPOINT, DEVIATIONS, LOCK, PROGRESS, exclusive_lock
+from ..run.launch import launch_local
 
 LOGS = "logs"
 # everything a run folder can hold (cfbench run's own files and the trackers'); a folder with
@@ -127,22 +128,39 @@ def execute_run(spec: dict) -> dict:
 
 
 def _attempt(spec: dict, run_dir: Path) -> dict:
-    from ..run.runner import run_strategy
-
     progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
     if progress.get("finished"):
         print(f"{run_dir}: already finished")
         return {"status": "skipped", "resumed_after": None}
     machine = {k: spec["config"][k] for k in MACHINE_SETTINGS}
+    nproc = int(spec.get("nproc", 1))
     if (run_dir / CHECKPOINT).is_file():
         cfg = load_run_config(run_dir / "config.yaml", machine)
         done = len(progress.get("completed_tasks") or [])
         print(f"resuming {run_dir} after {done} task(s)")
-        run_strategy(cfg, cfg.strategies[0], run_dir, resume=True)
+        _train(cfg, run_dir, True, nproc)
         return {"status": "done", "resumed_after": done}
     clear_unstarted(run_dir)
     cfg = resolve(spec["config"])
     print(f"starting {run_dir}")
-    run_strategy(cfg, cfg.strategies[0], run_dir)
+    _train(cfg, run_dir, False, nproc)
     sys.stdout.flush()
     return {"status": "done", "resumed_after": None}
+
+
+def _train(cfg, run_dir: Path, resume: bool, nproc: int) -> None:
+    """In this process, or (nproc > 1: the task holds that many GPUs) as nproc DDP ranks started by
+    torch's elastic launcher on this node: one process per GPU, the CUDA_VISIBLE_DEVICES Ray gave the
+    task inherited by the ranks. A local launch rather than Ray Train's TorchTrainer: the run stays
+    one Ray task of the sweep (its retries, logs and resume unchanged) and trains as `cfbench run
+    --nproc` does."""
+    from ..run.runner import run_strategy
+
+    if nproc <= 1:
+        run_strategy(cfg, cfg.strategies[0], run_dir, resume=resume)
+        return
+    logs = run_dir.parent / LOGS
+    job = logs / f"{run_dir.name}.ranks.json"
+    atomic_write_json(job, {"config": cfg.to_dict(), "run_dir": str(run_dir), "resume": resume})
+    print(f"training over {nproc} processes (DDP); each rank's output in {logs / (run_dir.name + '.ranks')}")
+    launch_local(nproc, ["-m", "benchmark.sweep.ranks", str(job)], logs / f"{run_dir.name}.ranks")
