@@ -87,20 +87,23 @@ def cmd_run(args) -> int:
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
     if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
-        invocation = new_invocation_folder(Path(cfg.out), label)
-        return _launch(args, invocation)
+        _check_launch(args.nproc, cfg.device, cfg.strategies)
+        return _launch(args, new_invocation_folder(Path(cfg.out), label))
     ranks = _join_ranks(cfg.device)
-    given = os.environ.get(INVOCATION_ENV)  # the launcher's (benchmark/run/launch.py)
-    invocation = (Path(given) if given else new_invocation_folder(Path(cfg.out), label)) if ranks.writer else None
-    invocation = broadcast(invocation)
+    invocation, given = _invocation_folder(Path(cfg.out), label, ranks)
     run_dirs = []
     try:
         for combo in cfg.strategies:
             run_dir = invocation / f"{combo}-s{cfg.seed}"
+            resume = broadcast(_after_restart(run_dir) if ranks.writer else None)
+            if resume == "finished":
+                run_dirs.append(run_dir)
+                continue
             line = (f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}; training on "
                     f"{' -> '.join(plan.trained)}; run directory {run_dir}")
             start = time.time()
-            run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir, plan=plan,
+            run_dirs.append(_attributed(run_dir, run_strategy, cfg, combo, run_dir, resume=resume == "resume",
+                                        plan=plan,
                                         on_start=lambda line=line: ranks.writer and print(line, file=sys.stderr)))
             if ranks.writer:
                 print(f"[{combo}] finished in {time.time() - start:.0f} s", file=sys.stderr)
@@ -115,6 +118,62 @@ def cmd_run(args) -> int:
         print(compare_runs(run_dirs, invocation))
         print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
     return 0
+
+
+def _invocation_folder(out: Path, label: str, ranks) -> tuple[Path, bool]:
+    """(the folder this invocation fills, whether it was given), made by rank 0 and shared: the one
+    `--nproc` made; under torchrun the one named by the job's run id, the same for every attempt
+    (an elastic restart continues its runs); else a new one."""
+    from .report.run_folder import new_invocation_folder
+
+    given = os.environ.get(INVOCATION_ENV)
+    job = os.environ.get("TORCHELASTIC_RUN_ID") if ranks.active and not given else None
+    folder = None
+    if ranks.writer and given:
+        folder = Path(given)
+    elif ranks.writer and job:
+        folder = out / f"{label}-torchrun-{job}"
+        folder.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            raise CfbenchError(f"{folder}: a symbolic link; refusing to write through it")
+    elif ranks.writer:
+        folder = new_invocation_folder(out, label)
+    return broadcast(folder), bool(given or job)
+
+
+def _after_restart(run_dir: Path) -> str:
+    """What a run folder asks of this attempt: "start" it, "resume" it from its checkpoint or leave
+    it "finished". Only an elastic restart (torchrun, --max-restarts) meets folders of an earlier
+    attempt; what one left without a checkpoint is cleared and started again."""
+    from .files import read_json_object
+    from .report.run_folder import CHECKPOINT, PROGRESS
+    from .sweep.worker import clear_unstarted
+
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not run_dir.exists():
+        return "start"
+    if (run_dir / PROGRESS).is_file() and read_json_object(run_dir / PROGRESS, "progress file").get("finished"):
+        return "finished"
+    if (run_dir / CHECKPOINT).is_file():
+        print(f"restart: resuming {run_dir} from its checkpoint", file=sys.stderr)
+        return "resume"
+    clear_unstarted(run_dir)
+    return "start"
+
+
+def _check_launch(nproc: int, device: str, combos: list[str]) -> None:
+    """Before any process starts: strategies that can train over `nproc` processes, and one GPU per
+    process, as torchrun assigns them (LOCAL_RANK)."""
+    import torch
+
+    import strategies
+
+    for combo in combos:
+        strategies.check_data_parallel(combo, nproc)
+
+    visible = torch.cuda.device_count()
+    if (device == "cuda" or (device == "auto" and visible)) and nproc > visible:
+        raise CfbenchError(f"--nproc {nproc} trains one process per GPU but {visible} GPU(s) are visible; use "
+                           f"--nproc {visible or 1} or --device cpu (gloo)")
 
 
 def _launched() -> bool:
@@ -143,8 +202,8 @@ def _launch(args, invocation: Path) -> int:
     from .run.launch import launch_local
 
     try:
-        launch_local(args.nproc, ["-m", "benchmark", *_without_nproc(args.argv)], invocation / ".ranks",
-                     {INVOCATION_ENV: str(invocation)})
+        launch_local(args.nproc, ["-m", "benchmark", *_rank_argv(args.argv)], invocation / ".ranks",
+                     {INVOCATION_ENV: str(invocation)}, args.max_restarts)
     except CfbenchError as err:
         stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
                          and not read_json_object(d / PROGRESS, "progress file").get("finished"))
@@ -154,14 +213,15 @@ def _launch(args, invocation: Path) -> int:
     return 0
 
 
-def _without_nproc(argv: list[str]) -> list[str]:
+def _rank_argv(argv: list[str]) -> list[str]:
+    """The command line without the launcher's own flags."""
     out, skip = [], False
     for item in argv:
         if skip:
             skip = False
-        elif item == "--nproc":
+        elif item in ("--nproc", "--max-restarts"):
             skip = True
-        elif not item.startswith("--nproc="):
+        elif not item.startswith(("--nproc=", "--max-restarts=")):
             out.append(item)
     return out
 
@@ -175,7 +235,7 @@ def _resume(run_dir: Path, args) -> int:
     from .run.runner import run_strategy
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-             if k not in ("command", "func", "resume", "argv", "nproc", *MACHINE_SETTINGS)
+             if k not in ("command", "func", "resume", "argv", "nproc", "max_restarts", *MACHINE_SETTINGS)
              and v not in (None, False, [])]
     if given:
         raise CfbenchError(f"--resume continues with {run_dir / 'config.yaml'} as it is; {', '.join(given)} would "
@@ -199,6 +259,7 @@ def _resume(run_dir: Path, args) -> int:
     if args.nproc and args.nproc > 1:
         if _launched():
             raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
+        _check_launch(args.nproc, cfg.device, cfg.strategies)
         return _launch(args, run_dir.parent)
     ranks = _join_ranks(cfg.device)
     _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)
@@ -410,14 +471,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, least: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
     return value
+
+
+def _count(text: str) -> int:
+    return _positive_int(text, least=0)
 
 
 PERF_SUITE_FLAGS = ("model", "repeats", "batch_size", "epochs", "no_eval", "augment", "zscl")
@@ -526,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--nproc", type=_positive_int, help="train the run data-parallel over N processes on this machine "
                    "(torch's elastic launcher, as torchrun --standalone; DDP over gloo on CPU, NCCL on GPUs: one "
                    "GPU each); the protocol's batch stays the global batch. README 'One run on several GPUs'")
+    r.add_argument("--max-restarts", type=_count, default=0, metavar="K", help="with --nproc: when a rank fails, "
+                   "restart every rank up to K times, each restart resuming the runs from their checkpoints "
+                   "(torchrun's elastic restart; default 0)")
     r.set_defaults(func=cmd_run)
     ls = sub.add_parser("list", help="list tasks, sequences, strategies, models, protocols or references "
                         "(published numbers)")

@@ -64,7 +64,7 @@ def perturbed_clip(tiny_clip_checkpoint, tmp_path_factory):
     return str(path), str(Path(tiny_clip_checkpoint[0]).parent)
 
 
-def _config(tmp_path: Path, checkpoint: str, name: str, **train) -> Path:
+def _config(folder: Path, checkpoint: str, name: str, **train) -> Path:
     cfg = {"tasks": ["digits", "faces"], "eval_only": ["photo_patches"],
            "model": {"name": "cfbench-tiny-vit", "pretrained": checkpoint, "image_size": 32},
            # 15 does not divide by 2 ranks; SGD: Adam would turn the rounding noise of zero gradients
@@ -72,13 +72,16 @@ def _config(tmp_path: Path, checkpoint: str, name: str, **train) -> Path:
            "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "optimizer": "sgd", "lr": 3e-4,
                      "warmup_steps": 2, "head_init": "zs", **train},
            "eval": {"probe_max_per_class": 8, "test_max_per_class": 6, "batch_size": 32},
-           "strategy_params": {"zscl": {"ref_batch_size": 9, "avg_freq": 3, "l2": 0.5}}, "threads": 1}
-    path = tmp_path / f"{name}.yaml"
+           # LDIFS's alpha 10 makes this random tiny model's training chaotic: one process with 1 and
+           # with 2 threads ends 1e-1 apart after 80 steps; at alpha 1 within 2e-7
+           "strategy_params": {"ldifs": {"alpha": 1.0}, "zscl": {"ref_batch_size": 9, "avg_freq": 3, "l2": 0.5}},
+           "threads": 1}
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
-def _launch(config: Path, out: Path, configs: str, *extra: str, wait: bool = True):
+def _launch(config, out, configs: str, *extra: str, wait: bool = True):
     env = {**os.environ, "CFBENCH_OPEN_CLIP_CONFIGS": configs}
     cmd = [sys.executable, "-m", "benchmark", "run", *([str(config)] if config else []), "--nproc", "2", *extra]
     if out:
@@ -90,15 +93,35 @@ def _launch(config: Path, out: Path, configs: str, *extra: str, wait: bool = Tru
     return done
 
 
-def _one_process(config: Path, out: Path, strategies: list[str], configs: str, monkeypatch) -> Path:
-    monkeypatch.setenv("CFBENCH_OPEN_CLIP_CONFIGS", configs)
-    threads = torch.get_num_threads()
+def _one_process(config: Path, out: Path, configs: str) -> Path:
+    saved, threads = os.environ.get("CFBENCH_OPEN_CLIP_CONFIGS"), torch.get_num_threads()
+    os.environ["CFBENCH_OPEN_CLIP_CONFIGS"] = configs
     try:
-        assert main(["run", str(config), "--out", str(out), *[f"--strategy={s}" for s in strategies]]) == 0
+        assert main(["run", str(config), "--out", str(out), *[f"--strategy={s}" for s in STRATEGIES]]) == 0
     finally:
         torch.set_num_threads(threads)
+        os.environ.pop("CFBENCH_OPEN_CLIP_CONFIGS") if saved is None else os.environ.update(
+            CFBENCH_OPEN_CLIP_CONFIGS=saved)
     (invocation,) = out.iterdir()
     return invocation
+
+
+def _both(perturbed_clip, folder: Path, name: str, **train) -> tuple[Path, Path, Path]:
+    """(config, the 1-process invocation, the 2-rank invocation) of every strategy."""
+    checkpoint, configs = perturbed_clip
+    config = _config(folder, checkpoint, name, **train)
+    one = _one_process(config, folder / "one", configs)
+    _launch(config, folder / "two", configs, *[f"--strategy={s}" for s in STRATEGIES])
+    (two,) = (folder / "two").iterdir()  # rank 1 made no folder of its own
+    return config, one, two
+
+
+@pytest.fixture(scope="module")
+def plain_runs(perturbed_clip, tmp_path_factory):
+    """No augmentation (LDIFS reads its references from the per-sample cache each rank builds), and
+    a second task long enough to kill a rank in."""
+    return _both(perturbed_clip, tmp_path_factory.mktemp("plain"), "plain", augment={"kind": "none"},
+                 epochs={"faces": 40, "default": 1})
 
 
 def _files(run: Path) -> set[str]:
@@ -118,17 +141,20 @@ def _assert_same_run(one: Path, two: Path) -> None:
     assert _files(one) == _files(two)
 
 
-def test_two_gloo_ranks_train_every_strategy_as_one_process(perturbed_clip, tmp_path, monkeypatch):
-    """Without augmentation (LDIFS then reads its references from the per-sample cache each rank
-    builds); with augmentation: the test below."""
-    checkpoint, configs = perturbed_clip
-    config = _config(tmp_path, checkpoint, "plain", augment={"kind": "none"})
-    one = _one_process(config, tmp_path / "one", STRATEGIES, configs, monkeypatch)
-    _launch(config, tmp_path / "two", configs, *[f"--strategy={s}" for s in STRATEGIES])
-    (two,) = (tmp_path / "two").iterdir()  # rank 1 made no folder of its own
+def _assert_same_runs(one: Path, two: Path) -> None:
     for strategy in STRATEGIES:
         _assert_same_run(one / f"{strategy}-s0", two / f"{strategy}-s0")
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {".ranks"}
+
+
+def test_two_gloo_ranks_train_every_strategy_as_one_process(plain_runs):
+    _, one, two = plain_runs
+    _assert_same_runs(one, two)
+
+
+def test_two_gloo_ranks_train_every_strategy_as_one_process_with_augmentation(perturbed_clip, tmp_path):
+    _, one, two = _both(perturbed_clip, tmp_path, "rrc", augment={"kind": "rrc", "scale": [0.5, 1.0]})
+    _assert_same_runs(one, two)
 
 
 def _ranks_of(launcher: int) -> dict[int, int]:
@@ -142,35 +168,75 @@ def _ranks_of(launcher: int) -> dict[int, int]:
     return found
 
 
-def test_a_killed_rank_ends_the_job_in_one_line_and_resume_under_the_launcher_is_exact(perturbed_clip, tmp_path,
-                                                                                      monkeypatch):
-    """With augmentation, and a second task long enough to kill a rank in."""
-    checkpoint, configs = perturbed_clip
-    config = _config(tmp_path, checkpoint, "long", augment={"kind": "rrc", "scale": [0.5, 1.0]},
-                     epochs={"faces": 40, "default": 1})
-    _launch(config, tmp_path / "reference", configs, "--strategy=ft")
-    (reference,) = (tmp_path / "reference").iterdir()
-    one = _one_process(config, tmp_path / "one", ["ft"], configs, monkeypatch)
-    _assert_same_run(one / "ft-s0", reference / "ft-s0")
-
-    job = _launch(config, tmp_path / "killed", configs, "--strategy=ft", wait=False)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed").glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
-    _, stderr = job.communicate(timeout=120)
-    assert job.returncode != 0
+def test_a_killed_rank_ends_the_job_in_one_line_and_resume_under_the_launcher_is_exact(perturbed_clip, plain_runs,
+                                                                                      tmp_path):
+    configs = perturbed_clip[1]
+    config, _, uninterrupted = plain_runs
+    reference = uninterrupted / "ft-s0"
+    run = _kill_rank_1_in_the_second_task(config, tmp_path / "killed", configs)
+    _, stderr = run.job.communicate(timeout=120)
+    assert run.job.returncode != 0
     errors = [line for line in stderr.splitlines() if line.startswith("cfbench:")]
     assert len(errors) == 1 and "rank 1 of 2" in errors[0] and "SIGKILL" in errors[0], stderr[-3000:]
     assert "Traceback" not in stderr
-    (run,) = (tmp_path / "killed").glob("*/ft-s0")
-    assert f"--nproc 2 --resume {run}" in errors[0]
-    assert json.loads((run / "progress.json").read_text())["completed_tasks"] == ["digits"]
+    assert f"--nproc 2 --resume {run.folder}" in errors[0]
+    assert json.loads((run.folder / "progress.json").read_text())["completed_tasks"] == ["digits"]
+    _launch(None, None, configs, "--resume", str(run.folder))
+    _assert_identical(run.folder, reference)
 
-    _launch(None, None, configs, "--resume", str(run))
+
+class _Killed:
+    def __init__(self, job, folder: Path):
+        self.job, self.folder = job, folder
+
+
+def _kill_rank_1_in_the_second_task(config: Path, out: Path, configs: str, *extra: str) -> _Killed:
+    job = _launch(config, out, configs, "--strategy=ft", *extra, wait=False)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
+    (folder,) = out.glob("*/ft-s0")
+    return _Killed(job, folder)
+
+
+def _assert_identical(run: Path, reference: Path) -> None:
     for kind in ("lp", "zs", "head", "lp_ece", "zs_ece"):
-        assert (run / f"matrices/{kind}.csv").read_bytes() == (reference / f"ft-s0/matrices/{kind}.csv").read_bytes()
+        assert (run / f"matrices/{kind}.csv").read_bytes() == (reference / f"matrices/{kind}.csv").read_bytes()
     resumed = torch.load(run / "checkpoints/state.pt", weights_only=True)["model"]
-    uninterrupted = torch.load(reference / "ft-s0/checkpoints/state.pt", weights_only=True)["model"]
+    uninterrupted = torch.load(reference / "checkpoints/state.pt", weights_only=True)["model"]
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_an_elastic_restart_continues_what_the_last_attempt_left(tmp_path, monkeypatch):
+    """torchrun --max-restarts (or cfbench run --max-restarts) starts every rank again in the same
+    invocation folder; each run folder says what the new attempt does with it."""
+    from benchmark.cli import _after_restart
+
+    run = tmp_path / "ft-s0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "progress.json").write_text(json.dumps({"completed_tasks": ["digits"], "finished": False}))
+    assert _after_restart(run) == "start"  # a first attempt never meets an earlier one's folder
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _after_restart(tmp_path / "absent") == "start"
+    (run / "checkpoints/state.pt").write_bytes(b"")
+    assert _after_restart(run) == "resume"
+    (run / "checkpoints/state.pt").unlink()
+    (run / "log.txt").write_text("killed in its first task\n")
+    assert _after_restart(run) == "start" and not any(run.iterdir())  # no checkpoint: cleared, started again
+    (run / "progress.json").write_text(json.dumps({"completed_tasks": ["digits", "faces"], "finished": True}))
+    assert _after_restart(run) == "finished"
+
+
+def test_what_cannot_run_over_several_processes_is_refused_before_any_starts(perturbed_clip, tmp_path, capsys):
+    checkpoint, _ = perturbed_clip
+    config = _config(tmp_path, checkpoint, "refused")
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--strategy=flyp", "--nproc", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flyp cannot train over 2 processes: its contrastive loss couples" in err[0]
+    if not torch.cuda.is_available():
+        assert main(["run", str(config), "--strategy=ft", "--nproc", "2", "--device", "cuda", "--out", str(out)]) == 2
+        assert "--nproc 2 trains one process per GPU but 0 GPU(s) are visible" in capsys.readouterr().err
+    assert not out.exists()

@@ -287,9 +287,6 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
     lrs = [t.lr_for(name) for name in trained]
     controls = [WarmupCosinePlugin(lrs, t.warmup_steps, t.schedule_steps)]
     controls += [GradClipPlugin(t.grad_clip)] if t.grad_clip else []
-    # Avalanche warns under torch.distributed about every plugin not written for its own distributed
-    # helper; cfbench's loop shards the batches itself (FastNaive) and the plugins need nothing more
-    warnings.filterwarnings("ignore", message="You are using plugins that are not compatible")
     return FastNaive(model=model, optimizer=make_optimizer(model, t.optimizer, lrs[0] if lrs else 0.0, t.weight_decay),
                      criterion=torch.nn.CrossEntropyLoss(label_smoothing=t.label_smoothing),
                      train_splits=train_splits, train_steps=t.iterations,
