@@ -110,8 +110,11 @@ def _both(perturbed_clip, folder: Path, name: str, **train) -> tuple[Path, Path,
     """(config, the 1-process invocation, the 2-rank invocation) of every strategy."""
     checkpoint, configs = perturbed_clip
     config = _config(folder, checkpoint, name, **train)
+    # the ranks start (imports: most of a launch's time) while this process trains; one thread each
+    ranks = _launch(config, folder / "two", configs, *[f"--strategy={s}" for s in STRATEGIES], wait=False)
     one = _one_process(config, folder / "one", configs)
-    _launch(config, folder / "two", configs, *[f"--strategy={s}" for s in STRATEGIES])
+    _, stderr = ranks.communicate(timeout=600)
+    assert ranks.returncode == 0, stderr[-3000:]
     (two,) = (folder / "two").iterdir()  # rank 1 made no folder of its own
     return config, one, two
 
