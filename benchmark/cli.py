@@ -145,19 +145,14 @@ def _after_restart(run_dir: Path) -> str:
     """What a run folder asks of this attempt: "start" it, "resume" it from its checkpoint or leave
     it "finished". Only an elastic restart (torchrun, --max-restarts) meets folders of an earlier
     attempt; what one left without a checkpoint is cleared and started again."""
-    from .files import read_json_object
-    from .report.run_folder import CHECKPOINT, PROGRESS
-    from .sweep.worker import clear_unstarted
+    from .report.run_folder import next_step
 
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not run_dir.exists():
         return "start"
-    if (run_dir / PROGRESS).is_file() and read_json_object(run_dir / PROGRESS, "progress file").get("finished"):
-        return "finished"
-    if (run_dir / CHECKPOINT).is_file():
+    step = next_step(run_dir)
+    if step == "resume":
         print(f"restart: resuming {run_dir} from its checkpoint", file=sys.stderr)
-        return "resume"
-    clear_unstarted(run_dir)
-    return "start"
+    return step
 
 
 def _check_launch(nproc: int, device: str, combos: list[str]) -> None:

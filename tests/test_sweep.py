@@ -341,7 +341,7 @@ def test_an_unstarted_run_folder_is_cleared_only_when_it_holds_nothing_but_a_run
     import fcntl
 
     from benchmark.errors import CfbenchError
-    from benchmark.sweep.worker import clear_unstarted
+    from benchmark.report.run_folder import clear_unstarted
 
     run = tmp_path / "ft-s0"
     (run / "matrices").mkdir(parents=True)

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -18,6 +19,11 @@ PROGRESS = "progress.json"
 DEVIATIONS = "deviations.json"  # how the run differs from its protocol (config/deviations.py)
 LOCK = ".lock"
 CHECKPOINT = "checkpoints/state.pt"  # run/checkpoint.py
+# everything a run folder can hold (cfbench run's own files and the trackers'); a folder with
+# anything else is never cleared
+RUN_ENTRIES = {"config.yaml", PROGRESS, DEVIATIONS, "log.txt", LOCK, "matrices", "checkpoints",
+               "metrics.json", "tensorboard", "mlruns", "wandb", "tracker.csv"}
+RUN_PREFIXES = ("heatmap_", "curves_", "within_")
 
 
 def new_invocation_folder(out: Path, label: str) -> Path:
@@ -53,6 +59,42 @@ def exclusive_lock(folder: Path, holder: str) -> Iterator[None]:
         lock.write(str(os.getpid()))
         lock.flush()
         yield
+
+
+def next_step(run_dir: Path) -> str:
+    """What a run folder left by an earlier attempt (a sweep's retry, torchrun's elastic restart)
+    asks of the next: "finished" (leave it), "resume" (from its checkpoint) or "start" -- a
+    folder without a checkpoint holds only what a run writes before it, and is cleared first."""
+    progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
+    if progress.get("finished"):
+        return "finished"
+    if (run_dir / CHECKPOINT).is_file():
+        return "resume"
+    clear_unstarted(run_dir)
+    return "start"
+
+
+def clear_unstarted(run_dir: Path) -> None:
+    """Empty a run folder that holds no checkpoint, so that the run can start again; refuses a
+    folder another process holds or that holds files no run writes."""
+
+    if not run_dir.exists():
+        return
+    with exclusive_lock(run_dir, "cfbench process"):
+        foreign = sorted(p.name for p in run_dir.iterdir()
+                         if p.name not in RUN_ENTRIES and not p.name.startswith(RUN_PREFIXES)
+                         and not (p.name.startswith(".") and p.name.endswith(".tmp")))
+        if foreign:
+            raise CfbenchError(f"{run_dir}: holds files a run does not write ({', '.join(foreign[:3])}); it is not "
+                               "cleared; move them away")
+        for entry in run_dir.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        (run_dir / LOCK).unlink()  # last, while still held: the folder is empty for run_strategy
 
 
 @contextlib.contextmanager

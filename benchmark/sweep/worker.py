@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import socket
 import sys
 import time
@@ -31,15 +30,10 @@ from ..config import MACHINE_SETTINGS, load_run_config, resolve
 from ..config.validate import check_writable_folder
 from ..errors import CfbenchError
 from ..files import atomic_write_json, open_append, read_json_object
-from ..report.run_folder import CHECKPOINT, DEVIATIONS, LOCK, PROGRESS, exclusive_lock
+from ..report.run_folder import PROGRESS, next_step
 from ..run.launch import launch_local
 
 LOGS = "logs"
-# everything a run folder can hold (cfbench run's own files and the trackers'); a folder with
-# anything else is never cleared
-RUN_ENTRIES = {"config.yaml", "progress.json", DEVIATIONS, "log.txt", ".lock", "matrices", "checkpoints",
-               "metrics.json", "tensorboard", "mlruns", "wandb", "tracker.csv"}
-RUN_PREFIXES = ("heatmap_", "curves_", "within_")
 
 
 def check_output_folder(folder: Path) -> None:
@@ -54,29 +48,6 @@ def check_output_folder(folder: Path) -> None:
     except OSError as err:
         raise CfbenchError(f"sweep folder {folder} is not writable from {socket.gethostname()} ({err.strerror}); "
                            "it must be on a file system every Ray worker can write") from None
-
-
-def clear_unstarted(run_dir: Path) -> None:
-    """Empty a run folder that holds no checkpoint, so that the run can start again; refuses a
-    folder another process holds or that holds files no run writes."""
-
-    if not run_dir.exists():
-        return
-    with exclusive_lock(run_dir, "cfbench process"):
-        foreign = sorted(p.name for p in run_dir.iterdir()
-                         if p.name not in RUN_ENTRIES and not p.name.startswith(RUN_PREFIXES)
-                         and not (p.name.startswith(".") and p.name.endswith(".tmp")))
-        if foreign:
-            raise CfbenchError(f"{run_dir}: holds files a run does not write ({', '.join(foreign[:3])}); it is not "
-                               "cleared; move them away")
-        for entry in run_dir.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        (run_dir / LOCK).unlink()  # last, while still held: the folder is empty for run_strategy
 
 
 @contextlib.contextmanager
@@ -128,19 +99,18 @@ def execute_run(spec: dict) -> dict:
 
 
 def _attempt(spec: dict, run_dir: Path) -> dict:
-    progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
-    if progress.get("finished"):
+    step = next_step(run_dir)
+    if step == "finished":
         print(f"{run_dir}: already finished")
         return {"status": "skipped", "resumed_after": None}
     machine = {k: spec["config"][k] for k in MACHINE_SETTINGS}
     nproc = int(spec.get("nproc", 1))
-    if (run_dir / CHECKPOINT).is_file():
+    if step == "resume":
         cfg = load_run_config(run_dir / "config.yaml", machine)
-        done = len(progress.get("completed_tasks") or [])
+        done = len(read_json_object(run_dir / PROGRESS, "progress file").get("completed_tasks") or [])
         print(f"resuming {run_dir} after {done} task(s)")
         _train(cfg, run_dir, True, nproc)
         return {"status": "done", "resumed_after": done}
-    clear_unstarted(run_dir)
     cfg = resolve(spec["config"])
     print(f"starting {run_dir}")
     _train(cfg, run_dir, False, nproc)
