@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from benchmark.cli import main
+from benchmark.cli import _after_restart, main
 from benchmark.distributed import World, shard, shard_weight
 from benchmark.run.augment import RandomResizedCropBatch
 
@@ -193,8 +193,8 @@ class _Killed:
         self.job, self.folder = job, folder
 
 
-def _kill_rank_1_in_the_second_task(config: Path, out: Path, configs: str, *extra: str) -> _Killed:
-    job = _launch(config, out, configs, "--strategy=ft", *extra, wait=False)
+def _kill_rank_1_in_the_second_task(config: Path, out: Path, configs: str) -> _Killed:
+    job = _launch(config, out, configs, "--strategy=ft", wait=False)
     deadline = time.monotonic() + 300
     while not list(out.glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
@@ -215,8 +215,6 @@ def _assert_identical(run: Path, reference: Path) -> None:
 def test_an_elastic_restart_continues_what_the_last_attempt_left(tmp_path, monkeypatch):
     """torchrun --max-restarts (or cfbench run --max-restarts) starts every rank again in the same
     invocation folder; each run folder says what the new attempt does with it."""
-    from benchmark.cli import _after_restart
-
     run = tmp_path / "ft-s0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "progress.json").write_text(json.dumps({"completed_tasks": ["digits"], "finished": False}))
