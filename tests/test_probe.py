@@ -82,3 +82,30 @@ def test_lp_init_head_is_logistic_regression_on_unit_features_with_c_chosen_on_v
     head.load(weight, bias)
     got = head(torch.tensor(xv, dtype=torch.float32)).argmax(1).numpy()
     assert (got == clf.predict(unit(xv))).mean() == 1.0
+
+
+
+def test_the_demo_lp_init_does_not_depend_on_the_blas_threads_of_the_process():
+    """The demo protocol's LP-init (EfficientNet-Lite0 features of digits at 32 px, 12 per class)
+    chose C=1e6 with BLAS on two threads -- one process -- and C=1e-2 on one -- each of two DDP
+    ranks: lbfgs does not converge at a large C on these separable features, and its rounding
+    follows the thread count. Fits now run on one BLAS thread whatever the process has."""
+    from threadpoolctl import threadpool_limits
+
+    import tasks
+    from benchmark.config.schema import ModelConfig
+    from benchmark.evaluation.evaluate import extract_features
+    from benchmark.evaluation.probe import fit_normalized_head
+    from benchmark.models import build_model
+
+    encoder = build_model(ModelConfig(image_size=32))
+    train, val = (tasks.load_split("digits", split, 32, None, 12, 0) for split in ("train", "val"))
+    train_f, val_f = extract_features(encoder, train.x), extract_features(encoder, val.x)
+    fits = []
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            fits.append((*fit_normalized_head(train_f, train.y, val_f, val.y, 10),
+                         fit_probe(train_f, train.y, 10, C=1e6).weight))
+    (w1, b1, c1, p1), (w2, b2, c2, p2) = fits
+    assert c1 == c2 == 1e-2  # the choice one BLAS thread made, as the DDP ranks did
+    assert torch.equal(w1, w2) and torch.equal(b1, b2) and torch.equal(p1, p2)

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 from torch import nn
+
+# scikit-learn's fits run on one BLAS thread. lbfgs's gradients round differently with the number of
+# BLAS threads, and where a fit does not converge (a large C on separable features) that difference
+# grows: the LP-init's C choice flipped between 1e-2 and 1e6 with the cores a process had (one
+# process vs two DDP ranks of the demo protocol). A probe must not depend on the machine's cores.
+_ONE_BLAS_THREAD = 1
 
 
 @dataclass
@@ -33,7 +40,8 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, C:
     y = labels.numpy()
     scaler = StandardScaler().fit(x)
     clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-    clf.fit(scaler.transform(x), y)
+    with threadpool_limits(_ONE_BLAS_THREAD):
+        clf.fit(scaler.transform(x), y)
     weight, bias = _softmax_parameters(clf, num_classes)
     as_t = lambda a: torch.from_numpy(np.asarray(a)).float()  # noqa: E731
     return LinearProbe(as_t(scaler.mean_), as_t(scaler.scale_), weight, bias)
@@ -65,8 +73,9 @@ def fit_normalized_head(train_f: torch.Tensor, train_y: torch.Tensor, val_f: tor
     x, xv, y, yv = unit(train_f), unit(val_f), train_y.numpy(), val_y.numpy()
     best = None
     for C in Cs:
-        clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(x, y)
-        score = clf.score(xv, yv)
+        with threadpool_limits(_ONE_BLAS_THREAD):
+            clf = LogisticRegression(C=C, max_iter=1000, random_state=seed).fit(x, y)
+            score = clf.score(xv, yv)
         if best is None or score > best[0]:
             best = (score, C, clf)
     _, C, clf = best
