@@ -15,9 +15,6 @@ from typing import Optional
 
 from .errors import CfbenchError
 
-INVOCATION_ENV = "CFBENCH_INVOCATION"  # the invocation folder `--nproc` made, for its rank 0 to fill
-
-
 def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*QP solver.*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -63,11 +60,12 @@ def cmd_run(args) -> int:
     from .config.validate import check_run
     from .report.compare import compare_runs
     from .report.run_folder import new_invocation_folder
+    from .run.launch import after_restart, broadcast, check_launch, invocation_folder, join_ranks, launch_ranks, launched
     from .run.runner import run_strategy
 
     if args.resume:
         return _resume(Path(args.resume), args)
-    if args.nproc and _launched():
+    if args.nproc and launched():
         raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
     cfg = load_config(args.config, _run_overrides(args))
     if args.print_config:
@@ -87,15 +85,15 @@ def cmd_run(args) -> int:
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
     if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
-        _check_launch(args.nproc, cfg.device, cfg.strategies)
-        return _launch(args, new_invocation_folder(Path(cfg.out), label))
-    ranks = _join_ranks(cfg.device)
-    invocation, given = _invocation_folder(Path(cfg.out), label, ranks)
+        check_launch(args.nproc, cfg.device, cfg.strategies)
+        return launch_ranks(args.nproc, args.argv, args.max_restarts, new_invocation_folder(Path(cfg.out), label))
+    ranks = join_ranks(cfg.device)
+    invocation, given = invocation_folder(Path(cfg.out), label, ranks)
     run_dirs = []
     try:
         for combo in cfg.strategies:
             run_dir = invocation / f"{combo}-s{cfg.seed}"
-            resume = broadcast(_after_restart(run_dir) if ranks.writer else None)
+            resume = broadcast(after_restart(run_dir) if ranks.writer else None)
             if resume == "finished":
                 run_dirs.append(run_dir)
                 continue
@@ -120,113 +118,13 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _invocation_folder(out: Path, label: str, ranks) -> tuple[Path, bool]:
-    """(the folder this invocation fills, whether it was given), made by rank 0 and shared: the one
-    `--nproc` made; under torchrun the one named by the job's run id, the same for every attempt
-    (an elastic restart continues its runs); else a new one."""
-    from .report.run_folder import new_invocation_folder
-
-    given = os.environ.get(INVOCATION_ENV)
-    job = os.environ.get("TORCHELASTIC_RUN_ID") if ranks.active and not given else None
-    folder = None
-    if ranks.writer and given:
-        folder = Path(given)
-    elif ranks.writer and job:
-        folder = out / f"{label}-torchrun-{job}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if folder.is_symlink():
-            raise CfbenchError(f"{folder}: a symbolic link; refusing to write through it")
-    elif ranks.writer:
-        folder = new_invocation_folder(out, label)
-    return broadcast(folder), bool(given or job)
-
-
-def _after_restart(run_dir: Path) -> str:
-    """What a run folder asks of this attempt: "start" it, "resume" it from its checkpoint or leave
-    it "finished". Only an elastic restart (torchrun, --max-restarts) meets folders of an earlier
-    attempt; what one left without a checkpoint is cleared and started again."""
-    from .report.run_folder import next_step
-
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not run_dir.exists():
-        return "start"
-    step = next_step(run_dir)
-    if step == "resume":
-        print(f"restart: resuming {run_dir} from its checkpoint", file=sys.stderr)
-    return step
-
-
-def _check_launch(nproc: int, device: str, combos: list[str]) -> None:
-    """Before any process starts: strategies that can train over `nproc` processes, and one GPU per
-    process, as torchrun assigns them (LOCAL_RANK)."""
-    import torch
-
-    import strategies
-
-    for combo in combos:
-        strategies.check_data_parallel(combo, nproc)
-
-    visible = torch.cuda.device_count()
-    if (device == "cuda" or (device == "auto" and visible)) and nproc > visible:
-        raise CfbenchError(f"--nproc {nproc} trains one process per GPU but {visible} GPU(s) are visible; use "
-                           f"--nproc {visible or 1} or --device cpu (gloo)")
-
-
-def _launched() -> bool:
-    from .distributed import launched
-
-    return launched()
-
-
-def _join_ranks(device: str):
-    """This process's place among torchrun's ranks (one process: rank 0 of 1)."""
-    from .distributed import init_from_env
-
-    return init_from_env(device)
-
-
-def broadcast(value):
-    from .distributed import broadcast as rank0s
-
-    return rank0s(value)
-
-
-def _launch(args, invocation: Path) -> int:
-    """`--nproc N`: this command again as N ranks (torch's elastic launcher), then one line if one failed."""
-    from .files import read_json_object
-    from .report.run_folder import CHECKPOINT, PROGRESS
-    from .run.launch import launch_local
-
-    try:
-        launch_local(args.nproc, ["-m", "benchmark", *_rank_argv(args.argv)], invocation / ".ranks",
-                     {INVOCATION_ENV: str(invocation)}, args.max_restarts)
-    except CfbenchError as err:
-        stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
-                         and not read_json_object(d / PROGRESS, "progress file").get("finished"))
-        hint = "".join(f"; finished tasks are checkpointed: continue with cfbench run --nproc {args.nproc} "
-                       f"--resume {shlex.quote(str(d))}" for d in stopped[:1])
-        raise CfbenchError(f"{err}{hint} (each rank's output: {invocation / '.ranks'})") from None
-    return 0
-
-
-def _rank_argv(argv: list[str]) -> list[str]:
-    """The command line without the launcher's own flags."""
-    out, skip = [], False
-    for item in argv:
-        if skip:
-            skip = False
-        elif item in ("--nproc", "--max-restarts"):
-            skip = True
-        elif not item.startswith(("--nproc=", "--max-restarts=")):
-            out.append(item)
-    return out
-
-
 def _resume(run_dir: Path, args) -> int:
     """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
     from .config import MACHINE_SETTINGS, load_run_config
     from .config.validate import check_data
     from .files import read_json_object
     from .report.run_folder import CHECKPOINT, PROGRESS
+    from .run.launch import check_launch, join_ranks, launch_ranks, launched
     from .run.runner import run_strategy
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
@@ -252,11 +150,11 @@ def _resume(run_dir: Path, args) -> int:
     cfg = load_run_config(run_dir / "config.yaml", machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
     if args.nproc and args.nproc > 1:
-        if _launched():
+        if launched():
             raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
-        _check_launch(args.nproc, cfg.device, cfg.strategies)
-        return _launch(args, run_dir.parent)
-    ranks = _join_ranks(cfg.device)
+        check_launch(args.nproc, cfg.device, cfg.strategies)
+        return launch_ranks(args.nproc, args.argv, args.max_restarts, run_dir.parent)
+    ranks = join_ranks(cfg.device)
     _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)
     if ranks.writer:
         print(f"finished {run_dir}")
@@ -704,7 +602,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
-        if os.environ.get("CFBENCH_LAUNCHED"):
+        if os.environ.get("CFBENCH_LAUNCHED"):  # run/launch.py LAUNCHED_ENV, read without importing torch
             return _as_launched_rank(args)
         return args.func(args)
     except CfbenchError as err:

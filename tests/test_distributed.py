@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from benchmark.cli import _after_restart, main
+from benchmark.cli import main
+from benchmark.run.launch import after_restart
 from benchmark.distributed import World, shard, shard_weight
 from benchmark.run.augment import RandomResizedCropBatch
 
@@ -218,16 +219,16 @@ def test_an_elastic_restart_continues_what_the_last_attempt_left(tmp_path, monke
     run = tmp_path / "ft-s0"
     (run / "checkpoints").mkdir(parents=True)
     (run / "progress.json").write_text(json.dumps({"completed_tasks": ["digits"], "finished": False}))
-    assert _after_restart(run) == "start"  # a first attempt never meets an earlier one's folder
+    assert after_restart(run) == "start"  # a first attempt never meets an earlier one's folder
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert _after_restart(tmp_path / "absent") == "start"
+    assert after_restart(tmp_path / "absent") == "start"
     (run / "checkpoints/state.pt").write_bytes(b"")
-    assert _after_restart(run) == "resume"
+    assert after_restart(run) == "resume"
     (run / "checkpoints/state.pt").unlink()
     (run / "log.txt").write_text("killed in its first task\n")
-    assert _after_restart(run) == "start" and not any(run.iterdir())  # no checkpoint: cleared, started again
+    assert after_restart(run) == "start" and not any(run.iterdir())  # no checkpoint: cleared, started again
     (run / "progress.json").write_text(json.dumps({"completed_tasks": ["digits", "faces"], "finished": True}))
-    assert _after_restart(run) == "finished"
+    assert after_restart(run) == "finished"
 
 
 def test_what_cannot_run_over_several_processes_is_refused_before_any_starts(perturbed_clip, tmp_path, capsys):
