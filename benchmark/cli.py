@@ -85,7 +85,7 @@ def cmd_run(args) -> int:
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
     if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
-        check_launch(args.nproc, cfg.device, cfg.strategies)
+        check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
         return launch_ranks(args.nproc, args.argv, args.max_restarts, new_invocation_folder(Path(cfg.out), label))
     ranks = join_ranks(cfg.device)
     invocation, given = invocation_folder(Path(cfg.out), label, ranks)
@@ -152,7 +152,7 @@ def _resume(run_dir: Path, args) -> int:
     if args.nproc and args.nproc > 1:
         if launched():
             raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
-        check_launch(args.nproc, cfg.device, cfg.strategies)
+        check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
         return launch_ranks(args.nproc, args.argv, args.max_restarts, run_dir.parent)
     ranks = join_ranks(cfg.device)
     _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)

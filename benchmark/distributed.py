@@ -15,10 +15,13 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,34 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast(value: Any) -> Any:
-    """Rank 0's `value` on every rank (any picklable object)."""
+def broadcast(value: Any, src: int = 0) -> Any:
+    """Rank `src`'s `value` on every rank (any picklable object; tensors on the CPU)."""
     if not world().active:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def once(compute: Callable[[], T], owner: int = 0) -> T:
+    """`compute()` run by rank `owner` alone, its value (picklable, tensors on the CPU) on every
+    rank: work whose result every rank needs but that one process does once (a probe's fit)."""
+    w = world()
+    if not w.active:
+        return compute()
+    return broadcast(compute() if w.rank == owner % w.size else None, src=owner % w.size)
+
+
+def share_out(count: int, compute: Callable[[int], T], keep: Callable[[int, T], None]) -> None:
+    """Chunks 0..count-1 each computed once, chunk k by rank k mod N, and `keep(k, value)` called
+    with every chunk on every rank, N chunks at a time (memory: N chunks, not the whole)."""
+    w = world()
+    for first in range(0, count, w.size):
+        k = first + w.rank
+        values = gather_objects(compute(k) if k < count else None)
+        for j, value in enumerate(values):
+            if first + j < count:
+                keep(first + j, value)
 
 
 def gather_objects(value: Any) -> list[Any]:

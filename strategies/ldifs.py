@@ -25,7 +25,9 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.models.utils import avalanche_forward
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
+
+from benchmark.distributed import share_out
 
 from . import slice_store
 
@@ -174,6 +176,7 @@ class LDIFSPlugin(SupervisedPlugin):
         self.reference_encoder: Optional[nn.Module] = None
         self.last_penalty: Optional[torch.Tensor] = None
         self.reference_forwards = 0  # frozen-encoder calls made inside training steps
+        self.cached_samples = 0  # samples this process encoded into reference caches (once per run under DDP)
         self._cached: Optional[list[torch.Tensor]] = None
         self._cached_sq: Optional[list[torch.Tensor]] = None  # |r|^2 per position, for the fused distance
         self.cache_seconds = 0.0  # time spent building reference caches (reported by `cfbench perf`)
@@ -257,19 +260,28 @@ class LDIFSPlugin(SupervisedPlugin):
             return None, None
         shapes = [s.shape[1:] for s in probe]
         sq = [torch.empty((len(dataset), *self._sq_shape(s, layout)), dtype=torch.float32) for s in shapes]
-        # in dataset order, so positions are the keys; a private generator leaves the training shuffle's RNG alone
-        loader = DataLoader(dataset, batch_size=max(256, strategy.train_mb_size), shuffle=False,
-                            generator=torch.Generator())
-        start = 0
-        for batch in loader:
-            x = batch[0].to(strategy.device)
-            index = torch.arange(start, start + len(x))
-            start += len(x)
-            task_labels = batch[-1].to(strategy.device) if len(batch) > 2 else None
-            for store, store_sq, ref in zip(cache, sq, self._reference_slices(x, task_labels)):
+        batch = max(256, strategy.train_mb_size)
+
+        def compute(k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Chunk k (positions k*batch onwards, in dataset order: positions are the keys)."""
+            # a private generator: the training shuffle's RNG is left alone
+            chunk = next(iter(DataLoader(Subset(dataset, range(k * batch, min(len(dataset), (k + 1) * batch))),
+                                         batch_size=batch, generator=torch.Generator())))
+            x = chunk[0].to(strategy.device)
+            self.cached_samples += len(x)
+            task_labels = chunk[-1].to(strategy.device) if len(chunk) > 2 else None
+            out = []
+            for store, ref in zip(cache, self._reference_slices(x, task_labels)):
                 stored = normalize_slice(ref, layout, self.normalize).to("cpu", store.dtype)
-                store[index] = stored
-                store_sq[index] = squared_norms(stored, layout, self.normalize)  # of what steps will read
+                out.append((stored, squared_norms(stored, layout, self.normalize)))  # of what steps will read
+            return out
+
+        def keep(k: int, slices: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+            index = torch.arange(k * batch, k * batch + len(slices[0][0]))
+            for store, store_sq, (stored, stored_sq) in zip(cache, sq, slices):
+                store[index], store_sq[index] = stored, stored_sq
+
+        share_out(-(-len(dataset) // batch), compute, keep)  # under DDP each chunk on one rank, then shared
         return cache, sq
 
     def _sq_shape(self, shape: torch.Size, layout: str) -> tuple[int, ...]:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from benchmark.distributed import shard, shard_weight, world
+from benchmark.distributed import shard, shard_weight, share_out, world
 from tasks.compact import gather
 
 from . import slice_store
@@ -132,12 +132,16 @@ class ZSCLPlugin(SupervisedPlugin):
     @torch.no_grad()
     def _encode_texts(self, device, batch: int = 256) -> torch.Tensor:
         """The teacher's normalized embeddings of the reference texts (strings, or token tensors)."""
-        out = []
-        for i in range(0, len(self.reference_texts), batch):
-            chunk = self.reference_texts[i:i + batch]
+        out: list[torch.Tensor] = []
+
+        def encode(k: int) -> torch.Tensor:
+            chunk = self.reference_texts[k * batch:(k + 1) * batch]
             tokens = chunk if isinstance(chunk, torch.Tensor) else self.teacher.tokenizer(chunk)
-            out.append(F.normalize(self.teacher.encode_text(tokens.to(device)).float(), dim=-1))
-        return torch.cat(out)
+            return F.normalize(self.teacher.encode_text(tokens.to(device)).float(), dim=-1).cpu()
+
+        # under DDP each chunk is encoded by one rank, in the chunks of one process
+        share_out(-(-len(self.reference_texts) // batch), encode, lambda _k, e: out.append(e))
+        return torch.cat(out).to(device)
 
     def _next_indices(self) -> torch.Tensor:
         """The next reference batch of a shuffled pass over the set (a new pass when it runs out;
@@ -148,7 +152,10 @@ class ZSCLPlugin(SupervisedPlugin):
         return self._order.pop(0)
 
     @torch.no_grad()
-    def _teacher_image_features(self, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _teacher_image_features(self, index: torch.Tensor, device) -> torch.Tensor:
+        """The teacher's normalized features of reference images `index` (the global batch): each
+        image is encoded at most once per run (kept within feature_budget_mb; beyond it, once per
+        draw), and under DDP shared out among the ranks."""
         if self._have_features is None:
             # float32 within feature_budget_mb, else float16 (ImageNet's 1.28 M x 512: 2.6 GB -> 1.3 GB;
             # the features are unit vectors, float16 keeps 11 significant bits), else memory-mapped
@@ -159,20 +166,32 @@ class ZSCLPlugin(SupervisedPlugin):
             log.info("ZSCL: teacher features of %d reference images kept as %s", len(self.reference_images),
                      "none (computed every step)" if stores is None else stores[0].dtype)
         if self._teacher_features is None:
-            self.teacher_images += len(index)
-            return F.normalize(self.teacher(x).float(), dim=-1)
-        missing = ~self._have_features[index]
-        if missing.any():
-            feats = F.normalize(self.teacher(x[missing.to(x.device)]).float(), dim=-1)
-            self._teacher_features[index[missing]] = feats.cpu().to(self._teacher_features.dtype)
-            self._have_features[index[missing]] = True
-            self.teacher_images += int(missing.sum())
-        return self._teacher_features[index].to(x.device, non_blocking=True).float()
+            return self._encode_images(index, device).to(device)
+        missing = index[~self._have_features[index]]
+        if len(missing):
+            self._teacher_features[missing] = self._encode_images(missing, device).to(self._teacher_features.dtype)
+            self._have_features[missing] = True
+        return self._teacher_features[index].to(device, non_blocking=True).float()
 
-    def penalty(self, student, index: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _encode_images(self, index: torch.Tensor, device) -> torch.Tensor:
+        """Normalized teacher features (CPU, float32) of reference images `index`: one batch in one
+        process; N contiguous parts, one a rank, gathered, under DDP."""
+        out = torch.empty(len(index), self._text_embeddings.shape[1])
+        part = -(-len(index) // world().size)
+
+        def encode(k: int) -> torch.Tensor:
+            mine = index[k * part:(k + 1) * part]
+            self.teacher_images += len(mine)
+            x = gather(self.reference_images, mine, device).to(device, non_blocking=True)
+            return F.normalize(self.teacher(x).float(), dim=-1).cpu()
+
+        share_out(-(-len(index) // part), encode, lambda k, f: out.__setitem__(slice(k * part, k * part + len(f)), f))
+        return out
+
+    def penalty(self, student, teacher_features: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         scale = student.clip.logit_scale.exp().float()
         texts = self._text_embeddings
-        teacher_logits = scale * self._teacher_image_features(index, x) @ texts.T
+        teacher_logits = scale * teacher_features @ texts.T
         student_logits = scale * F.normalize(student(x).float(), dim=-1) @ texts.T
         loss = self.weight * soft_cross_entropy(student_logits, teacher_logits, self.temperature)
         if self.text_loss:
@@ -181,13 +200,15 @@ class ZSCLPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy, **kwargs):
         index = self._next_indices()
+        teacher = self._teacher_image_features(index, strategy.device)
         weight = 1.0
         if not self.text_loss and world().active:  # the image-side loss is a mean over reference images: sharded
-            weight, index = shard_weight(len(index)), index[shard(len(index))]
+            part = shard(len(index))
+            weight, index, teacher = shard_weight(len(index)), index[part], teacher[part]
         x = gather(self.reference_images, index, strategy.device).to(strategy.device, non_blocking=True)
         self.last_reference_batch = x
         encoder = strategy.model.encoder
-        penalty = self.penalty(encoder, index, x) * weight
+        penalty = self.penalty(encoder, teacher, x) * weight
         if self._start is not None:
             penalty = penalty + self.l2 * l2sp_penalty(encoder, self._start)
         self.last_penalty = penalty.detach()

@@ -14,9 +14,13 @@ import torch
 import yaml
 
 from benchmark.cli import main
+from benchmark.config.schema import ModelConfig
+from benchmark.errors import CfbenchError
+from benchmark.models import check_batchnorm
 from benchmark.run.launch import after_restart
 from benchmark.distributed import World, shard, shard_weight
 from benchmark.run.augment import RandomResizedCropBatch
+from tests.helpers import tiny_clip_rn, tiny_clip_vit
 
 STRATEGIES = ["ft", "ldifs", "ewc", "l2sp", "zscl"]
 KINDS = ("lp", "zs", "head")  # accuracies: equal; calibration (ECE) follows weights that differ by ~1e-7
@@ -241,4 +245,15 @@ def test_what_cannot_run_over_several_processes_is_refused_before_any_starts(per
     if not torch.cuda.is_available():
         assert main(["run", str(config), "--strategy=ft", "--nproc", "2", "--device", "cuda", "--out", str(out)]) == 2
         assert "--nproc 2 trains one process per GPU but 0 GPU(s) are visible" in capsys.readouterr().err
+    efficientnet = tmp_path / "bn.yaml"  # the demo's model, its BatchNorm trained
+    efficientnet.write_text(yaml.safe_dump({"protocol": "demo", "model": {"freeze_bn": False}}))
+    assert main(["run", str(efficientnet), "--nproc", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.freeze_bn false trains efficientnet_lite0's BatchNorm" in err[0], err
     assert not out.exists()
+    # each rank refuses too (raw torchrun); a model without BatchNorm is not refused
+    with pytest.raises(CfbenchError, match="over 2 processes would be each rank's shard"):
+        check_batchnorm(ModelConfig(freeze_bn=False), 2, tiny_clip_rn().train())
+    check_batchnorm(ModelConfig(freeze_bn=False), 1, tiny_clip_rn())
+    check_batchnorm(ModelConfig(freeze_bn=False), 2, tiny_clip_vit(2))
+    check_batchnorm(ModelConfig(freeze_bn=True), 2, tiny_clip_rn())

@@ -12,7 +12,7 @@ from tasks import TensorSplit
 from tasks.compact import ImageStore, gather
 
 from .. import progress
-from ..distributed import gather_chunks, owned_chunks
+from ..distributed import gather_chunks, once, owned_chunks
 from .multihead import MultiHeadClassifier
 from .probe import (
     NormalizedProbe, OfficialSelection, accuracy, expected_calibration_error, fit_normalized_head, fit_probe,
@@ -115,12 +115,23 @@ class ProbeWork:
 
 
 def probe_round(settings, work: ProbeWork, test_f: torch.Tensor, num_classes: int, seed: int,
-                device: str) -> torch.Tensor:
+                device: str, owner: int = 0) -> torch.Tensor:
     """Linear-probe logits on test features: settings.probe "sklearn" (C fixed, standardized
     features) or "official" (the LDIFS code's PyTorch probe, lr chosen on `work.val_f`, refitted on
-    train and, with work.refit_on_val, val; the search and the probe are left in `work`)."""
+    train and, with work.refit_on_val, val; the search and the probe are left in `work`). Under DDP
+    rank `owner` alone fits and every rank receives the probe."""
+    def fit() -> tuple:
+        probe = _fit_round_probe(settings, work, num_classes, seed, device)
+        return probe.to("cpu"), work.selection, work.probe and work.probe.to("cpu")
+
+    probe, work.selection, kept = once(fit, owner)
+    work.probe = kept and kept.to(device)
+    return probe.to(device).logits(test_f)
+
+
+def _fit_round_probe(settings, work: ProbeWork, num_classes: int, seed: int, device: str):
     if settings.probe != "official":
-        return fit_probe(work.train_f, work.train_y, num_classes, C=settings.probe_C, seed=seed).logits(test_f)
+        return fit_probe(work.train_f, work.train_y, num_classes, C=settings.probe_C, seed=seed)
     if work.val_f is None:
         raise ValueError("the official probe needs a validation split")
     work.selection = select_official_lr(work.train_f, work.train_y, work.val_f, work.val_y, num_classes,
@@ -128,7 +139,7 @@ def probe_round(settings, work: ProbeWork, test_f: torch.Tensor, num_classes: in
     fit = (torch.cat([work.train_f, work.val_f]), torch.cat([work.train_y, work.val_y])) if work.refit_on_val \
         else (work.train_f, work.train_y)
     work.probe = refit_official_probe(*fit, work.selection, num_classes, settings.probe_iterations, device)
-    return work.probe.logits(test_f)
+    return work.probe
 
 
 def lp_init_weights(settings, work: ProbeWork, num_classes: int, seed: int,
@@ -164,14 +175,14 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
     result = RoundResult()
     want = set(kinds) if kinds is not None else {"lp", "zs", "head"}
     encoder, batch_size = model.encoder, settings.batch_size
-    for ds in progress.bar(datasets, desc=desc, leave=False, unit="dataset"):
+    for i, ds in enumerate(progress.bar(datasets, desc=desc, leave=False, unit="dataset")):
         test_f = extract_features(encoder, ds.test.x, batch_size, device)
         if "lp" in want:
             work = ProbeWork(extract_features(encoder, ds.probe_train.x, batch_size, device), ds.probe_train.y,
                              refit_on_val=ds.refit_on_val)
             if settings.probe == "official":
                 work.val_f, work.val_y = extract_features(encoder, ds.probe_val.x, batch_size, device), ds.probe_val.y
-            logits = probe_round(settings, work, test_f, ds.num_classes, seed, device)
+            logits = probe_round(settings, work, test_f, ds.num_classes, seed, device, owner=i)
             if ds.name in keep:
                 result.kept[ds.name] = work
             result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)

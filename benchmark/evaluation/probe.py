@@ -32,6 +32,9 @@ class LinearProbe:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         return ((features - self.mean) / self.scale) @ self.weight.T + self.bias
 
+    def to(self, device: str) -> "LinearProbe":
+        return self  # its logits are computed on the CPU, as scikit-learn fitted it
+
 
 def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, C: float = 1.0,
               max_iter: int = 1000, seed: int = 0) -> LinearProbe:
@@ -96,6 +99,9 @@ class NormalizedProbe:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         f = features.to(self.weight.device, torch.float32)
         return F.linear(f / f.norm(dim=-1, keepdim=True), self.weight, self.bias).cpu()
+
+    def to(self, device: str) -> "NormalizedProbe":
+        return NormalizedProbe(self.weight.to(device), self.bias.to(device), self.lr)
 
 
 def _fit_torch_lr(features: torch.Tensor, labels: torch.Tensor, num_classes: int, lr: float, iterations: int,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import torch
+
 from ..errors import CfbenchError
 from .base import FoundationModel
 from .clip import CLIPModel, create_clip, open_clip_with_configs
@@ -57,6 +59,20 @@ def check_model(cfg) -> None:
     if pretrained is not None and not os.path.isfile(pretrained) and pretrained not in tags:
         raise CfbenchError(f"{cfg.name}: pretrained {pretrained!r} is neither a checkpoint file nor one of its "
                            f"open_clip tags {tags}")
+
+
+def check_batchnorm(cfg, processes: int, encoder: Optional[FoundationModel] = None) -> None:
+    """BatchNorm that trains (model.freeze_bn false) normalizes each batch by its own statistics:
+    over N processes each rank would see its shard's, a different training step from one process
+    (and other running statistics), so it is refused rather than silently changing the run.
+    `encoder`: the built one (else the architecture is built without weights to look)."""
+    if processes <= 1 or cfg.freeze_bn:
+        return
+    encoder = encoder or create_model(cfg.name, None, cfg.image_size, cfg.freeze_bn, cfg.quick_gelu)
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in encoder.modules()):
+        raise CfbenchError(f"model.freeze_bn false trains {cfg.name}'s BatchNorm on batch statistics, which over "
+                           f"{processes} processes would be each rank's shard, not the global batch (cfbench has "
+                           "no SyncBatchNorm path); set model.freeze_bn: true or run in one process")
 
 
 def build_model(cfg) -> FoundationModel:

@@ -23,9 +23,11 @@ from typing import Any, Optional
 
 import strategies
 
+from ..config.schema import ModelConfig
 from ..distributed import World, broadcast, init_from_env, launched
 from ..errors import CfbenchError
 from ..files import read_json_object
+from ..models import check_batchnorm
 from ..report.run_folder import CHECKPOINT, PROGRESS, new_invocation_folder, next_step
 
 LAUNCHED_ENV = "CFBENCH_LAUNCHED"      # set in the ranks: they leave the error line to the launcher
@@ -34,13 +36,14 @@ __all__ = ["after_restart", "broadcast", "check_launch", "invocation_folder", "j
            "launched", "launch_local", "record_rank_failure"]
 
 
-def check_launch(nproc: int, device: str, combos: list[str]) -> None:
-    """Before any process starts: strategies that can train over `nproc` processes, and one GPU per
-    process, as torchrun assigns them (LOCAL_RANK)."""
+def check_launch(nproc: int, device: str, combos: list[str], model: ModelConfig) -> None:
+    """Before any process starts: strategies that can train over `nproc` processes, a model without
+    BatchNorm that trains, and one GPU per process, as torchrun assigns them (LOCAL_RANK)."""
     import torch
 
     for combo in combos:
         strategies.check_data_parallel(combo, nproc)
+    check_batchnorm(model, nproc)
     visible = torch.cuda.device_count()
     if (device == "cuda" or (device == "auto" and visible)) and nproc > visible:
         raise CfbenchError(f"--nproc {nproc} trains one process per GPU but {visible} GPU(s) are visible; use "

@@ -32,7 +32,7 @@ from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
 from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
 from ..config.templates import task_class_names, task_templates
-from ..distributed import barrier, world
+from ..distributed import barrier, once, world
 from ..errors import CfbenchError
 from ..evaluation.evaluate import (
     EvalDataset, ProbeWork, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, lp_init_weights,
@@ -42,7 +42,7 @@ from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.multihead import MultiHeadClassifier
 from ..evaluation.within import Curve
 from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
-from ..models import build_model
+from ..models import build_model, check_batchnorm
 from ..report.compare import finalize_run
 from ..report.run_folder import DEVIATIONS, hold_run_folder
 from ..report.trackers import Trackers
@@ -76,6 +76,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     with _run_log() as log_into:  # lines logged before the run folder exists are kept for its log.txt
         encoder = build_model(cfg.model)
         check_text_needs(cfg, strategy, encoder.has_text)
+        check_batchnorm(cfg.model, ranks.size, encoder)
         cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
                           tasks=list(trained), eval_only=list(eval_only),
                           train=replace(cfg.train, head=strategies.train_head(strategy, cfg.train.head)),
@@ -344,7 +345,8 @@ def _lp_init_head(cfg: RunConfig, model: MultiHeadClassifier, name: str, kept: O
     if kept.val_f is None:
         val = _split(cfg, name, "val", cap)
         kept.val_f, kept.val_y = extract_features(model.encoder, val.x, batch, device), val.y
-    weight, bias, how = lp_init_weights(cfg.eval, kept, task_registry.get_task(name).num_classes, cfg.seed, device)
+    weight, bias, how = once(lambda: lp_init_weights(cfg.eval, kept, task_registry.get_task(name).num_classes,
+                                                     cfg.seed, device))  # fitted by rank 0 alone under DDP
     log.info("LP-init head for %s: %s", name, how)
     return {"weight": weight, "bias": bias}
 
