@@ -4,19 +4,24 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cfbench-installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
-PYTEST_ARGS ?=
+# two workers, each test file on one of them (module fixtures are built once); a single thread each
+PYTEST_ARGS ?= -n 2 --dist loadfile
 # Packages read only for their data files (clip-benchmark: class names and prompt templates;
 # foolbox: 20 sample images per dataset). Installed without their dependencies, which cfbench
 # never imports (clip-benchmark alone would pull transformers and pycocoevalcap).
 DATA_PKGS := clip-benchmark==1.6.2 foolbox==3.3.4
 
-.PHONY: demo test setup system-data clean-results
+.PHONY: demo test gpu-check setup system-data clean-results
 
 demo: setup
 	$(PY) -m benchmark run
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Everything GPU-specific in one call (BENCHMARKS.md): results/gpu-check/gpu-check.{json,md}
+gpu-check: setup
+	$(PY) -m benchmark.perf.gpu_check --out results/gpu-check
 
 setup: $(STAMP) system-data
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 warnings.filterwarnings("ignore", message=".*QP solver.*")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (make test: 2 workers) each worker takes one core
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -98,11 +98,11 @@ def _launch(config, out, configs: str, *extra: str, wait: bool = True):
     return done
 
 
-def _one_process(config: Path, out: Path, configs: str) -> Path:
+def _one_process(config: Path, out: Path, configs: str, strategies: list[str] = STRATEGIES) -> Path:
     saved, threads = os.environ.get("CFBENCH_OPEN_CLIP_CONFIGS"), torch.get_num_threads()
     os.environ["CFBENCH_OPEN_CLIP_CONFIGS"] = configs
     try:
-        assert main(["run", str(config), "--out", str(out), *[f"--strategy={s}" for s in STRATEGIES]]) == 0
+        assert main(["run", str(config), "--out", str(out), *[f"--strategy={s}" for s in strategies]]) == 0
     finally:
         torch.set_num_threads(threads)
         os.environ.pop("CFBENCH_OPEN_CLIP_CONFIGS") if saved is None else os.environ.update(
@@ -115,13 +115,18 @@ def _both(perturbed_clip, folder: Path, name: str, **train) -> tuple[Path, Path,
     """(config, the 1-process invocation, the 2-rank invocation) of every strategy."""
     checkpoint, configs = perturbed_clip
     config = _config(folder, checkpoint, name, **train)
+    return (config, *_one_and_two(config, folder, configs, STRATEGIES))
+
+
+def _one_and_two(config: Path, folder: Path, configs: str, strategies: list[str]) -> tuple[Path, Path]:
+    """(the 1-process invocation, the 2-rank invocation) of `strategies` on `config`."""
     # the ranks start (imports: most of a launch's time) while this process trains; one thread each
-    ranks = _launch(config, folder / "two", configs, *[f"--strategy={s}" for s in STRATEGIES], wait=False)
-    one = _one_process(config, folder / "one", configs)
+    ranks = _launch(config, folder / "two", configs, *[f"--strategy={s}" for s in strategies], wait=False)
+    one = _one_process(config, folder / "one", configs, strategies)
     _, stderr = ranks.communicate(timeout=600)
     assert ranks.returncode == 0, stderr[-3000:]
     (two,) = (folder / "two").iterdir()  # rank 1 made no folder of its own
-    return config, one, two
+    return one, two
 
 
 @pytest.fixture(scope="module")

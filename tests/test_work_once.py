@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import benchmark.evaluation.evaluate as evaluate
 import benchmark.run.runner as runner
 from benchmark.config import EvalConfig
-from benchmark.evaluation.evaluate import EvalDataset, ProbeWork, evaluate_round
+from benchmark.evaluation.evaluate import EvalDataset, evaluate_round
 from benchmark.evaluation.multihead import MultiHeadClassifier
 from strategies.ldifs import LDIFSPlugin
 from strategies.zscl import ZSCLPlugin
@@ -98,14 +98,14 @@ def test_shared_work_is_done_once_per_run_over_two_ranks(tmp_path):
     mp.start_processes(_rank, args=(str(tmp_path),), nprocs=2, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     saved = {name: getattr(evaluate, name) for name in ("fit_probe", "select_official_lr")}
-    lp_init = runner.lp_init_weights
+    lp_init, threads = runner.lp_init_weights, torch.get_num_threads()
     try:
         one = _work(str(tmp_path))
     finally:
         for name, fn in saved.items():
             setattr(evaluate, name, fn)
         runner.lp_init_weights = lp_init
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(threads)
     # one process: 3 datasets x (sklearn, official), 1 LP-init fit, 700 reference samples + the
     # first one LDIFS encodes to size its cache, 14 + 18 teacher images (the second batch's 7
     # already encoded ones are not encoded again)

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tasks import TensorSplit
 
 from .. import progress
-from ..distributed import shard, shard_weight, world
+from ..distributed import all_reduce_sum, shard, shard_weight, world
 from ..errors import CfbenchError
 from .batches import TensorBatches
 
@@ -79,6 +79,20 @@ class FastNaive(Naive):
             if self.device.type == "cuda" else None
         # buffers never change while training (BatchNorm statistics are not synchronised: see README)
         self._ddp = DistributedDataParallel(task, device_ids=ids, broadcast_buffers=False)
+
+    def backward(self) -> None:
+        super().backward()
+        if self.is_training and self._ddp is not None:
+            self._average_outside_gradients()
+
+    def _average_outside_gradients(self) -> None:
+        """Parameters outside the DDP wrapper that the loss reached (LwF distils the previous tasks'
+        heads, which then train): their gradients averaged over the ranks as DDP averages its own."""
+        inside = {id(p) for p in self._ddp.module.parameters()}
+        outside = [p.grad for p in self.model.parameters() if id(p) not in inside and p.grad is not None]
+        all_reduce_sum(outside)
+        for grad in outside:
+            grad.div_(self.ranks.size)
 
     def _after_training_exp(self, **kwargs):
         self._ddp = None  # its gradient hooks go with it
