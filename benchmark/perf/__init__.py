@@ -3,4 +3,5 @@ PyTorch loop (bench.py: `cfbench perf`), the raw vs compact cache (cache.py, als
 `python -m benchmark.perf_cache`; no Avalanche needed), the sweep's overhead (sweep.py), and a
 protocol's wall time projected from measured rates, beside the official code's path
 (projection.py, rates.py, official.py: `cfbench perf --projection`), and the before / after of
-removed waste (waste.py: `python -m benchmark.perf.waste`). Nothing here is imported by a run."""
+removed waste (fixes/: `python -m benchmark.perf.fixes.waste`, `... .fixes.blas`), and everything
+GPU-specific in one call (gpu_check.py: `make gpu-check`). Nothing here is imported by a run."""

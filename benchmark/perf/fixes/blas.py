@@ -2,7 +2,7 @@
 demo's real features, alternated in one process (BENCHMARKS.md): the time the limit costs, and
 whether the choice of C and the accuracy change with it.
 
-    python -m benchmark.perf.blas [--image-size 64] [--cap 100] [--repeats 3]
+    python -m benchmark.perf.fixes.blas [--image-size 64] [--cap 100] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import torch
 
 import tasks
 
-from ..config.schema import ModelConfig
-from ..evaluation import probe
-from ..evaluation.evaluate import extract_features
-from ..evaluation.probe import accuracy, fit_normalized_head, fit_probe
-from ..models import build_model
+from ...config.schema import ModelConfig
+from ...evaluation import probe
+from ...evaluation.evaluate import extract_features
+from ...evaluation.probe import accuracy, fit_normalized_head, fit_probe
+from ...models import build_model
 
 NAMES = ("digits", "photo_patches", "faces")
 

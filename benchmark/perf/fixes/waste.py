@@ -6,7 +6,7 @@
 - ZSCL's teacher features of a reference set: float32 vs float16 storage, and what float16 does to
   the distillation loss.
 
-    python -m benchmark.perf.waste [--model ViT-B-32] [--samples 2000] [--iterations 100] [--repeats 3]
+    python -m benchmark.perf.fixes.waste [--model ViT-B-32] [--samples 2000] [--iterations 100] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from strategies.zscl import soft_cross_entropy
 
-from ..evaluation.probe import fit_official_probe, refit_official_probe, select_official_lr
-from ..models import create_model
+from ...evaluation.probe import fit_official_probe, refit_official_probe, select_official_lr
+from ...models import create_model
 
 IMAGENET_TRAIN = 1_281_167
 
