@@ -1,4 +1,6 @@
 """Tiny random-weight models for tests only (never used as a pretrained default)."""
+import os
+
 import open_clip
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -6,13 +8,18 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from benchmark.config import RunConfig, merge, resolve
 from benchmark.models.clip import CLIPModel
 
+# torch threads of a test's runs: under pytest-xdist (make test: 2 workers on 2 cores) one per worker.
+# Two threads in each of two busy workers wait at OpenMP barriers: the ZSCL MTIL-shaped run took 64 s
+# instead of 15 s.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1)
+
 
 def tiny_layer(tmp_path) -> dict:
     return {"tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft"],
             "model": {"image_size": 64},
             "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
             "eval": {"probe_max_per_class": 12, "test_max_per_class": 10, "batch_size": 128},
-            "out": str(tmp_path / "results"), "threads": 2}
+            "out": str(tmp_path / "results"), "threads": THREADS}
 
 
 def tiny_config(tmp_path, *changes: dict) -> RunConfig:

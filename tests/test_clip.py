@@ -2,7 +2,6 @@
 import json
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +11,7 @@ from benchmark.errors import CfbenchError
 from benchmark.evaluation.evaluate import zero_shot_logits, zero_shot_weights
 from benchmark.evaluation.matrix import Matrix
 from benchmark.models import create_model
+from tests.helpers import THREADS
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_zero_shot_weights_are_mean_of_normalized_prompts(tiny_checkpoint):
 def test_clip_run_fills_zero_shot_matrices(tiny_checkpoint, tmp_path):
     path, _ = tiny_checkpoint
     args = ["run", "--model", "cfbench-tiny-vit", "--pretrained", path, "--tasks", "digits,faces",
-            "--eval-only", "", "--strategy", "ldifs", "--epochs", "1", "--out", str(tmp_path), "--threads", "2"]
+            "--eval-only", "", "--strategy", "ldifs", "--epochs", "1", "--out", str(tmp_path), "--threads", str(THREADS)]
     import benchmark.config as config
 
     small = {"train": {"max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
@@ -74,7 +74,7 @@ def test_zscl_runs_through_the_cli_on_a_tiny_clip(tiny_checkpoint, tmp_path):
     cfg_path = tmp_path / "zscl.yaml"
     cfg_path.write_text(config.dump_config({
         "model": {"name": "cfbench-tiny-vit", "pretrained": path}, "tasks": ["digits", "faces"], "eval_only": [],
-        "strategies": ["zscl"], "out": str(tmp_path), "threads": 2,
+        "strategies": ["zscl"], "out": str(tmp_path), "threads": THREADS,
         "strategy_params": {"zscl": {"reference_task": "photo_patches", "ref_batch_size": 8, "avg_freq": 1}},
         "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
         "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}))

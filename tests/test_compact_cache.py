@@ -16,7 +16,7 @@ from tasks.base import ArraySource, FileSource
 from tasks.cache import cached_images, clean_stale_tmp, to_square_uint8
 from tasks.compact import JpegImages, NativeImages, gather
 from tasks.offline import PHOTOS, _photo
-from tests.helpers import tiny_config
+from tests.helpers import THREADS, tiny_config
 
 FOOLBOX = Path(__import__("sysconfig").get_paths()["purelib"]) / "foolbox" / "data"
 
@@ -145,7 +145,7 @@ def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
         folder = tmp_path / form
         assert main(["run", str(small), "--tasks", "photo_patches", "--eval-only", "faces", "--image-size", "40", "--epochs", "1",
                      "--cache-format", form, "--cache-dir", str(tmp_path / "cache"), "--out", str(folder),
-                     "--threads", "2", "--strategy", "ft"]) == 0
+                     "--threads", str(THREADS), "--strategy", "ft"]) == 0
         run = next(folder.glob("*/ft-s0"))
         assert f"cache {form}" in (run / "log.txt").read_text()
         assert json.loads((run / "metrics.json").read_text())

@@ -11,7 +11,7 @@ from benchmark.cli import main
 from benchmark.config import resolve
 from benchmark.config.deviations import Deviation, protocol_deviations, summary
 from benchmark.run.runner import run_strategy
-from tests.helpers import tiny_layer
+from tests.helpers import THREADS, tiny_layer
 
 
 def test_a_strategy_mapping_merges_key_by_key_over_the_protocol():
@@ -83,7 +83,7 @@ def tiny_protocol(tmp_path, monkeypatch):
                 "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}
     (folder / "tiny.yaml").write_text(yaml.safe_dump({"description": "tests", "settings": settings}))
     monkeypatch.setattr(config, "PROTOCOL_DIR", folder)
-    return {"protocol": "tiny", "out": str(tmp_path / "results"), "threads": 2}
+    return {"protocol": "tiny", "out": str(tmp_path / "results"), "threads": THREADS}
 
 
 def test_runs_write_their_deviations_and_compare_shows_them(tiny_protocol, tmp_path, capsys):

@@ -14,7 +14,7 @@ from benchmark.cli import main
 from benchmark.config import TrainConfig, load_config
 from benchmark.evaluation.matrix import Matrix
 from benchmark.run.runner import run_strategy
-from tests.helpers import tiny_config
+from tests.helpers import THREADS, tiny_config
 
 # the smallest run that still trains both offline tasks and probes every column
 SMALL = {"model": {"image_size": 32}, "train": {"max_train_per_class": 8},
@@ -31,7 +31,7 @@ def finished(tmp_path_factory):
         "model": {"image_size": 64},
         "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
         "eval": {"probe_max_per_class": 12, "test_max_per_class": 10},
-        "out": str(out), "threads": 2}))
+        "out": str(out), "threads": THREADS}))
     assert main(["run", str(cfg_path)]) == 0
     (invocation,) = [p for p in out.iterdir() if p.is_dir()]
     return invocation
@@ -189,9 +189,10 @@ def test_non_finite_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_p
     # an lr no config accepts (train.lr is at most 100), given to the second task behind the schema's back
     monkeypatch.setattr(TrainConfig, "lr_for", lambda self, task: 1.0e30 if task == "faces" else 1.0e-3)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"train": {"warmup_steps": 0}}))
+    cfg.write_text(yaml.safe_dump({"train": {"warmup_steps": 0, "max_train_per_class": 16},
+                                   "eval": {"probe_max_per_class": 12, "test_max_per_class": 10}}))
     assert main(["run", str(cfg), "--tasks", "digits,faces", "--eval-only", "", "--strategy", "ft",
-                 "--image-size", "32", "--epochs", "2", "--out", str(tmp_path / "out"), "--threads", "2"]) == 2
+                 "--image-size", "32", "--epochs", "2", "--out", str(tmp_path / "out"), "--threads", str(THREADS)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cfbench: error:")]
     assert len(err) == 1 and "non-finite loss" in err[0] and "task faces" in err[0]
     run = next((tmp_path / "out").glob("*/ft-s0"))

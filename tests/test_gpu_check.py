@@ -17,5 +17,6 @@ def test_the_gpu_check_runs_every_part_tiny_on_the_cpu_and_writes_its_report(tmp
     assert probe["features"] == 2000 and abs(probe["projected_probe_s"] - probe["seconds_per_step"] * 6000) <= 0.35
     assert parts["one_rank_group"]["backend"] == "gloo"
     assert parts["projection"]["header"]["protocol"] == "ldifs"
+    assert parts["projection"]["header"]["model"] == "cfbench-gpu-check-tiny"  # the protocol's ViT-B/32: 25 s more
     markdown = (tmp_path / "gpu-check.md").read_text()
     assert markdown.startswith("# cfbench gpu-check (--tiny)") and markdown.count("ok)") == len(PARTS)

@@ -47,7 +47,7 @@ def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     from tasks import load_split
 
     train = load_split("digits", "train", 64, max_per_class=20, seed=3)
-    test = load_split("digits", "test", 64)
+    test = load_split("digits", "test", 64, max_per_class=12, seed=3)
     model = MultiHeadClassifier(create_model("efficientnet_lite0", "package", 64))
     ds = EvalDataset("digits", [str(i) for i in range(10)], ("{}",), train, test)
     result = evaluate_round(model, [ds], {}, EvalConfig(), seed=3)

@@ -26,7 +26,7 @@ from benchmark.models.clip import wants_quick_gelu
 from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.run.runner import _init_head, run_strategy
 from benchmark.run.schedule import GradClipPlugin, WarmupCosinePlugin
-from tests.helpers import tiny_config
+from tests.helpers import THREADS, tiny_config
 
 from . import dataset_fixtures as fx
 
@@ -436,7 +436,7 @@ def _fixture_protocol_run(tmp_path, checkpoint: str, mnist_epochs: int, probe_it
         "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [],
         "model": {"name": "cfbench-tiny-vit", "pretrained": checkpoint},
         "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": mnist_epochs, "eurosat": 1}},
-        "eval": {"probe_iterations": probe_iterations}, "threads": 2, **extra}))
+        "eval": {"probe_iterations": probe_iterations}, "threads": THREADS, **extra}))
     return config, root
 
 

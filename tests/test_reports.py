@@ -16,6 +16,7 @@ from benchmark.evaluation.metrics import compute_metrics
 from benchmark.files import atomic_write_json
 from benchmark.report.compare import _matrices
 from benchmark.report.figures import build_comparison, build_curves, group_runs
+from tests.helpers import THREADS
 
 COLUMNS = ["a", "b", "x", "y"]  # trained a, b; never trained x, y
 RNG = np.random.default_rng(0)
@@ -135,9 +136,11 @@ def test_trackers_log_loss_penalty_lr_and_every_round(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(yaml.safe_dump({"loggers": ["tensorboard", "mlflow", "wandb", "csv"]}))
+    cfg.write_text(yaml.safe_dump({"loggers": ["tensorboard", "mlflow", "wandb", "csv"],
+                                   "train": {"max_train_per_class": 32},
+                                   "eval": {"probe_max_per_class": 12, "test_max_per_class": 10}}))
     assert main(["run", str(cfg), "--tasks", "digits", "--eval-only", "faces", "--strategy", "ldifs",
-                 "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "out"), "--threads", "2"]) == 0
+                 "--image-size", "32", "--epochs", "1", "--out", str(tmp_path / "out"), "--threads", str(THREADS)]) == 0
     run = next((tmp_path / "out").glob("*/ldifs-s0"))
     lp = Matrix.load(run / "matrices" / "lp.csv")
     acc = EventAccumulator(str(run / "tensorboard"))
@@ -167,8 +170,11 @@ def test_trackers_log_loss_penalty_lr_and_every_round(tmp_path, monkeypatch):
 def test_non_interactive_runs_print_one_line_per_stage(tmp_path, capfd):
     """stderr is captured at the file-descriptor level here, not a terminal (as in CI or nohup):
     no carriage-return bar updates, one line per finished stage."""
-    assert main(["run", "--tasks", "digits", "--eval-only", "faces", "--strategy", "ft", "--image-size", "32",
-                 "--epochs", "1", "--threads", "2", "--out", str(tmp_path / "out")]) == 0
+    cfg = tmp_path / "capped.yaml"
+    cfg.write_text(yaml.safe_dump({"train": {"max_train_per_class": 16},
+                                   "eval": {"probe_max_per_class": 12, "test_max_per_class": 10}}))
+    assert main(["run", str(cfg), "--tasks", "digits", "--eval-only", "faces", "--strategy", "ft", "--image-size", "32",
+                 "--epochs", "1", "--threads", str(THREADS), "--out", str(tmp_path / "out")]) == 0
     out, err = capfd.readouterr()
     assert "\r" not in out + err
     assert re.search(r"^train digits: \d+ steps in [\d.]+ s, loss [\d.]+$", err, re.M)

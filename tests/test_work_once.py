@@ -2,7 +2,6 @@
 probe fits of an evaluation round, the LP-init fit, LDIFS's reference cache and ZSCL's teacher
 features (images and texts). Counted in 2 gloo processes against one process, which must also
 get the same results."""
-import os
 from pathlib import Path
 from types import SimpleNamespace
 

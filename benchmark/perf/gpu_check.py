@@ -47,6 +47,7 @@ from .rates import describe_device, random_encoder, train_rate
 
 IMAGENET_TRAIN, FEATURES, CLASSES = 1_281_167 - 20_000, 512, 1000  # ImageNet train less cfbench's val hold-out
 OFFICIAL_PROBE_STEPS = 6 * 1000  # five lrs of the search and the refit, 1,000 full-batch steps each
+TINY_NAME = "cfbench-gpu-check-tiny"
 TINY_CLIP = {"embed_dim": 16,
              "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
@@ -65,7 +66,7 @@ def _config(protocol: str, tiny: bool, **train):
                                        "zscl": {**cfg.strategy_params.get("zscl", {}), "reference_task": "photo_patches"}},
                       train=replace(cfg.train, **train))
     if tiny:
-        cfg = cfg.replace(model=replace(cfg.model, name="cfbench-gpu-check-tiny", image_size=32, pretrained=None))
+        cfg = cfg.replace(model=replace(cfg.model, name=TINY_NAME, image_size=32, pretrained=None))
     return cfg
 
 
@@ -140,7 +141,8 @@ def one_rank_group(tiny: bool, device: str) -> dict:
 
 
 def projection(tiny: bool, device: str) -> dict:
-    result, _ = run_projection("ldifs", ["ft", "ldifs"], 4 if tiny else 256, device)
+    tiny_model = {"name": TINY_NAME, "image_size": 32, "pretrained": None}
+    result, _ = run_projection("ldifs", ["ft", "ldifs"], 4 if tiny else 256, device, tiny_model if tiny else None)
     return result
 
 
@@ -162,8 +164,8 @@ def _markdown(report: dict) -> str:
 
 def _register_tiny() -> None:
     folder = Path(tempfile.mkdtemp(prefix="cfbench-gpu-check-"))
-    (folder / "cfbench-gpu-check-tiny.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(folder / "cfbench-gpu-check-tiny.json")
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(folder / f"{TINY_NAME}.json")
 
 
 def main(argv: list[str] | None = None) -> int:

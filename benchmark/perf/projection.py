@@ -284,9 +284,12 @@ def cache_format(cfg: RunConfig, sizes: dict[str, Sizes]) -> str:
     return "raw" if images * 3 * side ** 2 / 1e9 <= cfg.cache_budget_gb else "compact"
 
 
-def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, device: str) -> tuple[dict, str]:
-    """Measure, project and report: (the JSON-able result, the text table)."""
-    cfg = load_config(None, {"protocol": protocol, **({"strategies": chosen} if chosen else {})})
+def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, device: str,
+                   model: Optional[dict] = None) -> tuple[dict, str]:
+    """Measure, project and report: (the JSON-able result, the text table). `model`: settings laid
+    over the protocol's model (`make gpu-check --tiny`: a tiny CLIP; the command line has no such flag)."""
+    cfg = load_config(None, {"protocol": protocol, **({"strategies": chosen} if chosen else {}),
+                             **({"model": model} if model else {})})
     plan = make_plan(cfg)
     combos, skipped = _measurable(cfg, bool(chosen))
     sizes = {name: dataset_sizes(name, cfg) for name in plan.evaluated}
