@@ -150,3 +150,15 @@ def test_the_cache_benchmark_keeps_its_path_and_needs_no_avalanche():
     code = "import sys, benchmark.perf_cache as m; print(callable(m.main), 'avalanche' in sys.modules, 'open_clip' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["True", "False", "False"], out.stderr[-2000:]
+
+
+def test_the_training_code_loads_without_jax_and_jax_still_imports_after():
+    """avalanche -> qpsolvers probes JAX's solvers as it loads (1.1 s of every process's start-up);
+    cfbench keeps JAX out while qpsolvers loads (benchmark/__init__.py), and only then."""
+    import subprocess
+    import sys
+
+    code = ("import sys, benchmark.run.runner, qpsolvers; print('jax' in sys.modules, "
+            "'jaxopt_osqp' in qpsolvers.available_solvers); import jax; print(jax.numpy.zeros(2).shape)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.stdout.split() == ["False", "False", "(2,)"], out.stderr[-2000:]
