@@ -1,8 +1,14 @@
 import os
 import warnings
 
-import pytest
-import torch
+# The suite oversubscribes 2 cores on purpose (2 xdist workers, DDP ranks and CLI subprocesses beside
+# them): OpenMP threads that spin while they wait took the cores from the processes doing the work
+# (the ZSCL parity test beside 3 busy processes: 51 s spinning, 27 s passive). Set before torch loads
+# its OpenMP runtime; the processes tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*QP solver.*")
 from tests.helpers import THREADS  # noqa: E402

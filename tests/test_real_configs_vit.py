@@ -17,13 +17,16 @@ from tests.test_real_configs_demo import _assert_close_runs
 # fp32, the official probe) on open_clip's ViT-B-32 image tower (width 768, 12 layers, patch 32; random
 # weights) at 32 px. Its text tower is cut to one layer of width 64 (it only makes the ZS-init heads and
 # ZSCL's targets; the whole one would add 63 M frozen parameters to every checkpoint). ft trains from
-# ZS-init heads, lpft from the official probe's LP-init. Digits at lr 1e-12 as above. L2SP and EWC,
-# penalties of the weights alone, and LDIFS (measured here: 4.5e-6 / 4.4e-6) are checked on the EfficientNet
-# and the tiny CLIP ViT; the suite's 10 minutes do not hold a fifth ViT-B-32 run.
-VIT_STRATEGIES = ["ft", "lpft", "lwf", "zscl"]
-# One process, threads 1 vs 2, measured on this config (2026-12-06): every strategy <= 6.6e-6 / 3.3e-6
-# (lwf's old head). 2 ranks: <= 4.5e-6 / 4.4e-6 -- lwf was 2.7e-2 before the previous tasks' heads, which
-# LwF's distillation trains outside the DDP wrapper, had their gradients averaged (now 7.6e-6).
+# ZS-init heads, lpft from the official probe's LP-init. Digits at lr 1e-12 as in test_real_configs_demo.py.
+# L2SP and EWC, penalties of the weights alone, were measured on it by hand (below) and are checked here on
+# the EfficientNet and the tiny CLIP ViT: with them the test took 250-290 s of the suite's 2 workers.
+VIT_STRATEGIES = ["ft", "lpft", "ldifs", "lwf", "zscl"]
+# One process, threads 1 vs 2, measured on this config (2026-12-06), max / norm relative of the worst
+# tensor, attention key biases included: ft, l2sp, ewc 1.0e-6 / 4.1e-7; lpft 5.0e-6 / 7.3e-7; ldifs
+# 3.4e-6 / 1.8e-8; lwf 6.6e-6 / 2.1e-6 (its old head); zscl 3.4e-7 / 2.4e-7; lp matrices equal. 2 ranks,
+# key biases apart (KEY_BIAS_TOLERANCE; up to 1.9e-5, l2sp): ft 3.5e-7, lpft 2.3e-7, l2sp 1.1e-6, ldifs
+# 4.5e-6, ewc 7.0e-7, lwf 7.6e-6, zscl 1.4e-6; lp matrices equal. lwf was 2.7e-2 before the previous
+# tasks' heads, which LwF's distillation trains outside the DDP wrapper, had their gradients averaged.
 VIT_TOLERANCE = {"lwf": (5e-5, 2e-5)}
 VIT_DEFAULT_TOLERANCE = (1e-5, 1e-5)
 VIT_B_32_SMALL_TEXT = {"embed_dim": 512, "vision_cfg": {"image_size": 32, "layers": 12, "width": 768, "patch_size": 32},
@@ -52,7 +55,7 @@ def _vit_config(folder: Path, checkpoint: str) -> Path:
                      "quick_gelu": False},
            "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "warmup_steps": 2, "head_init": "zs",
                      "lr": {"digits": 1e-12, "default": 1e-5}},
-           "eval": {"probe_max_per_class": 10, "test_max_per_class": 8, "probe_iterations": 50},
+           "eval": {"probe_max_per_class": 5, "test_max_per_class": 5, "probe_iterations": 50},
            "strategy_params": {"zscl": {"ref_batch_size": 9, "avg_freq": 3}}, "threads": 1}
     path = folder / "vit.yaml"
     path.write_text(yaml.safe_dump(cfg))
