@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 class _NoJaxWhileQpsolversLoads(importlib.abc.MetaPathFinder):
     """avalanche-lib imports qpsolvers (its GEM plugin), which probes every installed QP solver as it
     loads; avalanche's own requirement qpsolvers[open_source_solvers] installs jaxopt and qpax, so
-    every cfbench process imported JAX: 1.1 s of the 7.6 s a rank or a `cfbench run` took to start.
+    every cfbench process imported JAX (`import benchmark.run.runner`: 6.8-7.4 s with it, 5.2-5.3 s
+    without; every `cfbench run`, DDP rank and sweep worker pays it).
     cfbench never solves a QP. While qpsolvers itself is loading, JAX reads as absent (qpsolvers
     leaves those solvers out); at any other moment JAX imports as usual."""
 
