@@ -44,3 +44,11 @@ def tiny_clip_rn() -> CLIPModel:
                           vision_cfg=CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=32),
                           text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1))
     return CLIPModel(clip)
+
+
+def split_key_third(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention in_proj tensor (query, key, value stacked) as (query and value, key). Softmax over
+    the keys cancels q.b_k, so the key bias's gradient is zero in exact arithmetic: Adam trains it on
+    rounding noise, and comparisons of two runs set it apart."""
+    query, key, value = tensor.chunk(3)
+    return torch.cat([query, value]), key
