@@ -52,6 +52,7 @@ class FastNaive(Naive):
                                "DistributedDataParallel must run; train it in one process")
         self.shard_weight = 1.0  # N * n_r / B of the current batch (benchmark/distributed.py)
         self._ddp: Optional[DistributedDataParallel] = None
+        self._outside: list[torch.nn.Parameter] = []  # the model's parameters the DDP wrapper leaves out
 
     def forward(self):
         if self.is_training and self._forward_owner is not None:
@@ -79,6 +80,8 @@ class FastNaive(Naive):
             if self.device.type == "cuda" else None
         # buffers never change while training (BatchNorm statistics are not synchronised: see README)
         self._ddp = DistributedDataParallel(task, device_ids=ids, broadcast_buffers=False)
+        inside = {id(p) for p in task.parameters()}
+        self._outside = [p for p in self.model.parameters() if id(p) not in inside]
 
     def backward(self) -> None:
         super().backward()
@@ -88,14 +91,13 @@ class FastNaive(Naive):
     def _average_outside_gradients(self) -> None:
         """Parameters outside the DDP wrapper that the loss reached (LwF distils the previous tasks'
         heads, which then train): their gradients averaged over the ranks as DDP averages its own."""
-        inside = {id(p) for p in self._ddp.module.parameters()}
-        outside = [p.grad for p in self.model.parameters() if id(p) not in inside and p.grad is not None]
+        outside = [p.grad for p in self._outside if p.grad is not None]
         all_reduce_sum(outside)
         for grad in outside:
             grad.div_(self.ranks.size)
 
     def _after_training_exp(self, **kwargs):
-        self._ddp = None  # its gradient hooks go with it
+        self._ddp, self._outside = None, []  # its gradient hooks go with it
         super()._after_training_exp(**kwargs)
 
     def make_train_dataloader(self, shuffle: bool = True, pin_memory: Optional[bool] = None, **kwargs) -> None:
