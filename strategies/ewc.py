@@ -15,8 +15,9 @@ def _trainable(model) -> set[str]:
 class EWC(EWCPlugin):
     checkpoint_attrs = ("saved_params", "importances")
 
-    def __init__(self, ewc_lambda: float = 100.0, mode: str = "separate", decay_factor=None):
-        super().__init__(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor)
+    def __init__(self, ewc_lambda: float = 100.0, mode: str = "separate", decay_factor: float = 1.0):
+        # Avalanche refuses a decay factor in separate mode and asks for one in online mode
+        super().__init__(ewc_lambda=ewc_lambda, mode=mode, decay_factor=decay_factor if mode == "online" else None)
 
     def compute_importances(self, model, criterion, optimizer, dataset, device, batch_size, *args, **kwargs):
         ranks = world()

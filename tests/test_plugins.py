@@ -11,7 +11,10 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
 from benchmark.evaluation.multihead import MultiHeadClassifier
-from strategies import L2SPPlugin, LDIFSPlugin, WiSEFTPlugin, build_plugins
+from strategies.l2sp import L2SPPlugin
+from strategies.ldifs import LDIFSPlugin
+from strategies.wise_ft import WiSEFTPlugin
+from strategies import build_plugins
 from strategies.ldifs import capture_slices, ldifs_distance
 from strategies.wise_ft import interpolate_state
 from tests.helpers import tiny_clip_vit
@@ -272,11 +275,13 @@ def _train_with(plugins, snap):
     return bench, recorder.records
 
 
-def test_ewc_contribution_equals_fisher_weighted_distance():
-    from strategies import EWC
+@pytest.mark.parametrize("mode", [{"mode": "separate"}, {"mode": "online", "decay_factor": 0.5}])
+def test_ewc_contribution_equals_fisher_weighted_distance(mode):
+    """After the first task online EWC's importances are that task's alone: the same penalty."""
+    from strategies.ewc import EWC
 
     snap = StateAtExpEnd()
-    bench, records = _train_with([EWC(ewc_lambda=3.0)], snap)
+    bench, records = _train_with([EWC(ewc_lambda=3.0, **mode)], snap)
     # independent Fisher diagonal: mean over the exp-0 batches (in order) of squared CE gradients
     model = model_with_heads(4)
     model.load_state_dict(snap.states[0])
@@ -298,7 +303,7 @@ def test_ewc_contribution_equals_fisher_weighted_distance():
 
 
 def test_lwf_contribution_equals_distillation_of_previous_head():
-    from strategies import LwF
+    from strategies.lwf import LwF
 
     snap = StateAtExpEnd()
 
