@@ -1,6 +1,6 @@
 """Progress output: live tqdm bars on a terminal, one line per finished stage otherwise
 (CI logs, nohup, cluster jobs), so captured output never fills with carriage returns. Under DDP
-only rank 0 shows progress. (No Avalanche import: the cache uses this on bare machines too.)"""
+only rank 0 shows progress. (No torch import: listings and checks show bars too.)"""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,15 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from .distributed import world
+
+
+def _rank() -> int:
+    """This process's rank in its process group, 0 without one. torch.distributed is read only
+    where something imported it (no group can exist before): a bar costs no torch import."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_rank()
 
 
 def interactive() -> bool:
@@ -52,7 +60,7 @@ class StageLine:
 
 def bar(iterable=None, **kwargs):
     """tqdm(iterable, **kwargs) on a terminal, else a StageLine with the same calls."""
-    if not world().writer:
+    if _rank() != 0:
         kwargs["disable"] = True
     if interactive():
         return tqdm(iterable, file=sys.stderr, **kwargs)

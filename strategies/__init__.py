@@ -1,29 +1,22 @@
 """Strategy registry. A strategy is a list of Avalanche plugins built from named parameters;
-`a+b` composes strategies. To add one: copy a module here, register it below, copy its test."""
+`a+b` composes strategies. To add one: copy a module here, register it below, copy its test.
+
+The registry is data: a spec names its plugin class or builder as "module:attribute" of this
+package, imported only when a run builds the strategy. Listing, parsing and checking strategies
+(`cfbench list`, `run --check`, a sweep's driver) import neither torch nor Avalanche."""
 from __future__ import annotations
 
-import inspect
+import importlib
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from benchmark.errors import CfbenchError
 from benchmark.files import read_text
-from tasks import get_task, load_split, task_classes
 
 from .context import BuildContext
-from .ewc import EWC
-from .flyp import FLYPPlugin
-from .flyp_ce import FLYPCEPlugin
-from .icarl import SELECTIONS, ICaRLPlugin
-from .l2sp import L2SPPlugin
-from .label_smoothing import LabelSmoothingPlugin
-from .ldifs import LDIFSPlugin, ldifs_distance
-from .lwf import LwF
-from .wise_ft import WiSEFTPlugin
-from .zscl import ZSCLPlugin, virtual_vocab
 
 
 @dataclass(frozen=True)
@@ -61,13 +54,22 @@ NON_NEGATIVE, POSITIVE, AT_LEAST_ONE, FRACTION = Allowed(min=0), Allowed(above=0
 INT_MAX = 2 ** 31 - 1
 
 
+LDIFS_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")  # strategies/slice_store.DTYPES
+ICARL_SELECTIONS = ("official", "herding")                       # strategies/icarl.SELECTIONS
+
+Builder = Union[str, Callable[..., list], None]
+
+
 @dataclass(frozen=True)
 class StrategySpec:
-    """build(context: BuildContext, **params) -> plugins (strategies/context.py says what a context holds)."""
+    """What a strategy is, read without importing it. `plugin` ("module:Class" of this package):
+    one plugin built from the parameters alone; `build` ("module:function", or a callable):
+    build(context: BuildContext, **params) -> plugins (strategies/context.py says what a context
+    holds); neither: the strategy adds no plugin (FT)."""
 
     name: str
     description: str
-    build: Callable[..., list]
+    build: Builder = None
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
@@ -77,20 +79,27 @@ class StrategySpec:
     replaces: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
     notes: str = ""  # shown by `cfbench list strategies`
-    # the plugin class the build makes: its constructor checks the values (given the parameters it
-    # takes; the others are the builder's) before a run starts
-    plugin: Optional[type] = None
+    plugin: Optional[str] = None
     # parameters that size resources on this machine, not the method (left out of a run's deviations)
     machine: tuple[str, ...] = ()
-    # {parameter: Allowed}: where the method makes sense (a negative weight would train to the end)
+    # {parameter: Allowed}: every value the method refuses (a negative weight would train to the
+    # end); checked before a run starts, and the plugin's own constructor refuses no value it passes
     allowed: dict[str, Allowed] = field(default_factory=dict)
     # why the strategy cannot train one run over several processes (None: it can, exactly)
     not_data_parallel: Optional[str] = None
 
+    def make(self, context: BuildContext, **params) -> list:
+        """The strategy's plugins for one run (imports the strategy's module)."""
+        if self.build is not None:
+            return (load(self.build) if isinstance(self.build, str) else self.build)(context, **params)
+        return [load(self.plugin)(**params)] if self.plugin else []
 
-def _plugin_spec(name: str, description: str, plugin: type, defaults: dict, **extra) -> StrategySpec:
-    """A strategy that is one plugin built from its parameters alone."""
-    return StrategySpec(name, description, lambda ctx, **kw: [plugin(**kw)], defaults, plugin=plugin, **extra)
+
+def load(reference: str) -> Any:
+    """"module:attribute" of this package, imported now: a run that builds a strategy pays for
+    torch and Avalanche, a listing does not."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), attribute)
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
@@ -102,113 +111,55 @@ def register_strategy(spec: StrategySpec) -> StrategySpec:
     return spec
 
 
-register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)", lambda ctx: []))
+register_strategy(StrategySpec("ft", "cross-entropy fine-tuning (head initialised as configured)"))
 register_strategy(StrategySpec("lpft", "LP-FT: head fitted on frozen-encoder features (LP-init), then FT",
-                               lambda ctx: [], head_init="lp"))
-register_strategy(_plugin_spec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
-                               LDIFSPlugin, {"alpha": 10.0, "reference": "previous", "normalize": "official", "cache": True,
-                                "cache_budget_mb": 4096.0, "cache_dtype": "auto", "cache_disk_mb": 32768.0},
+                               head_init="lp"))
+register_strategy(StrategySpec("ldifs", "CE + alpha * feature-space distance to a frozen reference encoder",
+                               plugin="ldifs:LDIFSPlugin",
+                               defaults={"alpha": 10.0, "reference": "previous", "normalize": "official",
+                                         "cache": True, "cache_budget_mb": 4096.0, "cache_dtype": "auto",
+                                         "cache_disk_mb": 32768.0},
                                notes="with train.augment on, the reference runs on every augmented batch "
                                      "(the per-sample cache holds un-augmented inputs and is not used)",
                                machine=("cache", "cache_budget_mb", "cache_disk_mb"),
                                allowed={"alpha": NON_NEGATIVE, "reference": Allowed(choices=("previous", "pretrained")),
                                         "normalize": Allowed(choices=("official", "channel")),
+                                        "cache_dtype": Allowed(choices=LDIFS_CACHE_DTYPES),
                                         "cache_budget_mb": NON_NEGATIVE, "cache_disk_mb": NON_NEGATIVE}))
-register_strategy(_plugin_spec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
-                               L2SPPlugin, {"alpha": 0.5, "reference": "previous"},
+register_strategy(StrategySpec("l2sp", "CE + alpha * squared l2 distance of encoder weights to a reference",
+                               plugin="l2sp:L2SPPlugin", defaults={"alpha": 0.5, "reference": "previous"},
                                allowed={"alpha": NON_NEGATIVE, "reference": Allowed(choices=("previous", "pretrained"))}))
-register_strategy(_plugin_spec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
-                               EWC, {"ewc_lambda": 100.0, "mode": "separate"},
-                               allowed={"ewc_lambda": NON_NEGATIVE, "mode": Allowed(choices=("separate", "online"))}))
-register_strategy(_plugin_spec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
-                               LwF, {"alpha": 1.0, "temperature": 2.0}, reads=("output",),
+register_strategy(StrategySpec("ewc", "Avalanche EWCPlugin (Fisher-weighted weight penalty)",
+                               plugin="ewc:EWC", defaults={"ewc_lambda": 100.0, "mode": "separate",
+                                                           "decay_factor": 1.0},
+                               notes="decay_factor (Avalanche's: the old importances' weight when a task's are "
+                                     "added) is read in mode online only",
+                               allowed={"ewc_lambda": NON_NEGATIVE, "mode": Allowed(choices=("separate", "online")),
+                                        "decay_factor": FRACTION}))
+register_strategy(StrategySpec("lwf", "Avalanche LwFPlugin (distil previous heads' outputs)",
+                               plugin="lwf:LwF", defaults={"alpha": 1.0, "temperature": 2.0}, reads=("output",),
                                allowed={"alpha": NON_NEGATIVE, "temperature": POSITIVE}))
-register_strategy(_plugin_spec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
-                               WiSEFTPlugin, {"beta": 0.5}, allowed={"beta": FRACTION}))
+register_strategy(StrategySpec("wise-ft", "after each task interpolate weights: (1-beta) before + beta after",
+                               plugin="wise_ft:WiSEFTPlugin", defaults={"beta": 0.5}, allowed={"beta": FRACTION}))
 
-register_strategy(_plugin_spec("ls", "cross-entropy with smoothed labels (the LDIFS code's --finetune-loss ls)",
-                               LabelSmoothingPlugin, {"smoothing": 0.1}, replaces=("loss",),
+register_strategy(StrategySpec("ls", "cross-entropy with smoothed labels (the LDIFS code's --finetune-loss ls)",
+                               plugin="label_smoothing:LabelSmoothingPlugin", defaults={"smoothing": 0.1},
+                               replaces=("loss",),
                                notes="the official --ls-factor default is 0.0 (= ft); 0.1 is cfbench's, not the "
                                      "paper's: set the factor you compare",
                                allowed={"smoothing": Allowed(min=0, max=0.999)}))
-
-
-def _prompts_for(ctx: BuildContext) -> Callable[[int], tuple[list[str], list[str]]]:
-    """task index -> (class names, every template) of that task, as the run names them."""
-    def prompts(t: int) -> tuple[list[str], list[str]]:
-        name = ctx.tasks[t]
-        classes = ctx.classes_of(name) if ctx.classes_of else task_classes(name, ctx.data_root)
-        return list(classes), list(ctx.templates_of(name) if ctx.templates_of else get_task(name).templates)
-    return prompts
-
-
 register_strategy(StrategySpec("flyp", "FLYP: CLIP's contrastive loss between each image and a prompt of its class, "
-                               "both towers trained", lambda ctx: [FLYPPlugin(_prompts_for(ctx))],
+                               "both towers trained", "flyp:build",
                                needs_text=True, head="text", replaces=("forward", "loss"),
                                not_data_parallel="its contrastive loss couples every image of the batch with every "
                                                  "prompt, which a rank's shard does not see",
                                notes="logit_scale is used as a number (the official .item()): it never trains; "
                                      "the text head (templates[0]) is only evaluated"))
 register_strategy(StrategySpec("flyp-ce", "FLYP-CE: cross-entropy over one randomly drawn prompt per class, both "
-                               "towers and logit_scale trained",
-                               lambda ctx: [FLYPCEPlugin(_prompts_for(ctx))], needs_text=True, head="text",
+                               "towers and logit_scale trained", "flyp_ce:build", needs_text=True, head="text",
                                not_data_parallel="it replaces the training forward, which DistributedDataParallel "
                                                  "must run",
                                replaces=("forward",)))
-
-
-def _reference_images(ctx: BuildContext, task: str, split: str):
-    """A split of a task as a reference image set (the cached, un-augmented images)."""
-
-    return load_split(task, split, ctx.image_size, ctx.data_root, seed=ctx.seed, cache_dir=ctx.cache_dir,
-                      cache_format=ctx.cache_format).x
-
-
-def _class_prompts(ctx: BuildContext, task: str) -> list[str]:
-    """One prompt per class: the first template over the class names the run uses (the runner's
-    `template_of` / `classes_of`; without them the task's defaults)."""
-
-    template = ctx.template_of(task) if ctx.template_of else get_task(task).templates[0]
-    classes = ctx.classes_of(task) if ctx.classes_of else task_classes(task, ctx.data_root)
-    return [template.format(c) for c in classes]
-
-
-def _build_zscl(ctx: BuildContext, reference_task: str, reference_texts: Optional[str], **kw) -> list:
-    """Reference images: the task's train split (not augmented); reference texts: a captions file
-    (one per line, e.g. Conceptual Captions' validation captions as in the official code) or,
-    without one, the reference task's class prompts (announced in the log)."""
-    if reference_texts:
-        texts = read_captions(reference_texts)
-    else:
-        texts = _class_prompts(ctx, reference_task)
-        log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
-                 len(texts), reference_task)
-    # the reference task's whole train split: ZSCL's ImageNet train folder (finetune.py:140-145 ->
-    # datasets/imagenet.py:30-43), no validation hold-out taken out of it
-    return [ZSCLPlugin(reference_images=_reference_images(ctx, reference_task, "trainval"), reference_texts=texts,
-                       seed=ctx.seed, **kw)]
-
-
-def _build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list:
-    """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
-    task's images as it trains on them (lwf.sh: its train loader; not augmented) and class prompts
-    (templates[0] per class); LwF-VR: random token sequences instead of the prompts (ZSCL's
-    --ref-sentences random), drawn anew for each task."""
-    import torch
-
-
-    generator = torch.Generator()
-
-    def reference_for(t: int):
-        name = ctx.tasks[t]
-        if random_texts:
-            generator.manual_seed(ctx.seed * 1000 + t)
-            return _reference_images(ctx, name, ctx.train_split), virtual_vocab(ctx.tokenizer, generator)
-        return _reference_images(ctx, name, ctx.train_split), _class_prompts(ctx, name)
-
-    return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
-                       seed=ctx.seed, **kw)]
-
 
 CAPTIONS_BYTES = 256 * 1024 ** 2  # Conceptual Captions' 3.3 M training captions are ~190 MB
 
@@ -223,12 +174,12 @@ def read_captions(path: str) -> list[str]:
 
 
 register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference set, l2 to the previous weights, "
-                               "weight ensembling",
-                               _build_zscl, {"reference_task": "photo_patches", "reference_texts": None,
-                                             "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
-                                             "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True,
-                                             "feature_budget_mb": 2048.0},
-                               needs_text=True, plugin=ZSCLPlugin, machine=("feature_budget_mb",),
+                               "weight ensembling", "zscl:build",
+                               {"reference_task": "photo_patches", "reference_texts": None,
+                                "temperature": 2.0, "weight": 1.0, "text_loss": False, "l2": 0.0,
+                                "avg_freq": 100, "ref_batch_size": 64, "weight_ensemble": True,
+                                "feature_budget_mb": 2048.0},
+                               needs_text=True, machine=("feature_budget_mb",),
                                notes="teacher features of the reference set are kept float32 within "
                                      "feature_budget_mb, else float16 (ImageNet's: 1.3 GB)",
                                allowed={"temperature": POSITIVE, "weight": NON_NEGATIVE, "l2": NON_NEGATIVE,
@@ -236,27 +187,22 @@ register_strategy(StrategySpec("zscl", "distil the initial CLIP on a reference s
                                         "feature_budget_mb": NON_NEGATIVE}))
 _LWF_CLIP_ALLOWED = {"temperature": POSITIVE, "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}
 register_strategy(StrategySpec("lwf-clip", "ZSCL's LwF baseline: distil the previous model on the current task's "
-                               "images and class prompts (image and text side)",
-                               _build_lwf_clip, {"temperature": 2.0, "weight": 1.0, "text_loss": True,
-                                                 "ref_batch_size": 64}, needs_text=True, plugin=ZSCLPlugin,
-                               allowed=_LWF_CLIP_ALLOWED))
-register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
-                               "10 tokens per task) as the reference texts",
-                               lambda ctx, **kw: _build_lwf_clip(ctx, random_texts=True, **kw),
+                               "images and class prompts (image and text side)", "zscl:build_lwf_clip",
                                {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
-                               needs_text=True, plugin=ZSCLPlugin, allowed=_LWF_CLIP_ALLOWED))
+                               needs_text=True, allowed=_LWF_CLIP_ALLOWED))
+register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with random token sequences (1,000 of "
+                               "10 tokens per task) as the reference texts", "zscl:build_lwf_vr",
+                               {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
+                               needs_text=True, allowed=_LWF_CLIP_ALLOWED))
 
 # ZSCL's iCaRL baseline (scripts/icarl.sh; strategies/icarl.py cites every value). Exemplars: positions in each
 # task's `train.split` (its cached, un-augmented images); distillation texts: the current task's class prompts.
 register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the previous tasks' images (herding) on "
                                "which the pretrained CLIP is distilled against the current task's class prompts",
-                               lambda ctx, **kw: [ICaRLPlugin(
-                                   images_of=lambda t: _reference_images(ctx, ctx.tasks[t], ctx.train_split),
-                                   prompts_of=lambda t: _class_prompts(ctx, ctx.tasks[t]), num_tasks=len(ctx.tasks),
-                                   **kw)],
+                               "icarl:build",
                                {"memory_size": 10000, "max_candidates": 30000, "selection": "official",
                                 "temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
-                               needs_text=True, plugin=ICaRLPlugin,
+                               needs_text=True,
                                not_data_parallel="its exemplar selection (herding over features) is not yet shared "
                                                  "out among ranks",
                                notes="the memory is per task, not per class: K = memory_size, after task t the older "
@@ -267,7 +213,7 @@ register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the 
                                      "distillation is never added): weight 1 and text_loss true are lwf.sh's and "
                                      "ZSCL.sh's",
                                allowed={"memory_size": AT_LEAST_ONE, "max_candidates": AT_LEAST_ONE,
-                                        "selection": Allowed(choices=SELECTIONS), "temperature": POSITIVE,
+                                        "selection": Allowed(choices=ICARL_SELECTIONS), "temperature": POSITIVE,
                                         "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}))
 
 
@@ -338,17 +284,9 @@ def _typed(spec: StrategySpec, key: str, value: Any) -> Any:
 
 
 def check_params(combo: str, overrides: dict[str, dict]) -> None:
-    """Types, names and -- for one-plugin strategies, by building the plugin -- values of the
-    parameters, before anything of a run is written."""
-    for name, params in resolve_params(combo, overrides).items():
-        spec = STRATEGIES[name]
-        if spec.plugin is not None:
-            builders = set(inspect.signature(spec.build).parameters)  # e.g. zscl's reference_texts: a file path
-            takes = set(inspect.signature(spec.plugin).parameters) - builders
-            try:
-                spec.plugin(**{k: v for k, v in params.items() if k in takes})
-            except (TypeError, ValueError) as err:
-                raise CfbenchError(f"strategy_params.{name}: {err}") from None
+    """Names, types and values of the parameters (`StrategySpec.allowed`), before anything of a
+    run is written; nothing is imported or built."""
+    resolve_params(combo, overrides)
 
 
 def needs_text(combo: str) -> bool:
@@ -374,12 +312,12 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildCo
     plugins = []
     for spec in parse_strategy(combo):
         try:
-            plugins += spec.build(context or BuildContext(), **params.get(spec.name, {}))
+            plugins += spec.make(context or BuildContext(), **params.get(spec.name, {}))
         except (TypeError, ValueError) as err:
             raise CfbenchError(f"strategy {spec.name}: {err}") from None
     return plugins
 
 
-__all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "parse_strategy", "resolve_params",
-           "check_params", "needs_text", "head_init", "train_head", "build_plugins", "LDIFSPlugin", "L2SPPlugin",
-           "EWC", "LwF", "WiSEFTPlugin", "ZSCLPlugin", "ldifs_distance"]
+__all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "load", "parse_strategy",
+           "resolve_params", "check_params", "check_data_parallel", "needs_text", "head_init", "train_head",
+           "build_plugins", "read_captions"]

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
+from .context import BuildContext
+from .references import prompts_for
+
 
 def clip_contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """(CE(s I T^T, i) + CE(s T I^T, i)) / 2, image i's positive being text i (clip_loss.py, world size 1)."""
@@ -82,3 +85,7 @@ class FLYPPlugin(PromptDrawingPlugin):
     def training_loss(self, strategy) -> torch.Tensor:
         image, text = strategy.mb_output
         return clip_contrastive_loss(image, text, strategy.model.encoder.logit_scale)
+
+
+def build(ctx: BuildContext) -> list:
+    return [FLYPPlugin(prompts_for(ctx))]

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .context import BuildContext
 from .flyp import PromptDrawingPlugin, encode_prompts
+from .references import prompts_for
 
 
 class FLYPCEPlugin(PromptDrawingPlugin):
@@ -38,3 +40,7 @@ class FLYPCEPlugin(PromptDrawingPlugin):
         text = encode_prompts(encoder, self.bank.pick(torch.arange(num_classes), drawn, strategy.mb_x.device))
         image = F.normalize(encoder(strategy.mb_x).float(), dim=-1)
         return encoder.clip.logit_scale.exp() * image @ text.T
+
+
+def build(ctx: BuildContext) -> list:
+    return [FLYPCEPlugin(prompts_for(ctx))]

@@ -53,6 +53,8 @@ from torch import Tensor
 
 from tasks.compact import ImageStore, gather
 
+from .context import BuildContext
+from .references import class_prompts, reference_images
 from .zscl import ZSCLPlugin
 
 SELECTIONS = ("official", "herding")
@@ -199,3 +201,10 @@ class ICaRLPlugin(ZSCLPlugin):
                for i in range(0, n, batch)]
         encoder.train(was_training)
         return torch.cat(out)
+
+
+def build(ctx: BuildContext, **kw) -> list:
+    """Exemplars: positions in each task's `train.split` (its cached, un-augmented images);
+    distillation texts: the current task's class prompts."""
+    return [ICaRLPlugin(images_of=lambda t: reference_images(ctx, ctx.tasks[t], ctx.train_split),
+                        prompts_of=lambda t: class_prompts(ctx, ctx.tasks[t]), num_tasks=len(ctx.tasks), **kw)]

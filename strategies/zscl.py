@@ -42,8 +42,10 @@ from avalanche.core import SupervisedPlugin
 from benchmark.distributed import shard, shard_weight, share_out, world
 from tasks.compact import gather
 
-from . import slice_store
+from . import read_captions, slice_store
+from .context import BuildContext
 from .l2sp import l2sp_penalty
+from .references import class_prompts, reference_images
 
 log = logging.getLogger("cfbench")
 
@@ -231,3 +233,41 @@ class ZSCLPlugin(SupervisedPlugin):
                 if k in self._average:
                     p.copy_(self._average[k])
         self._average = self._start = None
+
+
+def build(ctx: BuildContext, reference_task: str, reference_texts: Optional[str], **kw) -> list:
+    """ZSCL. Reference images: the task's train split (not augmented); reference texts: a captions
+    file (one per line, e.g. Conceptual Captions' validation captions as in the official code) or,
+    without one, the reference task's class prompts (announced in the log)."""
+    if reference_texts:
+        texts = read_captions(reference_texts)
+    else:
+        texts = class_prompts(ctx, reference_task)
+        log.info("ZSCL: no reference_texts file given; the reference texts are %d class prompts of %s",
+                 len(texts), reference_task)
+    # the reference task's whole train split: ZSCL's ImageNet train folder (finetune.py:140-145 ->
+    # datasets/imagenet.py:30-43), no validation hold-out taken out of it
+    return [ZSCLPlugin(reference_images=reference_images(ctx, reference_task, "trainval"), reference_texts=texts,
+                       seed=ctx.seed, **kw)]
+
+
+def build_lwf_clip(ctx: BuildContext, random_texts: bool = False, **kw) -> list:
+    """ZSCL's LwF baseline: the ZSCL loss with the previous task's model as teacher, on the current
+    task's images as it trains on them (lwf.sh: its train loader; not augmented) and class prompts
+    (templates[0] per class); LwF-VR (`random_texts`): random token sequences instead of the
+    prompts (ZSCL's --ref-sentences random), drawn anew for each task."""
+    generator = torch.Generator()
+
+    def reference_for(t: int):
+        name = ctx.tasks[t]
+        if random_texts:
+            generator.manual_seed(ctx.seed * 1000 + t)
+            return reference_images(ctx, name, ctx.train_split), virtual_vocab(ctx.tokenizer, generator)
+        return reference_images(ctx, name, ctx.train_split), class_prompts(ctx, name)
+
+    return [ZSCLPlugin(teacher="previous", reference_for=reference_for, l2=0.0, weight_ensemble=False,
+                       seed=ctx.seed, **kw)]
+
+
+def build_lwf_vr(ctx: BuildContext, **kw) -> list:
+    return build_lwf_clip(ctx, random_texts=True, **kw)

@@ -7,13 +7,17 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .metadata import templates
+
+if TYPE_CHECKING:  # the registry and its checks run without torch (tasks.loading makes the tensors)
+    import torch
+
+    from .compact import ImageStore
 
 
 class TaskUnavailable(Exception):
@@ -138,7 +142,7 @@ class TensorSplit:
     """A preprocessed split: x uint8 (N, 3, S, S) (a tensor, or a compact `ImageStore` read with
     `tasks.compact.gather`), y int64 (N,)."""
 
-    x: "torch.Tensor | ImageStore"  # noqa: F821
+    x: torch.Tensor | ImageStore
     y: torch.Tensor
 
     def __len__(self) -> int:
@@ -147,6 +151,8 @@ class TensorSplit:
 
 def random_split_indices(n: int, first: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The indices torch.utils.data.random_split(range(n), [first, n - first], seed) assigns."""
+    import torch  # torch's own generator draws them; only drawing the indices needs it (sizes: holdout_size)
+
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     return perm[:first], perm[first:]
 

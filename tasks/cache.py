@@ -28,23 +28,14 @@ from benchmark.files import atomic_write_json, read_regular
 from benchmark.progress import bar as progress_bar
 
 from .base import ArraySource, SourceSplit
+from .registry import cache_root
 from .compact import ImageStore, JpegImages, NativeImages, encode_jpeg, resize_square
 
 CACHE_VERSION = 4  # bump when preprocessing changes: old entries stop matching
-ENV_VAR = "CFBENCH_CACHE"
 JPEG_QUALITY = 90  # with 4:4:4 chroma: the measured choice, see BENCHMARKS.md "Compact cache"
 DIGEST_CHUNK = 16 << 20
 CacheFormat = Literal["raw", "compact"]
 log = logging.getLogger("cfbench")
-
-
-def cache_root(cache_dir: Optional[str] = None) -> Path:
-    """--cache-dir, else $CFBENCH_CACHE, else ~/.cache/cfbench."""
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(ENV_VAR):
-        return Path(os.environ[ENV_VAR]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfbench"
 
 
 def to_square_uint8(image: Union[Image.Image, np.ndarray], size: int) -> np.ndarray:

@@ -6,6 +6,7 @@ holds ImageNet's WordNet ids in label order. Everything else comes from the data
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import sys
@@ -18,12 +19,18 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _WARNED: set[str] = set()
 
 
-def _clip_benchmark_file(name: str) -> Optional[Path]:
-    spec = importlib.util.find_spec("clip_benchmark")  # no import: the package pulls in heavy modules
+def _package_file(package: str, *parts: str) -> Optional[Path]:
+    """A data file inside an installed package, found without importing the package (open_clip
+    and timm import torch; their tables of names do not need it)."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / name
-    return path if path.exists() else None
+    path = Path(list(spec.submodule_search_locations)[0], *parts)
+    return path if path.is_file() else None
+
+
+def _clip_benchmark_file(name: str) -> Optional[Path]:
+    return _package_file("clip_benchmark", "datasets", name)  # no import: the package pulls in heavy modules
 
 
 @lru_cache(maxsize=None)
@@ -52,15 +59,31 @@ def classnames(key: str) -> Optional[tuple[str, ...]]:
     return tuple(found) if found else None
 
 
+@lru_cache(maxsize=None)
 def imagenet_wnids() -> tuple[str, ...]:
-    """The 1,000 ImageNet-1k WordNet ids in the standard label order."""
-    from timm.data import ImageNetInfo
+    """The 1,000 ImageNet-1k WordNet ids in the standard label order (timm's table)."""
+    path = _package_file("timm", "data", "_info", "imagenet_synsets.txt")
+    if path is not None:
+        wnids = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+        if len(wnids) == 1000:
+            return wnids
+    from timm.data import ImageNetInfo  # a timm that keeps the table elsewhere
 
     return tuple(ImageNetInfo("imagenet-1k").label_names())
 
 
+@lru_cache(maxsize=None)
 def imagenet_classnames() -> tuple[str, ...]:
-    from open_clip import IMAGENET_CLASSNAMES
+    """open_clip's 1,000 readable ImageNet class names (IMAGENET_CLASSNAMES), read from its
+    zero_shot_metadata.py as data."""
+    path = _package_file("open_clip", "zero_shot_metadata.py")
+    if path is not None:
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "IMAGENET_CLASSNAMES" for t in node.targets):
+                names = tuple(ast.literal_eval(node.value))
+                if len(names) == 1000:
+                    return names
+    from open_clip import IMAGENET_CLASSNAMES  # an open_clip that computes the table
 
     return tuple(IMAGENET_CLASSNAMES)
 

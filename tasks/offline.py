@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -124,7 +123,7 @@ def _foolbox(dataset: str, classes_of: Callable[[], tuple[str, ...]]) -> Callabl
         folder = Path(list(spec.submodule_search_locations)[0]) / "data" if spec else None
         files = sorted(folder.glob(f"{dataset}_*.*")) if folder and folder.is_dir() else []
         if not files:
-            raise TaskUnavailable(f"foolbox's sample images are not installed (pip install --no-deps foolbox==3.3.4)")
+            raise TaskUnavailable("foolbox's sample images are not installed (pip install --no-deps foolbox==3.3.4)")
         index = [int(f.stem.split("_")[1]) for f in files]
         labels = [int(f.stem.split("_")[2]) for f in files]
         pick = lambda parity: FileSource([f for f, i in zip(files, index) if i % 2 == parity],  # noqa: E731

@@ -3,27 +3,25 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from benchmark.errors import CfbenchError
 
 from .base import (
-    CorruptImage, LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable, TensorSplit,
-    cap_per_class, validation_split
+    LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable, cap_per_class, holdout_size,
+    validation_split
 )
-from .cache import CacheFormat, cached_images, estimated_bytes
-from .compact import concat_images
 from .offline import OFFLINE_TASKS
 from .validate import archive_hint, check_loaded
 from .vision import MTIL_TASKS, PAPER_TASKS
 
 DATA_ENV_VAR = "CFBENCH_DATA"
+CACHE_ENV_VAR = "CFBENCH_CACHE"
 TASKS: dict[str, Task] = {}
 _LOADED: dict[tuple, LoadedTask] = {}
-_SPLITS: dict[tuple, TensorSplit] = {}
+_FORGET: list[Callable[[], None]] = [_LOADED.clear]  # what `clear_memory` empties (tasks.loading adds its splits)
 
 
 def register_task(task: Task) -> Task:
@@ -55,6 +53,15 @@ class DataUnavailable(CfbenchError):
 def resolve_data_root(given: Optional[str] = None) -> Path:
     """--data-root, else $CFBENCH_DATA, else ~/data."""
     return Path(given or os.environ.get(DATA_ENV_VAR) or Path.home() / "data").expanduser()
+
+
+def cache_root(cache_dir: Optional[str] = None) -> Path:
+    """--cache-dir, else $CFBENCH_CACHE, else ~/.cache/cfbench."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cfbench"
 
 
 def _missing_anchors(task: Task, root: Path) -> list[str]:
@@ -147,51 +154,30 @@ def split_count(name: str, split: str, data_root: Optional[str] = None, max_per_
     return len(select(name, split, data_root, max_per_class, seed)[2])
 
 
-def load_split(name: str, split: str, image_size: int, data_root: Optional[str] = None,
-               max_per_class: Optional[int] = None, seed: int = 0, cache_dir: Optional[str] = None,
-               cache_format: CacheFormat = "raw") -> TensorSplit:
-    """A split as uint8 (N, 3, S, S) images (a tensor, or a compact store that decodes per batch),
-    from the on-disk preprocessed cache (built on first use)."""
-    key = (name, split, image_size, str(resolve_data_root(data_root)), max_per_class, seed, cache_dir, cache_format)
-    if key in _SPLITS:
-        return _SPLITS[key]
-    if split == "trainval" and "val" in loaded_task(name, data_root).splits:  # two source splits, one tensor
-        parts = [load_split(name, s, image_size, data_root, max_per_class, seed, cache_dir, cache_format)
-                 for s in ("train", "val")]
-        _SPLITS[key] = TensorSplit(concat_images([p.x for p in parts]), torch.cat([p.y for p in parts]))
-        return _SPLITS[key]
-    source_name, source, idx = select(name, split, data_root, max_per_class, seed)
-    try:
-        x = cached_images(name, source_name, source, idx, image_size, cache_dir, cache_format)
-    except CorruptImage as err:
-        raise CfbenchError(f"{name}: {err}") from None
-    _SPLITS[key] = TensorSplit(x, torch.from_numpy(source.labels[idx].copy()))
-    return _SPLITS[key]
-
-
-def cache_sizes(name: str, image_size: int, data_root: Optional[str] = None) -> dict:
-    """Every image of the task (each source split once, as runs with uncapped splits read them):
-    images, raw and compact cache bytes at `image_size` (JPEG estimated from a sample)."""
-    found, total = loaded_task(name, data_root), {"images": 0, "raw": 0.0, "compact": 0.0, "form": set()}
-    for source in found.splits.values():
-        est = estimated_bytes(source, np.arange(len(source)), image_size)
-        for key in ("images", "raw", "compact"):
-            total[key] += est[key]
-        total["form"].add(est["form"])
-    total["form"] = "+".join(sorted(total["form"]))
-    return total
-
-
 def task_status(name: str, given_root: Optional[str] = None) -> tuple[str, str, dict[str, int]]:
     """("found" | "missing" | "incomplete", what is wrong, split sizes) for `cfbench data check`."""
     try:
         found = loaded_task(name, given_root)
     except DataUnavailable as err:
         return err.status, err.detail, {}
-    return "found", "", {s: len(split_indices(found, s)[1]) for s in ("train", "val", "test")}
+    return "found", "", split_sizes(found)
+
+
+def split_sizes(found: LoadedTask) -> dict[str, int]:
+    """The sizes of "train", "val" and "test" that `split_indices` gives, counted without drawing
+    the hold-out (its indices need torch's generator; its size does not)."""
+    if "val" in found.splits:
+        return {s: len(found.splits[s]) for s in ("train", "val", "test")}
+    n, held = len(found.splits["train"]), holdout_size(len(found.splits["train"]))
+    return {"train": n - held, "val": held, "test": len(found.splits["test"])}
+
+
+def also_forget(clear: Callable[[], None]) -> None:
+    """`clear` runs with every `clear_memory` (the loaded splits of tasks.loading)."""
+    _FORGET.append(clear)
 
 
 def clear_memory() -> None:
     """Forget in-process listings and splits (the on-disk cache stays)."""
-    _LOADED.clear()
-    _SPLITS.clear()
+    for forget in _FORGET:
+        forget()

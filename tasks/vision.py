@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import numpy as np
-import torchvision.datasets as tvd
 
 from benchmark.files import read_regular
 
@@ -26,9 +25,18 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".
 RS_SPLITS = "https://storage.googleapis.com/remote_sensing_representations/{}-{}.txt"
 
 
-def _tv(cls, *args, **kwargs):
+def _dataset(name: str) -> type:
+    """torchvision.datasets.<name>, imported when a task is read or downloaded: the registry, its
+    listings and checks of data roots without these datasets need no torch."""
+    import torchvision.datasets
+
+    return getattr(torchvision.datasets, name)
+
+
+def _tv(name: str, *args, **kwargs):
     """A torchvision dataset, download off; its own failures become TaskIncomplete (TaskDefect
     naming the file where one fails torchvision's md5 check)."""
+    cls = _dataset(name)
     try:
         return cls(*args, download=False, **kwargs)
     except (RuntimeError, FileNotFoundError, OSError, ValueError, KeyError) as err:
@@ -80,22 +88,22 @@ def _zscl_split(source: FileSource) -> dict:
 
 # --- the paper's ten -------------------------------------------------------------------------
 
-def _cifar(cls, n: int):
+def _cifar(name: str, n: int):
     def load(root: Path) -> LoadedTask:
-        tr, te = _tv(cls, str(root), train=True), _tv(cls, str(root), train=False)
+        tr, te = _tv(name, str(root), train=True), _tv(name, str(root), train=False)
         return _loaded(_names(tr.classes, expected=n), train=ArraySource(tr.data, tr.targets),
                        test=ArraySource(te.data, te.targets))
     return load
 
 
 def _load_mnist(root: Path) -> LoadedTask:
-    tr, te = _tv(tvd.MNIST, str(root), train=True), _tv(tvd.MNIST, str(root), train=False)
+    tr, te = _tv("MNIST", str(root), train=True), _tv("MNIST", str(root), train=False)
     return _loaded(_names([str(i) for i in range(10)], "mnist"), train=ArraySource(tr.data.numpy(), tr.targets.numpy()),
                    test=ArraySource(te.data.numpy(), te.targets.numpy()))
 
 
 def _load_svhn(root: Path) -> LoadedTask:
-    splits = {s: _tv(tvd.SVHN, str(root / "svhn"), split=s) for s in ("train", "test")}
+    splits = {s: _tv("SVHN", str(root / "svhn"), split=s) for s in ("train", "test")}
     return _loaded(_names([str(i) for i in range(10)], "svhn"),
                    **{s: ArraySource(d.data.transpose(0, 2, 3, 1), d.labels) for s, d in splits.items()})
 
@@ -144,7 +152,7 @@ def _load_resisc45(root: Path) -> LoadedTask:
 
 
 def _load_gtsrb(root: Path) -> LoadedTask:
-    splits = {s: _files(_tv(tvd.GTSRB, str(root), split=s)._samples) for s in ("train", "test")}
+    splits = {s: _files(_tv("GTSRB", str(root), split=s)._samples) for s in ("train", "test")}
     return _loaded(_names([str(i) for i in range(43)], "gtsrb"), **splits)  # labels are checked against 43
 
 
@@ -157,12 +165,12 @@ def _one_numbering(ds: dict) -> tuple[list[str], dict[str, FileSource]]:
 
 
 def _load_dtd(root: Path) -> LoadedTask:
-    classes, splits = _one_numbering({s: _tv(tvd.DTD, str(root), split=s, partition=1) for s in ("train", "test")})
+    classes, splits = _one_numbering({s: _tv("DTD", str(root), split=s, partition=1) for s in ("train", "test")})
     return _loaded(_names(classes, expected=47), **splits)
 
 
 def _load_cars(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.StanfordCars, str(root), split=s) for s in ("train", "test")}
+    ds = {s: _tv("StanfordCars", str(root), split=s) for s in ("train", "test")}
     return _loaded(_names(ds["train"].classes, expected=196), **{s: _files(d._samples) for s, d in ds.items()})
 
 
@@ -191,13 +199,13 @@ def _load_imagenet(root: Path) -> LoadedTask:
 # --- ZSCL's MTIL additions ---------------------------------------------------------------------
 
 def _load_aircraft(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.FGVCAircraft, str(root), split=s, annotation_level="variant") for s in ("train", "test")}
+    ds = {s: _tv("FGVCAircraft", str(root), split=s, annotation_level="variant") for s in ("train", "test")}
     splits = {s: FileSource(d._image_files, d._labels) for s, d in ds.items()}
     return _loaded(_names(ds["train"].classes, expected=100), **splits)
 
 
 def _load_caltech101(root: Path) -> LoadedTask:
-    ds = _tv(tvd.Caltech101, str(root), target_type="category")
+    ds = _tv("Caltech101", str(root), target_type="category")
     paths = [os.path.join(ds.root, "101_ObjectCategories", ds.categories[y], f"image_{i:04d}.jpg")
              for i, y in zip(ds.index, ds.y)]
     return _loaded(_names(ds.categories, "caltech101", expected=101, drop_first=True),
@@ -205,32 +213,33 @@ def _load_caltech101(root: Path) -> LoadedTask:
 
 
 def _load_flowers(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.Flowers102, str(root), split=s) for s in ("train", "test")}
+    ds = {s: _tv("Flowers102", str(root), split=s) for s in ("train", "test")}
     return _loaded(_names([str(i) for i in range(102)], "flowers"),  # labels are checked against 102
                    **{s: FileSource(d._image_files, d._labels) for s, d in ds.items()})
 
 
 def _load_food101(root: Path) -> LoadedTask:
-    classes, splits = _one_numbering({s: _tv(tvd.Food101, str(root), split=s) for s in ("train", "test")})
+    classes, splits = _one_numbering({s: _tv("Food101", str(root), split=s) for s in ("train", "test")})
     return _loaded(_names(classes, expected=101), **splits)
 
 
 def _load_pets(root: Path) -> LoadedTask:
-    ds = {s: _tv(tvd.OxfordIIITPet, str(root), split=t) for s, t in (("train", "trainval"), ("test", "test"))}
+    ds = {s: _tv("OxfordIIITPet", str(root), split=t) for s, t in (("train", "trainval"), ("test", "test"))}
     return _loaded(_names(ds["train"].classes, "pets", expected=37),
                    **{s: FileSource(d._images, d._labels) for s, d in ds.items()})
 
 
 def _load_sun397(root: Path) -> LoadedTask:
-    ds = _tv(tvd.SUN397, str(root))
+    ds = _tv("SUN397", str(root))
     samples = sorted(zip(map(str, ds._image_files), ds._labels))  # torchvision lists in filesystem order
     return _loaded(_names(ds.classes, expected=397), **_zscl_split(_files(samples)))
 
 
 # --- downloads (users with a network; torchvision fetches and checks the archives) -------------
 
-def _tv_download(cls, sub: str = "", **variants) -> Callable[[Path], None]:
+def _tv_download(name: str, sub: str = "", **variants) -> Callable[[Path], None]:
     def download(root: Path) -> None:
+        cls = _dataset(name)
         for kwargs in variants.get("each", [{}]):
             cls(str(root / sub) if sub else str(root), download=True, **kwargs)
     return download
@@ -260,44 +269,44 @@ PAPER_TASKS = (
          anchors=('stanford_cars/cars_train', 'stanford_cars/cars_test',
                   'stanford_cars/cars_test_annos_withlabels.mat', 'stanford_cars/devkit/cars_meta.mat',
                   'stanford_cars/devkit/cars_train_annos.mat')),
-    Task("cifar10", 10, _cifar(tvd.CIFAR10, 10), f"{TV}.CIFAR10 (cifar-10-python.tar.gz, md5-checked)", "MIT-like (Krizhevsky)",
+    Task("cifar10", 10, _cifar("CIFAR10", 10), f"{TV}.CIFAR10 (cifar-10-python.tar.gz, md5-checked)", "MIT-like (Krizhevsky)",
          "50,000 train / 10,000 test", "official train/test; " + VAL,
          "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}; https://www.cs.toronto.edu/~kriz/cifar.html",
-         "cifar10", _tv_download(tvd.CIFAR10),
+         "cifar10", _tv_download("CIFAR10"),
          anchors=('cifar-10-batches-py/data_batch_1', 'cifar-10-batches-py/data_batch_2',
                   'cifar-10-batches-py/data_batch_3', 'cifar-10-batches-py/data_batch_4',
                   'cifar-10-batches-py/data_batch_5', 'cifar-10-batches-py/test_batch',
                   'cifar-10-batches-py/batches.meta')),
-    Task("cifar100", 100, _cifar(tvd.CIFAR100, 100), f"{TV}.CIFAR100 (cifar-100-python.tar.gz, md5-checked)",
+    Task("cifar100", 100, _cifar("CIFAR100", 100), f"{TV}.CIFAR100 (cifar-100-python.tar.gz, md5-checked)",
          "MIT-like (Krizhevsky)", "50,000 train / 10,000 test", "official train/test; " + VAL,
          "cifar-100-python/{train, test, meta}; https://www.cs.toronto.edu/~kriz/cifar.html", "cifar100",
-         _tv_download(tvd.CIFAR100),
+         _tv_download("CIFAR100"),
          anchors=('cifar-100-python/train', 'cifar-100-python/test', 'cifar-100-python/meta')),
     Task("dtd", 47, _load_dtd, f"{TV}.DTD", "research use (Oxford VGG)", "1,880 train / 1,880 test (partition 1)",
          "partition 1: train1.txt / test1.txt; " + VAL,
          "dtd/dtd/{images/<class>/*.jpg, labels/train1.txt, labels/test1.txt}; "
-         "https://www.robots.ox.ac.uk/~vgg/data/dtd/", "dtd", _tv_download(tvd.DTD),
+         "https://www.robots.ox.ac.uk/~vgg/data/dtd/", "dtd", _tv_download("DTD"),
          anchors=('dtd/dtd/images', 'dtd/dtd/labels/train1.txt', 'dtd/dtd/labels/test1.txt')),
     Task("eurosat", 10, _load_eurosat, f"{TV}.EuroSAT (RGB) + {RS}", "MIT", "16,200 train / 5,400 val / 5,400 test",
          "fixed split files eurosat-{train,val,test}.txt (the val file is the validation split)",
          "eurosat/{2750/<Class>/<Class>_<n>.jpg, eurosat-train.txt, eurosat-val.txt, eurosat-test.txt}; "
          "images: https://github.com/phelber/EuroSAT; split files: " + RS_SPLITS.format("eurosat", "<split>"),
-         "eurosat", _rs_split_download("eurosat", ("train", "val", "test"), _tv_download(tvd.EuroSAT)),
+         "eurosat", _rs_split_download("eurosat", ("train", "val", "test"), _tv_download("EuroSAT")),
          anchors=('eurosat/2750', 'eurosat/eurosat-train.txt', 'eurosat/eurosat-val.txt',
                   'eurosat/eurosat-test.txt')),
     Task("eurosat_mtil", 10, _load_eurosat_mtil, f"{TV}.EuroSAT (RGB), split as ZSCL's MTIL", "MIT",
          "21,600 train / 5,400 test", "ZSCL's seeded 80/20 random_split (seed 42) of all 27,000 images",
          "eurosat/2750/<Class>/<Class>_<n>.jpg; https://github.com/phelber/EuroSAT", "eurosat",
-         _tv_download(tvd.EuroSAT), anchors=('eurosat/2750',)),
+         _tv_download("EuroSAT"), anchors=('eurosat/2750',)),
     Task("gtsrb", 43, _load_gtsrb, f"{TV}.GTSRB", "CC0 (INI Bochum)", "26,640 train / 12,630 test",
          "official train/test; " + VAL,
          "gtsrb/{GTSRB/Training/<00000..00042>/*.ppm, GTSRB/Final_Test/Images/*.ppm, GT-final_test.csv}; "
-         "https://benchmark.ini.rub.de/gtsrb_dataset.html", "gtsrb", _tv_download(tvd.GTSRB, each=[{"split": "train"}, {"split": "test"}]),
+         "https://benchmark.ini.rub.de/gtsrb_dataset.html", "gtsrb", _tv_download("GTSRB", each=[{"split": "train"}, {"split": "test"}]),
          anchors=('gtsrb/GTSRB/Training', 'gtsrb/GTSRB/Final_Test/Images', 'gtsrb/GT-final_test.csv')),
     Task("mnist", 10, _load_mnist, f"{TV}.MNIST (idx files)", "CC BY-SA 3.0", "60,000 train / 10,000 test",
          "official train/test; " + VAL,
          "MNIST/raw/{train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte}; "
-         "http://yann.lecun.com/exdb/mnist/ (or any mirror torchvision lists)", "mnist", _tv_download(tvd.MNIST),
+         "http://yann.lecun.com/exdb/mnist/ (or any mirror torchvision lists)", "mnist", _tv_download("MNIST"),
          anchors=('MNIST/raw/train-images-idx3-ubyte', 'MNIST/raw/train-labels-idx1-ubyte',
                   'MNIST/raw/t10k-images-idx3-ubyte', 'MNIST/raw/t10k-labels-idx1-ubyte')),
     Task("resisc45", 45, _load_resisc45, f"NWPU-RESISC45 folder + {RS}", "research use (NWPU)",
@@ -309,7 +318,7 @@ PAPER_TASKS = (
     Task("svhn", 10, _load_svhn, f"{TV}.SVHN (cropped digits .mat, md5-checked)", "non-commercial (Stanford)",
          "73,257 train / 26,032 test", "official train/test (extra unused); " + VAL,
          "svhn/{train_32x32.mat, test_32x32.mat}; http://ufldl.stanford.edu/housenumbers/", "svhn",
-         _tv_download(tvd.SVHN, "svhn", each=[{"split": "train"}, {"split": "test"}]),
+         _tv_download("SVHN", "svhn", each=[{"split": "train"}, {"split": "test"}]),
          anchors=('svhn/train_32x32.mat', 'svhn/test_32x32.mat')),
     Task("imagenet", 1000, _load_imagenet, "ILSVRC-2012 in class folders (torchvision.datasets.ImageNet's layout)",
          "ImageNet terms of access", "1,281,167 train / 50,000 val (used as test)", "train; val as test; " + VAL,
@@ -323,27 +332,27 @@ MTIL_TASKS = (
          "3,334 train / 3,333 test", "official train/test (as ZSCL); " + VAL,
          "fgvc-aircraft-2013b/data/{images/, variants.txt, images_variant_train.txt, images_variant_test.txt}; "
          "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/", "fgvc_aircraft",
-         _tv_download(tvd.FGVCAircraft),
+         _tv_download("FGVCAircraft"),
          anchors=('fgvc-aircraft-2013b/data/images', 'fgvc-aircraft-2013b/data/variants.txt')),
     Task("caltech101", 101, _load_caltech101, f"{TV}.Caltech101", "CC BY 4.0", "6,941 train / 1,736 test",
          ZSCL, "caltech101/101_ObjectCategories/<category>/image_<nnnn>.jpg; https://data.caltech.edu/records/mzrjq-6wc02",
-         "caltech101", _tv_download(tvd.Caltech101),
+         "caltech101", _tv_download("Caltech101"),
          anchors=('caltech101/101_ObjectCategories',)),
     Task("flowers", 102, _load_flowers, f"{TV}.Flowers102", "research use (Oxford VGG)", "1,020 train / 6,149 test",
          "official train/test (as ZSCL); " + VAL, "flowers-102/{jpg/, imagelabels.mat, setid.mat}; "
-         "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/", "flowers", _tv_download(tvd.Flowers102),
+         "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/", "flowers", _tv_download("Flowers102"),
          anchors=('flowers-102/jpg', 'flowers-102/imagelabels.mat', 'flowers-102/setid.mat')),
     Task("food101", 101, _load_food101, f"{TV}.Food101", "research use (ETH)", "75,750 train / 25,250 test",
          "official train/test; " + VAL, "food-101/{images/<class>/*.jpg, meta/train.json, meta/test.json}; "
-         "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/", "food101", _tv_download(tvd.Food101),
+         "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/", "food101", _tv_download("Food101"),
          anchors=('food-101/images', 'food-101/meta/train.json', 'food-101/meta/test.json')),
     Task("pets", 37, _load_pets, f"{TV}.OxfordIIITPet", "CC BY-SA 4.0", "3,680 trainval / 3,669 test",
          "official trainval/test (as ZSCL); " + VAL, "oxford-iiit-pet/{images/, annotations/trainval.txt, "
-         "annotations/test.txt}; https://www.robots.ox.ac.uk/~vgg/data/pets/", "pets", _tv_download(tvd.OxfordIIITPet),
+         "annotations/test.txt}; https://www.robots.ox.ac.uk/~vgg/data/pets/", "pets", _tv_download("OxfordIIITPet"),
          anchors=('oxford-iiit-pet/images', 'oxford-iiit-pet/annotations/trainval.txt',
                   'oxford-iiit-pet/annotations/test.txt')),
     Task("sun397", 397, _load_sun397, f"{TV}.SUN397", "research use (MIT/Princeton)", "~87,000 train / ~21,750 test",
          ZSCL, "SUN397/{ClassName.txt, <letter>/<class>/sun_*.jpg}; https://vision.princeton.edu/projects/2010/SUN/",
-         "sun397", _tv_download(tvd.SUN397),
+         "sun397", _tv_download("SUN397"),
          anchors=('SUN397/ClassName.txt',)),
 )

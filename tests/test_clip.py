@@ -10,7 +10,7 @@ from benchmark.cli import main
 from benchmark.errors import CfbenchError
 from benchmark.evaluation.evaluate import zero_shot_logits, zero_shot_weights
 from benchmark.evaluation.matrix import Matrix
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from tests.helpers import THREADS
 
 

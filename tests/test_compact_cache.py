@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import tasks
+from tasks.loading import load_split
 from benchmark.cli import main
 from benchmark.config.plan import choose_cache_format
 from tasks.base import ArraySource, FileSource
@@ -90,8 +91,8 @@ def test_trainval_concatenates_compact_stores(tmp_path):
 
     fx.eurosat(tmp_path)  # a source with a fixed val split
     root = str(tmp_path)
-    parts = [tasks.load_split("eurosat", s, 24, root, cache_format="compact") for s in ("train", "val")]
-    both = tasks.load_split("eurosat", "trainval", 24, root, cache_format="compact")
+    parts = [load_split("eurosat", s, 24, root, cache_format="compact") for s in ("train", "val")]
+    both = load_split("eurosat", "trainval", 24, root, cache_format="compact")
     assert len(both) == len(parts[0]) + len(parts[1])
     assert torch.equal(both.x[:], torch.cat([parts[0].x[:], parts[1].x[:]]))
     pick = torch.tensor([len(parts[0]), 0, len(both) - 1, 1])
@@ -157,7 +158,7 @@ def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
 def test_sizes_are_reported_before_anything_is_built(tmp_path, capsys):
     """`data check --sizes`: raw and native bytes exact, JPEG estimated from a sample; no cache written."""
     from tasks.cache import estimated_bytes
-    from tasks.registry import cache_sizes
+    from tasks.loading import cache_sizes
 
     digits = cache_sizes("digits", 32)  # 1,797 8x8 grey images, kept natively
     assert digits == {"images": 1797, "raw": 1797 * 3 * 32 * 32, "compact": 1797 * 8 * 8, "form": "native"}

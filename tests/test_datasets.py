@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import tasks
+from tasks.loading import load_split
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
 from tasks import metadata
@@ -52,7 +53,7 @@ def test_loader_counts_labels_pixels_and_class_names(name, data_root):
     root, truth = data_root
     truth = truth[name]
     for split in ("train", "val", "test"):
-        s = tasks.load_split(name, split, 16, str(root))
+        s = load_split(name, split, 16, str(root))
         expected = _expected_split(truth, split)
         assert s.x.dtype == torch.uint8 and s.x.shape == (len(expected), 3, 16, 16)
         assert s.y.tolist() == expected
@@ -151,20 +152,20 @@ def test_cache_is_reused_without_decoding_and_rebuilt_when_the_source_changes(da
     import tasks.cache as cache
 
     root, cache_dir = _eurosat_copy(data_root, tmp_path), str(tmp_path / "cache")
-    first = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    first = load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
     assert len(list((tmp_path / "cache" / "eurosat").glob("*.npy"))) == 1
     tasks.clear_memory()
     calls = []
     real = cache.to_square_uint8
     monkeypatch.setattr(cache, "to_square_uint8", lambda *a: calls.append(1) or real(*a))
-    again = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    again = load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
     assert calls == [] and torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     # touching one source image invalidates the entry: everything is decoded again
     path = tasks.loaded_task("eurosat", root).splits["train"].paths[3]
     st = os.stat(path)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     tasks.clear_memory()
-    rebuilt = tasks.load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
+    rebuilt = load_split("eurosat", "train", 24, root, cache_dir=cache_dir)
     assert len(calls) == len(first) and torch.equal(rebuilt.x, first.x)
 
 
@@ -173,7 +174,7 @@ def test_corrupt_image_names_the_file_and_leaves_no_trusted_cache(data_root, tmp
     bad = sorted((tmp_path / "data" / "eurosat" / "2750" / "River").glob("*.jpg"))[0]
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a JPEG")
     with pytest.raises(CfbenchError, match=f"eurosat: cannot decode image {bad}"):
-        tasks.load_split("eurosat", "train", 24, root, cache_dir=str(cache_dir))
+        load_split("eurosat", "train", 24, root, cache_dir=str(cache_dir))
     assert not list(cache_dir.rglob("*.json")) and not list(cache_dir.rglob("*.tmp"))
     tasks.clear_memory()
     # through the CLI: one line, exit 2
@@ -197,7 +198,7 @@ def test_mtil_loaders_read_their_formats(tmp_path, monkeypatch):
         found = tasks.loaded_task(name, str(tmp_path))
         assert len(found.classes) == tasks.get_task(name).num_classes
         for split, source in found.splits.items():
-            x = tasks.load_split(name, split, 8, str(tmp_path)).x.numpy() if split == "test" else None
+            x = load_split(name, split, 8, str(tmp_path)).x.numpy() if split == "test" else None
             if x is not None:
                 assert (fx.labels_from_pixels(x) == source.labels).all(), name
             if split in truth[name]:
@@ -405,7 +406,7 @@ def test_a_test_split_lacking_a_class_keeps_every_label(data_root, tmp_path):
     root = _copy(data_root, tmp_path, "dtd")
     labels = root / "dtd/dtd/labels/test1.txt"
     labels.write_text("".join(l + "\n" for l in labels.read_text().split() if not l.startswith("texture_03/")))
-    test = tasks.load_split("dtd", "test", 8, str(root))
+    test = load_split("dtd", "test", 8, str(root))
     assert 3 not in test.y.tolist() and (fx.labels_from_pixels(test.x.numpy()) == test.y.numpy()).all()
 
 

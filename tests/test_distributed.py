@@ -16,7 +16,7 @@ import yaml
 from benchmark.cli import main
 from benchmark.config.schema import ModelConfig
 from benchmark.errors import CfbenchError
-from benchmark.models import check_batchnorm
+from benchmark.models.factory import check_batchnorm
 from benchmark.run.launch import after_restart
 from benchmark.distributed import World, shard, shard_weight
 from benchmark.run.augment import RandomResizedCropBatch

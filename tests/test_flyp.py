@@ -10,11 +10,11 @@ import torch.nn.functional as F
 import yaml
 
 import strategies
-import tasks
+from tasks.loading import load_split
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names
 from benchmark.errors import CfbenchError
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from benchmark.run.runner import run_strategy
 from strategies.flyp import FLYPPlugin, PromptBank, clip_contrastive_loss
 from strategies.flyp_ce import FLYPCEPlugin
@@ -250,7 +250,7 @@ def test_ldifs_protocol_flyp_runs_equal_the_official_loops(strategy, tiny_clip_c
     templates = yaml.safe_load(open(one_template))
     batches, class_texts = {}, {}
     for t, name in enumerate(TASKS):
-        s = tasks.load_split(name, used["train"]["split"], used["model"]["image_size"], used["data_root"],
+        s = load_split(name, used["train"]["split"], used["model"]["image_size"], used["data_root"],
                              used["train"]["max_train_per_class"], used["seed"], used["cache_dir"],
                              used["cache_format"])
         assert len(s) <= used["train"]["batch_size"]

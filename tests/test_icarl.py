@@ -131,7 +131,7 @@ def test_exemplar_images_read_each_task_in_order():
 
 def test_icarl_is_registered_with_the_official_defaults():
     spec = STRATEGIES["icarl"]
-    assert spec.needs_text and spec.plugin is ICaRLPlugin
+    assert spec.needs_text and spec.build == "icarl:build"
     assert spec.defaults == {"memory_size": 10000, "max_candidates": 30000, "selection": "official",
                              "temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64}
     from benchmark.errors import CfbenchError

@@ -159,7 +159,7 @@ def test_the_reference_encoder_is_the_image_tower_alone_and_checkpoints_as_one()
     parameter count equals clip.visual's), gives the same slices, and a checkpoint restores it as one."""
     from avalanche.training import Naive
 
-    from strategies import LDIFSPlugin
+    from strategies.ldifs import LDIFSPlugin
     from strategies.checkpoint import export_state, import_state
     from tests.test_plugins import model_with_heads, tiny_benchmark
 

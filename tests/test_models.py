@@ -3,8 +3,9 @@ import torch
 
 from benchmark.evaluation.evaluate import extract_features
 from benchmark.evaluation.probe import accuracy, fit_probe
-from benchmark.models import EfficientNetLite0, create_model
-from tasks import load_split
+from benchmark.models.efficientnet import EfficientNetLite0
+from benchmark.models.factory import create_model
+from tasks.loading import load_split
 
 
 def test_packaged_weights_recognise_a_real_photo():

@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import tasks
+from tasks.loading import load_split
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from benchmark.run.runner import run_strategy
 from tests.test_protocol_ldifs import OfficialClassificationHead, official_zs_head
 
@@ -208,7 +208,7 @@ def test_ldifs_protocol_run_equals_the_official_training_loop(tiny_clip_checkpoi
     used = yaml.safe_load((run / "config.yaml").read_text())
     splits = {}
     for name in TASKS:
-        s = tasks.load_split(name, used["train"]["split"], used["model"]["image_size"], used["data_root"],
+        s = load_split(name, used["train"]["split"], used["model"]["image_size"], used["data_root"],
                              used["train"]["max_train_per_class"], used["seed"], used["cache_dir"],
                              used["cache_format"])
         assert len(s) <= used["train"]["batch_size"]  # one full batch per step

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import tasks
+from tasks.loading import load_split
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
 from benchmark.models.clip import CLIPModel
@@ -173,11 +173,11 @@ def test_zscl_mtil_two_tasks_match_the_official_loop(tiny_clip_checkpoint, tmp_p
     clip = open_clip.create_model("cfbench-tiny-vit", pretrained=path)
     io = CLIPModel(clip, open_clip.get_tokenizer("cfbench-tiny-vit"))
     pretrained = {k: v.detach().clone() for k, v in clip.named_parameters()}
-    ref = tasks.load_split(REFERENCE, "trainval", size, root, None, seed, None, fmt)
+    ref = load_split(REFERENCE, "trainval", size, root, None, seed, None, fmt)
     assert len(ref) == 10 <= REF_BATCH
     load = None
     for name in TASKS:
-        split = tasks.load_split(name, "trainval", size, root, PER_CLASS, seed, None, fmt)
+        split = load_split(name, "trainval", size, root, PER_CLASS, seed, None, fmt)
         assert len(split) <= ran["train"]["batch_size"]
         template = task_templates(name, ran["eval"]["templates"])[0]  # template(class) (finetune.py:103)
         prompts = [template.format(c) for c in task_class_names(name, root, ran["eval"]["classnames"])]

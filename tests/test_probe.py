@@ -43,8 +43,8 @@ def test_lp_evaluator_on_real_digits_equals_direct_sklearn_fit():
     from benchmark.config import EvalConfig
     from benchmark.evaluation.evaluate import EvalDataset, evaluate_round, extract_features
     from benchmark.evaluation.multihead import MultiHeadClassifier
-    from benchmark.models import create_model
-    from tasks import load_split
+    from benchmark.models.factory import create_model
+    from tasks.loading import load_split
 
     train = load_split("digits", "train", 64, max_per_class=20, seed=3)
     test = load_split("digits", "test", 64, max_per_class=12, seed=3)
@@ -92,14 +92,14 @@ def test_the_demo_lp_init_does_not_depend_on_the_blas_threads_of_the_process():
     follows the thread count. Fits now run on one BLAS thread whatever the process has."""
     from threadpoolctl import threadpool_limits
 
-    import tasks
     from benchmark.config.schema import ModelConfig
     from benchmark.evaluation.evaluate import extract_features
     from benchmark.evaluation.probe import fit_normalized_head
-    from benchmark.models import build_model
+    from benchmark.models.factory import build_model
+    from tasks.loading import load_split
 
     encoder = build_model(ModelConfig(image_size=32))
-    train, val = (tasks.load_split("digits", split, 32, None, 12, 0) for split in ("train", "val"))
+    train, val = (load_split("digits", split, 32, None, 12, 0) for split in ("train", "val"))
     train_f, val_f = extract_features(encoder, train.x), extract_features(encoder, val.x)
     fits = []
     for threads in (1, 2):

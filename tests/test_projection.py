@@ -8,7 +8,7 @@ import torch
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.config.plan import make_plan
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from benchmark.perf import rates as rates_module
 from benchmark.perf.projection import HOURS, dataset_sizes, project, text
 from benchmark.perf.rates import Rates

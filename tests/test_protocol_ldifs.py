@@ -14,6 +14,7 @@ import torchvision
 import yaml
 
 import tasks
+from tasks.loading import load_split
 from benchmark.cli import main
 from benchmark.config import EvalConfig
 from benchmark.config.templates import load_template_set, task_templates
@@ -21,7 +22,7 @@ from benchmark.evaluation.evaluate import EvalDataset, ZeroShotClassifier, evalu
 from benchmark.evaluation.matrix import Matrix
 from benchmark.evaluation.multihead import MultiHeadClassifier
 from benchmark.evaluation.probe import fit_official_probe
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from benchmark.models.clip import wants_quick_gelu
 from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.run.runner import _init_head, run_strategy
@@ -295,8 +296,8 @@ def test_random_resized_crop_is_torchvisions_transform_sample_by_sample():
 def test_zero_shot_uses_the_pretrained_text_tower_when_asked(tiny_clip_checkpoint):
     path, _ = tiny_clip_checkpoint
     encoder = create_model("cfbench-tiny-vit", path)
-    train = tasks.load_split("digits", "train", 32, max_per_class=4)
-    test = tasks.load_split("digits", "test", 32, max_per_class=5)
+    train = load_split("digits", "train", 32, max_per_class=4)
+    test = load_split("digits", "test", 32, max_per_class=5)
     ds = EvalDataset("digits", tasks.task_classes("digits"), ("a photo of the number {}.",), train, test)
     pretrained = {"digits": ZeroShotClassifier.build(encoder, ds)}
     with torch.no_grad():  # the text tower drifts (as a strategy that trained it would make it)
@@ -402,7 +403,7 @@ def test_frozen_text_tower_is_out_of_the_optimizer(tiny_clip_checkpoint, tmp_pat
 
 
 def test_ldifs_with_augmentation_runs_the_reference_on_every_batch(tiny_clip_checkpoint, tmp_path):
-    from strategies import LDIFSPlugin
+    from strategies.ldifs import LDIFSPlugin
 
     path, _ = tiny_clip_checkpoint
     cfg = tiny_config(tmp_path, _clip_layer(path), {"tasks": ["digits"], "strategies": ["ldifs"],

@@ -12,14 +12,15 @@ from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
 import tasks
+from tasks.loading import load_split
 from benchmark.cli import main
 from benchmark.config import resolve
 from benchmark.evaluation.matrix import Matrix
 from benchmark.evaluation.multihead import MultiHeadClassifier, TextHead
-from benchmark.models import create_model
+from benchmark.models.factory import create_model
 from benchmark.report.compare import zscl_table3
 from benchmark.run.schedule import WarmupCosinePlugin
-from strategies import ZSCLPlugin
+from strategies.zscl import ZSCLPlugin
 from tests.test_plugins import tiny_benchmark
 from tests.helpers import THREADS
 
@@ -118,12 +119,12 @@ def test_eurosat_mtil_is_zscls_80_20_split_of_all_images(tmp_path):
 
 
 def test_trainval_is_the_whole_train_split(tmp_path):
-    train, val = tasks.load_split("digits", "train", 16), tasks.load_split("digits", "val", 16)
-    whole = tasks.load_split("digits", "trainval", 16)
+    train, val = load_split("digits", "train", 16), load_split("digits", "val", 16)
+    whole = load_split("digits", "trainval", 16)
     assert len(whole) == len(train) + len(val)
     fx.eurosat(tmp_path)  # a task with a fixed validation split: its train and val files
     tasks.clear_memory()
-    parts = [tasks.load_split("eurosat", s, 16, str(tmp_path)) for s in ("train", "val", "trainval")]
+    parts = [load_split("eurosat", s, 16, str(tmp_path)) for s in ("train", "val", "trainval")]
     assert len(parts[2]) == len(parts[0]) + len(parts[1])
     assert torch.equal(parts[2].y, torch.cat([parts[0].y, parts[1].y]))
 
@@ -197,7 +198,7 @@ def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
 def test_wise_ft_beta_08_is_zscls_merge_with_the_previous_tasks_model():
     """finetune.py:332-340 with --wise_ft_model n --wise_ft_alpha 0.8: every parameter becomes
     0.8 * trained + 0.2 * the model the task started from (the previous task's), on text heads."""
-    from strategies import WiSEFTPlugin
+    from strategies.wise_ft import WiSEFTPlugin
     from tests.helpers import tiny_clip_vit
     from tests.test_plugins import Snapshot
 
@@ -254,8 +255,8 @@ def test_zscl_reference_texts_from_a_captions_file(tmp_path):
     (plugin,) = build_plugins("zscl", params, BuildContext(image_size=16))
     assert plugin.reference_texts == ["a dog on a beach", "two people riding bikes"]
     # the reference task's whole train split (ZSCL's ImageNet train folder), no validation hold-out out of it
-    whole = tasks.load_split("digits", "trainval", 16)
-    assert len(whole) > len(tasks.load_split("digits", "train", 16))
+    whole = load_split("digits", "trainval", 16)
+    assert len(whole) > len(load_split("digits", "train", 16))
     assert torch.equal(plugin.reference_images, whole.x)
     captions.write_text("\n \n")
     with pytest.raises(CfbenchError, match="no captions in it"):
@@ -309,4 +310,4 @@ def test_lwf_vr_reference_texts_are_zscls_random_vocabulary():
     _, tokens1 = plugin.reference_for(1)
     assert tokens0.shape == (1000, 77) and not torch.equal(tokens0, tokens1)  # drawn anew per task
     assert torch.equal(plugin.reference_for(0)[1], tokens0)  # seeded: a resumed run draws the same
-    assert len(images0) == len(tasks.load_split("digits", "train", 16))
+    assert len(images0) == len(load_split("digits", "train", 16))

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from benchmark.errors import CfbenchError
-from tasks import get_task, load_split, resolve_sequence, task_status
+from tasks import get_task, resolve_sequence, task_status
+from tasks.loading import load_split
 
 
 @pytest.mark.parametrize("name,n_classes", [("mnist5k", 10), ("digits", 10), ("photo_patches", 14), ("faces", 2)])

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import tasks
+from tasks.loading import load_split
 from benchmark.evaluation.matrix import Matrix
 from benchmark.run.batches import TensorBatches
 from benchmark.run.runner import _benchmark, run_strategy
@@ -10,7 +11,7 @@ from tests.helpers import tiny_config
 
 
 def test_tensor_batches_cover_each_sample_once_with_avalanches_layout():
-    split = tasks.load_split("digits", "train", 16, max_per_class=9)
+    split = load_split("digits", "train", 16, max_per_class=9)
     stream = _benchmark([split]).train_stream[0]
     torch.manual_seed(0)
     batches = list(TensorBatches(split, task=0, batch_size=16))
@@ -42,7 +43,7 @@ def test_compiled_encoder_trains_like_eager_with_ldifs_hooks():
     from benchmark.evaluation.multihead import MultiHeadClassifier
     from benchmark.run.runner import _silent_evaluator, make_optimizer
     from benchmark.run.training import FastNaive, configure_for_device
-    from strategies import LDIFSPlugin
+    from strategies.ldifs import LDIFSPlugin
     from tests.helpers import tiny_clip_vit
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
 
-from strategies import ZSCLPlugin
+from strategies.zscl import ZSCLPlugin
 from strategies.zscl import soft_cross_entropy
 from tests.helpers import tiny_clip_vit
 from tests.test_plugins import model_with_heads, tiny_benchmark
@@ -168,7 +168,7 @@ def test_teacher_features_over_the_budget_are_kept_float16_and_the_loss_barely_m
 
 def test_zscl_refuses_image_only_models():
     from benchmark.evaluation.multihead import MultiHeadClassifier
-    from benchmark.models import EfficientNetLite0
+    from benchmark.models.efficientnet import EfficientNetLite0
 
     model = MultiHeadClassifier(EfficientNetLite0(pretrained=None, image_size=32))
     model.ensure_head(0, 3)

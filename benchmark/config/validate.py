@@ -9,8 +9,8 @@ from pathlib import Path
 
 import strategies
 import tasks
-from tasks.cache import ENV_VAR as CACHE_ENV
-from tasks.cache import cache_root
+from tasks.registry import CACHE_ENV_VAR as CACHE_ENV
+from tasks.registry import cache_root
 
 from ..errors import CfbenchError
 from ..models import OFFLINE_MODELS, check_model

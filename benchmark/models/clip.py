@@ -10,8 +10,7 @@ from torch import nn
 
 from ..errors import CfbenchError
 from .base import FoundationModel
-
-CONFIGS_ENV = "CFBENCH_OPEN_CLIP_CONFIGS"
+from .catalog import CONFIGS_ENV
 
 
 def open_clip_with_configs():

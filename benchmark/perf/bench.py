@@ -15,7 +15,9 @@ import psutil
 import torch
 
 import tasks
-from strategies import LDIFSPlugin, ZSCLPlugin
+from tasks.loading import load_split
+from strategies.ldifs import LDIFSPlugin
+from strategies.zscl import ZSCLPlugin
 from tasks import TensorSplit
 from tasks.base import FileSource
 from tasks.cache import cached_images, decode
@@ -27,7 +29,7 @@ from ..errors import CfbenchError
 from ..evaluation.evaluate import EvalDataset, evaluate_round, extract_features
 from ..evaluation.multihead import MultiHeadClassifier
 from ..evaluation.probe import accuracy, fit_normalized_head, fit_official_probe, fit_probe
-from ..models import create_model
+from ..models.factory import create_model
 from ..models.clip import CLIPModel
 from ..run.augment import RandomResizedCropBatch
 from ..run.runner import _benchmark, _silent_evaluator, make_optimizer
@@ -221,7 +223,7 @@ def evaluation_comparison(encoder, names: list[str], image_size: int, repeats: i
 
     def split(name: str, which: str, cap: Optional[int], from_cache: bool) -> TensorSplit:
         if from_cache:
-            return tasks.load_split(name, which, image_size, max_per_class=cap)
+            return load_split(name, which, image_size, max_per_class=cap)
         _, src, idx = select(name, which, max_per_class=cap)
         return TensorSplit(torch.from_numpy(decode(src, idx, image_size)), torch.from_numpy(src.labels[idx]))
 
@@ -250,7 +252,7 @@ def probe_comparison(encoder, names: list[str], image_size: int, repeats: int, d
 
     feats = {}
     for n in names:
-        splits = [tasks.load_split(n, which, image_size, max_per_class=cap)
+        splits = [load_split(n, which, image_size, max_per_class=cap)
                   for which, cap in (("train", probe_cap), ("val", probe_cap), ("test", test_cap))]
         feats[n] = [(extract_features(encoder, s.x, 256, device), s.y) for s in splits]
     k = {n: tasks.get_task(n).num_classes for n in names}
@@ -336,7 +338,7 @@ def run_perf(model_name: str, repeats: int, device: str, samples: int, batch_siz
 
         encoder = CLIPModel(open_clip.create_model(model_name, pretrained=None))
         size = encoder.image_size
-    data = tasks.load_split("mnist5k", "train", size, max_per_class=max(1, samples // 10))
+    data = load_split("mnist5k", "train", size, max_per_class=max(1, samples // 10))
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name() if device == "cuda" else None
     lines = [f"# cfbench perf: {model_name} at {size} px, {len(data)} samples x {epochs} epochs, batch {batch_size}, "

@@ -206,7 +206,7 @@ def accuracy_effect(size: int = 224, per_class: tuple[int, int] = (40, 60), phot
     # the rest of the benchmark runs on a bare GPU machine
     from ..evaluation.evaluate import extract_features
     from ..evaluation.probe import accuracy, fit_probe
-    from ..models import create_model
+    from ..models.factory import create_model
 
     encoder = create_model("efficientnet_lite0", "package", size).eval()
     lines = [f"## pretrained LP accuracy (EfficientNet-Lite0, {size} px, sklearn C=1 probe): raw vs compact"]

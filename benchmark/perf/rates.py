@@ -33,7 +33,8 @@ from ..config.plan import RunPlan
 from ..evaluation.evaluate import extract_features
 from ..evaluation.multihead import MultiHeadClassifier
 from ..evaluation.probe import OFFICIAL_LRS, fit_official_probe, fit_probe
-from ..models import FoundationModel, create_model
+from ..models.base import FoundationModel
+from ..models.factory import create_model
 from ..models.clip import wants_quick_gelu
 from ..run.augment import build_augment
 from ..run.runner import _benchmark, _silent_evaluator, make_optimizer

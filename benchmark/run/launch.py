@@ -27,7 +27,7 @@ from ..config.schema import ModelConfig
 from ..distributed import World, broadcast, init_from_env, launched
 from ..errors import CfbenchError
 from ..files import read_json_object
-from ..models import check_batchnorm
+from ..models.factory import check_batchnorm
 from ..report.run_folder import CHECKPOINT, PROGRESS, new_invocation_folder, next_step
 
 LAUNCHED_ENV = "CFBENCH_LAUNCHED"      # set in the ranks: they leave the error line to the launcher

@@ -27,6 +27,7 @@ from threadpoolctl import threadpool_limits
 
 import strategies
 import tasks as task_registry
+from tasks.loading import load_split
 
 from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
@@ -42,7 +43,7 @@ from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.multihead import MultiHeadClassifier
 from ..evaluation.within import Curve
 from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
-from ..models import build_model, check_batchnorm
+from ..models.factory import build_model, check_batchnorm
 from ..report.compare import finalize_run
 from ..report.run_folder import DEVIATIONS, hold_run_folder
 from ..report.trackers import Trackers
@@ -216,7 +217,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _split(cfg: RunConfig, name: str, split: str, cap: Optional[int]) -> task_registry.TensorSplit:
-    return task_registry.load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir,
+    return load_split(name, split, cfg.model.image_size, cfg.data_root, cap, cfg.seed, cfg.cache_dir,
                                     cfg.cache_format)
 
 

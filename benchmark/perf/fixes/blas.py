@@ -13,12 +13,13 @@ import time
 import torch
 
 import tasks
+from tasks.loading import load_split
 
 from ...config.schema import ModelConfig
 from ...evaluation import probe
 from ...evaluation.evaluate import extract_features
 from ...evaluation.probe import accuracy, fit_normalized_head, fit_probe
-from ...models import build_model
+from ...models.factory import build_model
 
 NAMES = ("digits", "photo_patches", "faces")
 
@@ -26,7 +27,7 @@ NAMES = ("digits", "photo_patches", "faces")
 def _features(image_size: int, cap: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
     encoder = build_model(ModelConfig(image_size=image_size))
     return {n: [(extract_features(encoder, s.x), s.y) for s in
-                 (tasks.load_split(n, which, image_size, max_per_class=c)
+                 (load_split(n, which, image_size, max_per_class=c)
                   for which, c in (("train", cap), ("val", cap), ("test", None)))] for n in NAMES}
 
 

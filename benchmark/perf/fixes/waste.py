@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from strategies.zscl import soft_cross_entropy
 
 from ...evaluation.probe import fit_official_probe, refit_official_probe, select_official_lr
-from ...models import create_model
+from ...models.factory import create_model
 
 IMAGENET_TRAIN = 1_281_167
 
