@@ -52,22 +52,33 @@ def _run_overrides(args) -> dict:
     return over
 
 
+def _config_and_settings(items: list[str]) -> tuple[Optional[str], dict]:
+    """`run [CONFIG] [KEY=VALUE ...]`: the config file (at most one) and the layer the settings make."""
+    from .config.overrides import is_override, override_layer
+
+    files = [item for item in items if not is_override(item) or Path(item).exists()]
+    if len(files) > 1:
+        raise CfbenchError(f"run takes one config file, not {len(files)} ({', '.join(files)}); settings are "
+                           "KEY=VALUE with a dotted key, e.g. train.lr=1e-4")
+    return (files[0] if files else None), override_layer([item for item in items if item not in files])
+
+
 def cmd_run(args) -> int:
-    from .config import dump_config, load_config
+    from .config import dump_config, load_config, merge
     from .config.deviations import headline, protocol_deviations
     from .config.deviations import summary as protocol_summary
     from .config.protocols import protocol_description
     from .config.validate import check_run
-    from .report.compare import compare_runs
-    from .report.run_folder import new_invocation_folder
-    from .run.launch import after_restart, broadcast, check_launch, invocation_folder, join_ranks, launch_ranks, launched
-    from .run.runner import run_strategy
 
     if args.resume:
         return _resume(Path(args.resume), args)
-    if args.nproc and launched():
-        raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
-    cfg = load_config(args.config, _run_overrides(args))
+    if args.nproc:
+        from .run.launch import launched
+
+        if launched():
+            raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
+    path, settings = _config_and_settings(args.config)
+    cfg = load_config(path, merge(settings, _run_overrides(args)))  # the flags last
     if args.print_config:
         if cfg.protocol:  # what the preset reproduces, as comments: the output stays a config file
             print("\n".join(f"# {line}" for line in textwrap.wrap(protocol_description(cfg.protocol), 100)))
@@ -82,6 +93,19 @@ def cmd_run(args) -> int:
         print(f"checked: trains {' -> '.join(plan.trained)}, evaluates also {', '.join(plan.eval_only) or 'nothing else'}"
               f"; {len(cfg.strategies)} run(s) into {cfg.out}; nothing was written")
         return 0
+    return _train(args, cfg, plan)
+
+
+def _train(args, cfg, plan) -> int:
+    """The checked run: launched over --nproc processes, or trained here (torch and Avalanche
+    are imported from here on)."""
+    from .config.deviations import protocol_deviations
+    from .config.deviations import summary as protocol_summary
+    from .report.compare import compare_runs
+    from .report.run_folder import new_invocation_folder
+    from .run.launch import after_restart, broadcast, check_launch, invocation_folder, join_ranks, launch_ranks
+    from .run.runner import run_strategy
+
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
     if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
@@ -124,8 +148,6 @@ def _resume(run_dir: Path, args) -> int:
     from .config.validate import check_data
     from .files import read_json_object
     from .report.run_folder import CHECKPOINT, PROGRESS
-    from .run.launch import check_launch, join_ranks, launch_ranks, launched
-    from .run.runner import run_strategy
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
              if k not in ("command", "func", "resume", "argv", "nproc", "max_restarts", *MACHINE_SETTINGS)
@@ -149,6 +171,9 @@ def _resume(run_dir: Path, args) -> int:
     machine = {k: getattr(args, k) for k in MACHINE_SETTINGS if getattr(args, k) is not None}
     cfg = load_run_config(run_dir / "config.yaml", machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
+    from .run.launch import check_launch, join_ranks, launch_ranks, launched  # trains from here: torch
+    from .run.runner import run_strategy
+
     if args.nproc and args.nproc > 1:
         if launched():
             raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
@@ -227,13 +252,12 @@ def cmd_list(args) -> int:
         _list_references()
     else:
         from .models import OFFLINE_MODELS
+        from .models.catalog import open_clip_configs
 
         for name, desc in OFFLINE_MODELS.items():
             print(f"{name:<20} {desc}")
-        import open_clip
-
         print("open_clip models (pretrained: a tag, which downloads, or a local checkpoint path):")
-        print("  " + ", ".join(open_clip.list_models()))
+        print("  " + ", ".join(open_clip_configs()))
     return 0
 
 
@@ -286,7 +310,7 @@ def cmd_data_check(args) -> int:
 
 def _print_cache_sizes(names, image_size: int, data_root) -> None:
     from tasks.cache import JPEG_QUALITY
-    from tasks.registry import cache_sizes
+    from tasks.loading import cache_sizes
 
     print(f"\ncache at {image_size} px (every image of each task; nothing is built; "
           f"jpeg = q{JPEG_QUALITY}, estimated from 32 sampled images)")
@@ -455,7 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "image models: how much does fine-tuning forget, and which strategy prevents it?")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="fine-tune over a task sequence with one or more strategies")
-    r.add_argument("config", nargs="?", help="YAML config, laid over its protocol's preset (default: the offline demo)")
+    r.add_argument("config", nargs="*", metavar="[CONFIG] [KEY=VALUE ...]",
+                   help="a YAML config, laid over its protocol's preset (default: the offline demo), then settings "
+                        "by their dotted path, typed as YAML, as a sweep's axes name them (train.lr=1e-4 "
+                        "strategy_params.ldifs.alpha=100 'train.epochs={mnist: 3, default: 1}'); the flags below "
+                        "are laid over both")
     r.add_argument("--protocol", help="a named preset of every setting (cfbench list protocols; default demo); "
                    "the config file and flags override it key by key")
     r.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")

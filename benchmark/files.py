@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -235,6 +236,13 @@ class _NoAliasLoader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "anchors and aliases (*name) are not accepted; write the "
                                               "values out", event.start_mark)
         return super().compose_node(parent, index)
+
+
+# YAML 1.1 (PyYAML) reads 1e-4 -- no dot -- as a string; YAML 1.2 and every reader of a learning
+# rate read a number. Exponent numbers without a dot are floats here too.
+_NoAliasLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789"))
 
 
 def parse_yaml(text: str, source: str) -> Any:

@@ -148,6 +148,13 @@ def _cases(tmp, clip_path):
         ("run-captions-file-missing", ["run", bad("captions", {
             "strategies": ["zscl"], "model": {"name": "cfbench-tiny-vit", "pretrained": clip_path},
             "strategy_params": {"zscl": {"reference_texts": str(tmp / "captions.txt")}}})]),
+        ("run-setting-unknown", ["run", tiny, "train.lrr=1"]),
+        ("run-setting-twice", ["run", tiny, "seed=1", "seed=2"]),
+        ("run-setting-wrong-type", ["run", tiny, "train.epochs=fast"]),
+        ("run-setting-inside-a-per-task-map", ["run", tiny, "train.epochs.digits=2"]),
+        ("run-setting-invalid-yaml", ["run", tiny, "train.lr=[1"]),
+        ("run-setting-unknown-parameter", ["run", tiny, "strategy_params.ldifs.alpah=1"]),
+        ("run-two-config-files", ["run", tiny, tiny]),
         ("run-pretrained-not-a-checkpoint", ["run", tiny, "--pretrained", str(tmp / "garbage.pt")]),
         ("run-protocol-as-a-path", ["run", tiny, "--protocol", "../protocols/demo"]),
         ("run-config-alias-bomb", ["run", str(tmp / "bomb.yaml")]),

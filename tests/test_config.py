@@ -81,3 +81,27 @@ def test_list_protocols(capsys):
     assert main(["list", "protocols"]) == 0
     out = capsys.readouterr().out
     assert "ldifs" in out and "demo (default)" in out and "--print-config" in out
+
+
+def test_command_line_settings_are_typed_as_yaml_and_laid_over_the_file(tmp_path, capsys):
+    """`run [CONFIG] KEY=VALUE ...`: the sweeps' dotted keys; 1e-4 is a number (YAML 1.2, not 1.1's
+    string); a per-task map is one value; the flags are laid over both."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: 1e-3, batch_size: 8}\nseed: 3\n")
+    assert main(["run", str(config), "train.lr=1e-4", "strategy_params.ldifs.alpha=100", "eval_only=[]",
+                 "train.epochs={digits: 2, default: 1}", "seed=5", "--seed", "7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 1e-4 and printed["train"]["batch_size"] == 8
+    assert printed["train"]["epochs"] == {"digits": 2, "default": 1}
+    assert printed["strategy_params"]["ldifs"]["alpha"] == 100 and printed["eval_only"] == []
+    assert printed["seed"] == 7
+    assert load_config(str(config)).train.lr == 1e-3  # the exponent without a dot, in a file too
+
+
+def test_sweep_axes_and_command_line_settings_share_one_path_check():
+    from benchmark.config.overrides import override_layer
+
+    assert override_layer(["model.image_size=32", "strategy_params.ewc.mode=online"]) == \
+        {"model": {"image_size": 32}, "strategy_params": {"ewc": {"mode": "online"}}}
+    with pytest.raises(CfbenchError, match="unknown setting 'model.size'.*'size' is no setting of model"):
+        override_layer(["model.size=32"])

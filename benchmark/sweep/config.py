@@ -26,20 +26,18 @@ Every problem is one `CfbenchError` line naming the file; nothing here writes an
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import strategies
 
 from ..config import RunConfig, read_config_file, resolve
-from ..config.schema import _build, _sections
+from ..config.overrides import set_path, setting_parts
+from ..config.schema import _build
 from ..config.validate import check_run, check_writable_folder
 from ..errors import CfbenchError
 
@@ -162,38 +160,12 @@ def _setting_axis(path: Path, key: str) -> list[str]:
     parts = key.split(".")
     if parts[0] in NOT_AXES and (parts[0] != "model" or len(parts) == 1):
         raise _fail(path, f"axes.{key}: not an axis ({NOT_AXES[parts[0]]})")
-    if parts[0] == "strategy_params":
-
-        if len(parts) != 3:
-            raise _fail(path, f"axes.{key}: name one parameter, strategy_params.<strategy>.<parameter>")
-        spec = strategies.STRATEGIES.get(parts[1])
-        if spec is None:
-            raise _fail(path, f"axes.{key}: unknown strategy {parts[1]!r}; known: {', '.join(strategies.STRATEGIES)}")
-        if parts[2] not in spec.defaults:
-            raise _fail(path, f"axes.{key}: {parts[1]} has no parameter {parts[2]!r}; accepted: "
-                              f"{', '.join(sorted(spec.defaults)) or 'none'}")
-        return parts
-    cls, sections = RunConfig, _sections()
-    for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            known = ", ".join(SPECIAL_AXES) + ", strategy_params.<strategy>.<parameter> or a setting's dotted path"
-            where = ".".join(parts[:i]) or "the top level"
-            raise _fail(path, f"unknown axis {key!r} ({part!r} is no setting of {where}); axes are {known}")
-        if i < len(parts) - 1:
-            if part not in sections:
-                raise _fail(path, f"axes.{key}: {'.'.join(parts[:i + 1])} has no sub-settings")
-            cls, sections = typing.get_type_hints(cls)[part], sections[part]
-    return parts
-
-
-def _set(tree: dict, parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        node = tree.get(part)
-        if not isinstance(node, dict):
-            node = tree[part] = {}
-        tree = node
-    tree[parts[-1]] = value
+    known = ", ".join(SPECIAL_AXES) + ", strategy_params.<strategy>.<parameter> or a setting's dotted path"
+    try:
+        return setting_parts(key, what="axis", known=f"axes are {known}")
+    except CfbenchError as err:
+        message = str(err)
+        raise _fail(path, f"axes.{message}" if message.startswith(f"{key}:") else message) from None
 
 
 def _components(strategy: str) -> set[str]:
@@ -288,7 +260,7 @@ def _one_run(path: Path, base: RunConfig, folder: Path, values: dict[str, Any], 
             if parts[0] == "strategy_params" and parts[1] not in _components(strategy):
                 labels[axis] = "-"
                 continue
-            _set(tree, parts, value)
+            set_path(tree, parts, value)
             short = parts[-1] if shorts.count(parts[-1]) == 1 else "_".join(parts[1:] or parts)
             labels[axis] = _label(value)
             parts_of_name.append(f"{short}{labels[axis]}")
