@@ -23,16 +23,17 @@ SMALL = {"model": {"image_size": 32}, "train": {"max_train_per_class": 8},
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """One invocation with two strategies, shared by the tests below."""
+    """One invocation with two strategies, shared by the tests below; two of its settings are
+    given on the command line as KEY=VALUE (`test_command_line_settings_reach_config_yaml`)."""
     out = tmp_path_factory.mktemp("runs")
     cfg_path = out / "tiny.yaml"
     cfg_path.write_text(yaml.safe_dump({
         "tasks": ["digits", "faces"], "eval_only": ["photo_patches"], "strategies": ["ft", "ldifs"],
         "model": {"image_size": 64},
-        "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16, "warmup_steps": 2},
+        "train": {"epochs": 1, "max_train_per_class": 16, "batch_size": 16},
         "eval": {"probe_max_per_class": 12, "test_max_per_class": 10},
-        "out": str(out), "threads": THREADS}))
-    assert main(["run", str(cfg_path)]) == 0
+        "out": str(out)}))
+    assert main(["run", str(cfg_path), "train.warmup_steps=2", f"threads={THREADS}"]) == 0
     (invocation,) = [p for p in out.iterdir() if p.is_dir()]
     return invocation
 
@@ -71,6 +72,13 @@ def test_deviations_list_exactly_what_the_tiny_config_changed(finished):
         found = json.loads((finished / f"{strategy}-s0/deviations.json").read_text())
         assert [(d["key"], d["protocol"], d["run"]) for d in found] == expected
         assert "protocol demo, 8 changes: tasks [" in (finished / f"{strategy}-s0/log.txt").read_text()
+
+
+def test_command_line_settings_reach_config_yaml(finished):
+    for strategy in ("ft", "ldifs"):
+        written = yaml.safe_load((finished / f"{strategy}-s0/config.yaml").read_text())
+        assert written["train"]["warmup_steps"] == 2 and written["threads"] == THREADS
+        assert written["train"]["batch_size"] == 16  # the file's settings stay
 
 
 def test_pretrained_row_shared_between_strategies(finished):
@@ -216,3 +224,30 @@ def test_metrics_json_is_strict_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Infinity" not in out and "NaN" not in out
     json.loads(out, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+
+
+HEAVY = ("torch", "avalanche", "open_clip")
+
+
+def test_everyday_commands_import_no_torch_avalanche_or_open_clip(finished, tmp_path):
+    """`--help`, every listing, a refused config, `run --check` / `--print-config`, `data check`,
+    `metrics` and `compare` answer without torch, Avalanche or open_clip (one fresh interpreter,
+    the commands in turn; the first one that pulls a library in is named)."""
+    run = finished / "ft-s0"
+    commands = [["--help"], *(["list", w] for w in ("tasks", "sequences", "strategies", "protocols", "models",
+                                                    "references")),
+                ["run", "--strategy", "fx", "--check"], ["run", "--check", "--out", str(tmp_path / "out")],
+                ["run", "--protocol", "ldifs", "--print-config"], ["data", "check"],
+                ["data", "check", "--tasks", "digits,faces"], ["metrics", str(run / "matrices" / "lp.csv")],
+                ["compare", str(run), "--out", str(tmp_path / "compared")]]
+    code = ("import json, sys\nfrom benchmark.cli import main\nfound = []\n"
+            f"for argv in {commands!r}:\n"
+            "    try:\n        code = main(argv)\n    except SystemExit as exit:\n        code = exit.code\n"
+            f"    found.append([argv, code, [m for m in {HEAVY!r} if m in sys.modules]])\n"
+            "print(json.dumps(found), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    results = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert [code for _, code, _ in results] == [0] * 7 + [2, 0, 0, 0, 0, 0, 0], results
+    first = next(((argv, heavy) for argv, _, heavy in results if heavy), None)
+    assert first is None, f"cfbench {' '.join(first[0])} imported {first[1]}"
+    assert (tmp_path / "compared" / "comparison.md").is_file() and not (tmp_path / "out").exists()
