@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .errors import CfbenchError
+from .errors import CfbenchError, CfbenchProblems
 
 def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*QP solver.*")
@@ -275,7 +275,8 @@ def _list_references() -> None:
 
 
 def cmd_data_check(args) -> int:
-    from tasks import TASKS, loaded_task, parse_task_list, resolve_data_root, resolve_sequence, task_status
+    from tasks import TASKS, get_task, loaded_task, parse_task_list, resolve_data_root, resolve_sequence, task_status
+    from tasks.registry import download_hint
     from tasks.validate import deep_check
 
     if args.sequence:
@@ -298,45 +299,62 @@ def cmd_data_check(args) -> int:
         else:
             unusable.append(name)
             print(f"{name:<17} {status:<11} {'-':>8} {'-':>7} {'-':>7} {TASKS[name].num_classes:>7}")
-            print(f"  {detail}")
+            print(f"  {detail}" + (f"; {download_hint(name, args.data_root)}" if status == "missing" and
+                                    get_task(name).download is not None else ""))
     print(f"{len(names) - len(unusable)} of {len(names)} tasks usable")
     if args.sizes and args.image_size < 8:
         raise CfbenchError(f"--image-size must be at least 8, not {args.image_size}")
     if args.sizes:
-        _print_cache_sizes([n for n in names if n not in unusable], args.image_size, args.data_root)
+        _print_cache_sizes(names, set(unusable), args.image_size, args.data_root)
     requested = bool(args.tasks or args.sequence)
     return 1 if unusable and requested else 0
 
 
-def _print_cache_sizes(names, image_size: int, data_root) -> None:
+def _print_cache_sizes(names, unusable: set, image_size: int, data_root) -> None:
+    """Each task's cache at `image_size`, measured from its files; a task whose data is not here is
+    sized from its published split counts (raw exactly; compact JPEG needs the images)."""
+    from tasks import get_task
+    from tasks.base import published_counts
     from tasks.cache import JPEG_QUALITY
     from tasks.loading import cache_sizes
 
     print(f"\ncache at {image_size} px (every image of each task; nothing is built; "
           f"jpeg = q{JPEG_QUALITY}, estimated from 32 sampled images)")
     print(f"{'task':<17} {'images':>9} {'raw GB':>9} {'compact GB':>11}  compact form")
-    totals = [0, 0.0, 0.0]
+    images, raw, compact = 0, 0.0, 0.0
     for name in names:
+        if name in unusable:  # no files to measure: the published counts
+            count = sum(published_counts(get_task(name)).values())
+            print(f"{name:<17} {count:>9} {count * 3 * image_size ** 2 / 1e9:>9.3f} {'-':>11}  "
+                  "published counts (data not here)")
+            images, raw = images + count, raw + count * 3 * image_size ** 2
+            continue
         size = cache_sizes(name, image_size, data_root)
         print(f"{name:<17} {size['images']:>9} {size['raw'] / 1e9:>9.3f} {size['compact'] / 1e9:>11.3f}  {size['form']}")
-        totals = [totals[0] + size["images"], totals[1] + size["raw"], totals[2] + size["compact"]]
-    print(f"{'total':<17} {totals[0]:>9} {totals[1] / 1e9:>9.3f} {totals[2] / 1e9:>11.3f}")
+        images, raw, compact = images + size["images"], raw + size["raw"], compact + size["compact"]
+    known = " (of the tasks here)" if unusable and len(unusable) < len(names) else ""
+    print(f"{'total':<17} {images:>9} {raw / 1e9:>9.3f} "
+          + (f"{compact / 1e9:>11.3f}{known}" if len(unusable) < len(names) else f"{'-':>11}"))
+    if unusable:
+        print("(published counts: the sizes each source publishes, for tasks whose data is not under the data root)")
 
 
 def cmd_data_download(args) -> int:
-    from tasks import clear_memory, get_task, parse_task_list, resolve_data_root, task_status
+    if args.model:
+        from .models.weights import download_weights
+
+        if args.tasks:
+            raise CfbenchError("data download takes --tasks or --model, not both; run it once for each")
+        print(f"{args.model} {args.pretrained}: {download_weights(args.model, args.pretrained)}")
+        return 0
+    if not args.tasks:
+        raise CfbenchError("data download needs --tasks a,b (datasets) or --model M --pretrained TAG (weights)")
+    from tasks import download_task, parse_task_list, resolve_data_root, task_status
 
     root = resolve_data_root(args.data_root)
     for name in parse_task_list(args.tasks):
-        task = get_task(name)
-        if task.download is None:
-            raise CfbenchError(f"{name}: no automatic download; {task.layout}")
         print(f"downloading {name} into {root} ...")
-        try:
-            task.download(root)
-        except Exception as err:  # network and archive errors of every kind end up here
-            raise CfbenchError(f"{name}: download failed: {err}") from None
-        clear_memory()
+        download_task(name, args.data_root)
         status, detail, _ = task_status(name, args.data_root)
         print(f"{name}: {status}" + (f"; {detail}" if detail else ""))
         if status != "found":
@@ -358,8 +376,9 @@ def cmd_compare(args) -> int:
     from .config.validate import check_writable_folder
     from .files import refuse_links
     from .report.compare import COMPARE_OUTPUTS, compare_runs
+    from .report.run_folder import runs_of
 
-    dirs = [Path(d) for d in args.run_dirs]
+    dirs = runs_of([Path(d) for d in args.run_dirs])
     out = Path(args.out) if args.out else dirs[0].parent
     check_writable_folder(out, "--out")
     if out.is_dir():  # the entries compare writes, never through a link planted there
@@ -534,9 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--deep", action="store_true", help="also decode every image of every split and name each "
                     "one that cannot be decoded (long on full datasets; the default checks open no image)")
     dc.set_defaults(func=cmd_data_check)
-    dd = dsub.add_parser("download", help="download tasks whose sources allow it (torchvision's downloaders)")
+    dd = dsub.add_parser("download", help="download tasks whose sources allow it (torchvision's downloaders), "
+                         "or a model's pretrained weights (--model)")
     dd.add_argument("--data-root", help="default $CFBENCH_DATA or ~/data")
-    dd.add_argument("--tasks", required=True, help="comma-separated task names")
+    dd.add_argument("--tasks", help="comma-separated task names")
+    dd.add_argument("--model", help="an open_clip model whose pretrained weights to fetch into the hub cache "
+                    "(runs load cached weights only; `run --check` names any that are missing)")
+    dd.add_argument("--pretrained", default="openai", help="the weights' open_clip tag (default openai; "
+                    "`cfbench list models` lists them)")
     dd.set_defaults(func=cmd_data_download)
     m = sub.add_parser("metrics", help="forgetting metrics of an accuracy-matrix CSV")
     m.add_argument("matrix")
@@ -544,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_metrics)
     c = sub.add_parser("compare", help="compare finished runs: Markdown + CSV (+ LaTeX) table, forgetting | "
                        "accuracy figure, accuracy curves; runs differing only in seed are grouped (mean, std)")
-    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders, or an invocation folder "
+                   "(the `results:` folder of `cfbench run`), which stands for the runs inside it")
     c.add_argument("--out", help="where to write comparison.* (default: the first run's parent)")
     c.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="figure format (pdf / svg: "
                    "vector, for papers; default png)")
@@ -633,6 +658,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if os.environ.get("CFBENCH_LAUNCHED"):  # run/launch.py LAUNCHED_ENV, read without importing torch
             return _as_launched_rank(args)
         return args.func(args)
+    except CfbenchProblems as err:
+        print(f"cfbench: error: {len(err.lines)} problems:", file=sys.stderr)
+        for line in err.lines:
+            print(f"  - {one_line(line)}", file=sys.stderr)
+        return 2
     except CfbenchError as err:
         print(f"cfbench: error: {one_line(str(err))}", file=sys.stderr)
         return 2

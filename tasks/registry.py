@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -170,6 +172,44 @@ def split_sizes(found: LoadedTask) -> dict[str, int]:
         return {s: len(found.splits[s]) for s in ("train", "val", "test")}
     n, held = len(found.splits["train"]), holdout_size(len(found.splits["train"]))
     return {"train": n - held, "val": held, "test": len(found.splits["test"])}
+
+
+def download_hint(name: str, given_root: Optional[str] = None) -> str:
+    """The command that fetches a downloadable task into the data root a command was given."""
+    root = f" --data-root {shlex.quote(str(given_root))}" if given_root else ""
+    return f"fetch it with `cfbench data download --tasks {name}{root}`"
+
+
+def download_task(name: str, given_root: Optional[str] = None) -> None:
+    """Fetch a task's sources into the data root with its downloader. A failed download leaves
+    nothing behind: what it added at the top of the data root (and the root itself, if it made
+    it) is removed, so the task reads as missing, not as a half-extracted folder."""
+    task, root = get_task(name), resolve_data_root(given_root)
+    if task.download is None:
+        raise CfbenchError(f"{name}: no automatic download; {task.layout}")
+    made_root = not root.exists()
+    before = set() if made_root else set(os.listdir(root))
+    try:
+        task.download(root)
+    except BaseException as err:
+        if root.is_dir():
+            for entry in sorted(set(os.listdir(root)) - before):
+                _remove(root / entry)
+            if made_root and not os.listdir(root):
+                root.rmdir()
+        if isinstance(err, Exception):  # network and archive errors of every kind end up here
+            raise CfbenchError(f"{name}: download failed ({type(err).__name__}: {err}); nothing was kept "
+                               f"under {root}") from None
+        raise
+    finally:
+        clear_memory()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def also_forget(clear: Callable[[], None]) -> None:

@@ -1,5 +1,6 @@
 """Tiny random-weight models for tests only (never used as a pretrained default)."""
 import os
+from pathlib import Path
 
 import open_clip
 import torch
@@ -52,3 +53,16 @@ def split_key_third(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rounding noise, and comparisons of two runs set it apart."""
     query, key, value = tensor.chunk(3)
     return torch.cat([query, value]), key
+
+
+VIT_B_32_OPENAI_HUB = "models--timm--vit_base_patch32_clip_224.openai"  # open_clip's hf_hub of ViT-B-32 openai
+
+
+def plant_hub_file(hub: Path, repo_folder: str, filename: str) -> Path:
+    """A file where huggingface_hub's cache keeps it: snapshots/<commit>/<file>, refs/main -> commit."""
+    snapshot = Path(hub) / repo_folder / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (Path(hub) / repo_folder / "refs").mkdir()
+    (Path(hub) / repo_folder / "refs" / "main").write_text("0123abcd")
+    (snapshot / filename).write_bytes(b"weights")
+    return snapshot / filename

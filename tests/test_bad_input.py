@@ -156,6 +156,7 @@ def _cases(tmp, clip_path):
         ("run-setting-unknown-parameter", ["run", tiny, "strategy_params.ldifs.alpah=1"]),
         ("run-two-config-files", ["run", tiny, tiny]),
         ("run-pretrained-not-a-checkpoint", ["run", tiny, "--pretrained", str(tmp / "garbage.pt")]),
+        ("run-check-pretrained-not-a-checkpoint", ["run", tiny, "--pretrained", str(tmp / "garbage.pt"), "--check"]),
         ("run-protocol-as-a-path", ["run", tiny, "--protocol", "../protocols/demo"]),
         ("run-config-alias-bomb", ["run", str(tmp / "bomb.yaml")]),
         ("run-config-too-big", ["run", str(tmp / "huge.yaml")]),

@@ -112,8 +112,12 @@ def test_missing_data_is_one_line_with_path_and_layout(tmp_path, capsys):
     assert len(err) == 1 and "cifar10: missing" in err[0] and "cifar-10-batches-py" in err[0]
     assert not (tmp_path / "out").exists()  # nothing written before the data check passes
     assert main(["run", "--sequence", "ldifs10", "--data-root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "10 tasks are not usable" in err[0] and "--tasks cars,cifar10" in err[0]
+    err = capsys.readouterr().err.strip().splitlines()  # one line per task, each with its path and layout
+    assert err[0] == "cfbench: error: 10 problems:" and len(err) == 11, err
+    names = ["cars", "cifar10", "cifar100", "dtd", "eurosat", "gtsrb", "mnist", "resisc45", "svhn", "imagenet"]
+    for name, line in zip(names, err[1:]):
+        assert line.startswith(f"  - {name}: missing: nothing found under {tmp_path}") and "expected layout" in line
+    assert "`cfbench data download --tasks dtd --data-root" in err[4] and "download" not in err[1]  # cars: none
 
 
 def test_incomplete_data_names_what_is_missing(data_root, tmp_path):

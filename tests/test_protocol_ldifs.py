@@ -5,6 +5,7 @@ docstring), run beside cfbench's implementation on the same inputs.
 """
 import math
 
+import huggingface_hub.constants
 import numpy as np
 import open_clip
 import pytest
@@ -27,7 +28,7 @@ from benchmark.models.clip import wants_quick_gelu
 from benchmark.run.augment import RandomResizedCropBatch
 from benchmark.run.runner import _init_head, run_strategy
 from benchmark.run.schedule import GradClipPlugin, WarmupCosinePlugin
-from tests.helpers import THREADS, tiny_config
+from tests.helpers import THREADS, VIT_B_32_OPENAI_HUB, plant_hub_file, tiny_config
 
 from . import dataset_fixtures as fx
 
@@ -317,7 +318,7 @@ def test_zero_shot_uses_the_pretrained_text_tower_when_asked(tiny_clip_checkpoin
     assert current.cells["zs"]["digits"] == accuracy(drifted.logits(test_f), test.y)
 
 
-def test_openai_weights_build_quick_gelu(tiny_clip_checkpoint):
+def test_openai_weights_build_quick_gelu(tiny_clip_checkpoint, tmp_path, monkeypatch):
     assert wants_quick_gelu("ViT-B-32", "openai") is True  # open_clip's metadata of the tag
     assert wants_quick_gelu("ViT-B-32", "laion2b_s34b_b79k") is False
     assert wants_quick_gelu("ViT-B-32", "openai", quick_gelu=False) is False  # an explicit choice wins
@@ -336,12 +337,10 @@ def test_openai_weights_build_quick_gelu(tiny_clip_checkpoint):
         built.update(kw)
         return real(name, pretrained=None, **kw)
 
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(open_clip, "create_model", spy)
-    try:
-        model = create_model("ViT-B-32", "openai")
-    finally:
-        monkey.undo()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # the tag's weights cached
+    plant_hub_file(tmp_path, VIT_B_32_OPENAI_HUB, "open_clip_model.safetensors")
+    monkeypatch.setattr(open_clip, "create_model", spy)
+    model = create_model("ViT-B-32", "openai")
     assert built["force_quick_gelu"] is True and activations(model) == {"QuickGELU"}
 
 

@@ -237,5 +237,8 @@ def test_reads_are_bounded_and_only_of_regular_files(tmp_path):
 def test_shell_hints_quote_what_they_paste(tmp_path, capfd):
     root = tmp_path / "$(touch pwned)"
     assert main(["run", "--tasks", "cifar10,svhn", "--eval-only", "", "--data-root", str(root), "--check"]) == 2
-    line = _one_error(capfd)
-    assert f"--data-root '{root}'" in line
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == "cfbench: error: 2 problems:" and len(lines) == 3, lines
+    assert all(f"--data-root '{root}'`" in line for line in lines[1:]), lines
+    assert main(["data", "check", "--tasks", "cifar10", "--data-root", str(root)]) == 1
+    assert f"cfbench data download --tasks cifar10 --data-root '{root}'`" in capfd.readouterr().out

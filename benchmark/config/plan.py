@@ -10,7 +10,7 @@ import strategies
 import tasks as task_registry
 
 from ..errors import CfbenchError
-from .schema import RunConfig
+from .schema import RunConfig, per_task_missing_message
 
 log = logging.getLogger("cfbench")
 
@@ -26,7 +26,15 @@ class RunPlan:
 
 
 def make_plan(cfg: RunConfig) -> RunPlan:
-    """Trained tasks and eval-only tasks; an explicit `tasks` list wins over `sequence`."""
+    """Trained tasks and eval-only tasks; an explicit `tasks` list wins over `sequence`. Every
+    per-task map has a value for every trained task."""
+    plan = plan_tasks(cfg)
+    check_per_task_values(cfg, plan.trained)
+    return plan
+
+
+def plan_tasks(cfg: RunConfig) -> RunPlan:
+    """The plan's tasks alone (known, each once; per-task maps name only known tasks)."""
     if cfg.tasks:
         trained = tuple(cfg.tasks)
         for name in trained:
@@ -41,8 +49,6 @@ def make_plan(cfg: RunConfig) -> RunPlan:
     if len(set(trained)) != len(trained):
         raise CfbenchError(f"a task appears twice in the sequence {list(trained)}")
     _check_per_task_maps(cfg)
-    for name in trained:
-        cfg.train.epochs_for(name)  # a per-task epochs map must cover every trained task
     return RunPlan(trained, tuple(n for n in eval_only if n not in trained))
 
 
@@ -54,6 +60,15 @@ def _check_per_task_maps(cfg: RunConfig) -> None:
                 if key != "default" and key not in task_registry.TASKS:
                     raise CfbenchError(f"config: {where} names {key!r}, which is not a task (cfbench list tasks) "
                                        "nor 'default'")
+
+
+def check_per_task_values(cfg: RunConfig, trained: tuple[str, ...]) -> None:
+    """train.epochs and train.lr, given per task, name a value for every trained task or a default."""
+    for where, value in (("train.epochs", cfg.train.epochs), ("train.lr", cfg.train.lr)):
+        if isinstance(value, dict) and "default" not in value:
+            lacking = [name for name in trained if name not in value]
+            if lacking:
+                raise CfbenchError(per_task_missing_message(where, lacking))
 
 
 def check_text_needs(cfg: RunConfig, strategy: str, has_text: bool) -> None:

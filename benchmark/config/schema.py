@@ -87,7 +87,15 @@ def per_task(value, task: str, where: str):
         return value[task]
     if "default" in value:
         return value["default"]
-    raise CfbenchError(f"config: {where} names no value for task {task!r} and has no 'default'")
+    raise CfbenchError(per_task_missing_message(where, [task]))
+
+
+def per_task_missing_message(where: str, tasks: list[str]) -> str:
+    """The line for a per-task map without a value for `tasks`, with both ways to fix it."""
+    named = ", ".join(repr(t) for t in tasks)
+    one, example = ("--epochs N", "3, default: 1") if where == "train.epochs" else (f"{where}=1e-5", "1e-5, default: 1e-5")
+    return (f"config: {where} names no value for task{'s' if len(tasks) > 1 else ''} {named} and has no 'default'; "
+            f"give every task one value ({one}) or add a default: {where}='{{{tasks[0]}: {example}}}'")
 
 
 @dataclass

@@ -1,21 +1,22 @@
 """The up-front checks of a whole run (`cfbench run`, `--check`, a sweep's driver): values, data,
-model, files and folders are checked before anything is written, and every problem is one
-`CfbenchError` line (the CLI exits 2)."""
+model, weights, files and folders are checked before anything is written; every problem found in
+the pass is reported, one line each with its fix (the CLI exits 2)."""
 from __future__ import annotations
 
 import os
-import shlex
+from contextlib import contextmanager
 from pathlib import Path
 
 import strategies
 import tasks
 from tasks.registry import CACHE_ENV_VAR as CACHE_ENV
-from tasks.registry import cache_root
+from tasks.registry import cache_root, download_hint
 
-from ..errors import CfbenchError
-from ..models import OFFLINE_MODELS, check_model
-from .plan import RunPlan, check_text_needs, make_plan
-from .schema import RunConfig
+from ..errors import CfbenchError, CfbenchProblems
+from ..models.catalog import OFFLINE_MODELS, check_model, pretrained_tags
+from ..models.weights import cached_weights, missing_weights_message
+from .plan import RunPlan, check_per_task_values, check_text_needs, plan_tasks
+from .schema import ModelConfig, RunConfig
 from .templates import task_class_names, task_templates
 
 
@@ -41,24 +42,95 @@ def _read_only_filesystem(path: Path) -> bool:
         return False
 
 
+class Problems:
+    """The problems of one check, each one `CfbenchError` line; `collect` keeps checking past one."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    @contextmanager
+    def collect(self):
+        try:
+            yield
+        except CfbenchError as err:
+            if str(err) not in self.lines:
+                self.lines.append(str(err))
+
+    def raise_any(self) -> None:
+        """One problem: its line as it is. Several: a count, then one line each."""
+        if len(self.lines) == 1:
+            raise CfbenchError(self.lines[0])
+        if self.lines:
+            raise CfbenchProblems(self.lines)
+
+
 def check_run(cfg: RunConfig) -> RunPlan:
-    """Everything `cfbench run` can check before training: strategies and their parameters, the
-    tasks and their data (listings, labels, files), the model and its weights, the output and
-    cache folders, the files a run reads. Returns the run's plan."""
+    """Everything `cfbench run` can check before training, in one pass: strategies and their
+    parameters, the tasks, per-task maps, the model and whether its weights are here, the output
+    and cache folders, each task's data, and the files a run reads. Every problem found is
+    reported (one line each, with its fix); returns the run's plan."""
+    for combo in cfg.strategies:  # unknown names stop here: nothing else can be checked of them
+        strategies.parse_strategy(combo)
+    problems = Problems()
     for combo in cfg.strategies:
-        strategies.check_params(combo, cfg.strategy_params)
-    plan = make_plan(cfg)
+        with problems.collect():
+            strategies.check_params(combo, cfg.strategy_params)
+    plan = plan_tasks(cfg)  # unknown tasks stop here: nothing below can be checked without them
+    with problems.collect():
+        check_per_task_values(cfg, plan.trained)
     if cfg.model.name in OFFLINE_MODELS:  # no offline model has a text tower; every open_clip model does
         for combo in cfg.strategies:
-            check_text_needs(cfg, combo, has_text=False)
-    check_model(cfg.model)
-    check_writable_folder(Path(cfg.out), "--out")
-    check_not_in_a_run_folder(Path(cfg.out))
-    check_writable_folder(cache_root(cfg.cache_dir), "--cache-dir" if cfg.cache_dir else f"${CACHE_ENV}"
-                          if os.environ.get(CACHE_ENV) else "the cache folder")
-    check_data(plan.evaluated, cfg.data_root)
-    check_run_files(cfg, plan.evaluated)
+            with problems.collect():
+                check_text_needs(cfg, combo, has_text=False)
+    with problems.collect():
+        check_model(cfg.model)
+        check_weights_here(cfg.model)
+        check_checkpoint_loads(cfg.model)
+    with problems.collect():
+        check_writable_folder(Path(cfg.out), "--out")
+        check_not_in_a_run_folder(Path(cfg.out))
+    with problems.collect():
+        check_writable_folder(cache_root(cfg.cache_dir), "--cache-dir" if cfg.cache_dir else f"${CACHE_ENV}"
+                              if os.environ.get(CACHE_ENV) else "the cache folder")
+    usable = []
+    for name in plan.evaluated:
+        with problems.collect():
+            check_task_data(name, cfg.data_root)
+            usable.append(name)
+    with problems.collect():
+        check_run_files(cfg, tuple(usable))
+    problems.raise_any()
     return plan
+
+
+def check_weights_here(model: ModelConfig) -> None:
+    """An open_clip tag's weights are cached on this machine (a run never downloads them: on a
+    machine without internet that is a minute of hub retries before the same failure)."""
+    tag = model.pretrained
+    if model.name in OFFLINE_MODELS or not tag or os.path.isfile(tag) or tag not in pretrained_tags(model.name):
+        return
+    if cached_weights(model.name, tag) is None:
+        raise CfbenchError(missing_weights_message(model.name, tag))
+
+
+def check_checkpoint_loads(model: ModelConfig) -> None:
+    """A local checkpoint file loads into the model, by the run's own loader. The one check that
+    imports torch (and open_clip or timm), and only when `pretrained` is a file: whether a file is a
+    loadable state dict of this architecture is known only by loading it."""
+    if model.pretrained and os.path.isfile(model.pretrained):
+        from ..models.factory import build_model
+
+        build_model(model)
+
+
+def check_task_data(name: str, data_root) -> None:
+    """A task's data is usable (`tasks.loaded_task` runs the cheap checks); its line says how to get it."""
+    try:
+        tasks.loaded_task(name, data_root)
+    except tasks.DataUnavailable as err:
+        if tasks.get_task(name).download is None:
+            raise
+        raise tasks.DataUnavailable(err.task, err.status, f"{err.detail}; {download_hint(name, data_root)}") from None
 
 
 def check_not_in_a_run_folder(out: Path) -> None:
@@ -71,8 +143,6 @@ def check_not_in_a_run_folder(out: Path) -> None:
 def check_run_files(cfg: RunConfig, names: tuple[str, ...]) -> None:
     """The files a run reads besides the data -- prompt templates, class names, ZSCL's captions --
     read once here, before any folder exists."""
-
-
     for name in names:
         task_templates(name, cfg.eval.templates)
         task_class_names(name, cfg.data_root, cfg.eval.classnames)
@@ -83,19 +153,9 @@ def check_run_files(cfg: RunConfig, names: tuple[str, ...]) -> None:
 
 
 def check_data(names: tuple[str, ...], data_root) -> None:
-    """Every dataset is usable (`tasks.loaded_task` runs the cheap checks); one line either way."""
-
-    problems = []
+    """Every dataset is usable; one line per task that is not."""
+    problems = Problems()
     for name in names:
-        try:
-            tasks.loaded_task(name, data_root)
-        except tasks.DataUnavailable as err:
-            problems.append(err)
-    if len(problems) == 1:
-        raise problems[0]
-    if problems:
-        listed = ",".join(p.task for p in problems)
-        root = tasks.resolve_data_root(data_root)
-        raise CfbenchError(f"{len(problems)} tasks are not usable under {root} ({listed}); "
-                           f"`cfbench data check --data-root {shlex.quote(str(root))} --tasks {shlex.quote(listed)}` says what "
-                           "is wrong with each")
+        with problems.collect():
+            check_task_data(name, data_root)
+    problems.raise_any()

@@ -11,6 +11,7 @@ from torch import nn
 from ..errors import CfbenchError
 from .base import FoundationModel
 from .catalog import CONFIGS_ENV
+from .weights import require_cached
 
 
 def open_clip_with_configs():
@@ -110,17 +111,22 @@ def wants_quick_gelu(name: str, pretrained: Optional[str], quick_gelu: Optional[
 
 def create_clip(name: str, pretrained: Optional[str], freeze_bn: bool = True,
                 quick_gelu: Optional[bool] = None) -> CLIPModel:
+    """An open_clip model with `pretrained` weights: a local checkpoint, or a tag whose weights are
+    cached on this machine (`cfbench data download --model`). A tag is loaded from its cached file
+    with the tag's preprocessing, so no run ever waits on hub retries; missing weights are one line."""
     open_clip = open_clip_with_configs()
 
     if name not in open_clip.list_models():
         raise CfbenchError(f"unknown open_clip model {name!r}; see `cfbench list models`")
+    checkpoint, preprocess = pretrained or None, None
     if pretrained and not os.path.exists(pretrained):
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise CfbenchError(f"{name}: pretrained must be a local checkpoint path or one of {tags}")
+        checkpoint, preprocess = require_cached(name, pretrained), open_clip.get_pretrained_cfg(name, pretrained)
     try:
-        clip = open_clip.create_model(name, pretrained=pretrained or None,
+        clip = open_clip.create_model(name, pretrained=checkpoint, force_preprocess_cfg=preprocess,
                                       force_quick_gelu=wants_quick_gelu(name, pretrained, quick_gelu))
-    except Exception as err:  # hub download failures surface as many exception types
-        raise CfbenchError(f"could not load {name} weights {pretrained!r}: {err}") from None
+    except Exception as err:  # a corrupt or mismatched checkpoint surfaces as many exception types
+        raise CfbenchError(f"could not load {name} weights {pretrained!r} from {checkpoint}: {err}") from None
     return CLIPModel(clip, open_clip.get_tokenizer(name), freeze_bn=freeze_bn)
