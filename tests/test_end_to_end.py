@@ -55,6 +55,7 @@ def test_run_directory_layout_and_matrices(finished):
         assert np.isnan(head[0]).all() and np.isnan(head[1, 1]) and np.isnan(head[:, 2]).all()
         assert not np.isnan(head[1, 0]) and not np.isnan(head[2, :2]).any()
         assert json.loads((run / "progress.json").read_text())["finished"] is True
+        assert not (run / ".lock").exists()  # a finished folder is shared without its lock
 
 
 def test_deviations_list_exactly_what_the_tiny_config_changed(finished):
@@ -111,6 +112,18 @@ def test_compare_table_has_one_row_per_run(finished, tmp_path, capsys):
     csv_rows = (tmp_path / "comparison.csv").read_text().strip().splitlines()
     assert len(csv_rows) == 3
     assert (tmp_path / "comparison.png").stat().st_size > 5000
+
+
+def test_compare_takes_the_invocation_folder_the_run_printed(finished, tmp_path, capsys):
+    """`results: FOLDER` is what a run prints; compare expands it to the runs inside, in name order."""
+    assert main(["compare", str(finished), "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "comparison.md").read_text().strip().splitlines()
+    assert len(lines) == 4 and "| ft-s0 | ft |" in lines[2] and "| ldifs-s0 | ldifs |" in lines[3]
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["compare", str(empty)]) == 2
+    assert "nor an invocation folder holding runs; pass the run folders" in capsys.readouterr().err
 
 
 def test_resolved_config_reruns_as_is(finished):

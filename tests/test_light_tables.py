@@ -2,6 +2,7 @@
 at once) are the libraries' own: the strategy registry's lazy references and allowed values,
 open_clip's model configs and pretrained tags, ImageNet's names and WordNet ids, split sizes."""
 import inspect
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -77,3 +78,30 @@ def test_imagenet_tables_read_from_files_equal_the_libraries():
 def test_split_sizes_counted_without_the_hold_out_equal_the_drawn_splits(task):
     found = loaded_task(task)
     assert split_sizes(found) == {s: len(split_indices(found, s)[1]) for s in ("train", "val", "test")}
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SYMBOLS = {"alpha": "α", "ewc_lambda": "λ", "temperature": "T", "beta": "β"}  # the README's short names
+
+
+def _readme_value(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def test_the_readme_strategy_table_is_the_registry():
+    """One row per registered strategy, in the registry's order, and every parameter with its
+    default in the row (by name or the README's symbol); a strategy without parameters shows —."""
+    text = README.read_text()
+    table = text[text.index("## Strategies"):text.index("## Architecture")]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| `")]
+    assert [row[0].strip("| `") for row in rows] == list(STRATEGIES)
+    for row in rows:
+        name, defaults = row[0].strip("| `"), row[-1].rstrip(" |")
+        params = STRATEGIES[name].defaults
+        if not params:
+            assert defaults == "—", name
+        for param, value in params.items():
+            assert any(f"{key}={_readme_value(value)}" in defaults for key in (param, SYMBOLS.get(param, param))), \
+                (name, param, value, defaults)

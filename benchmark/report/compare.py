@@ -96,9 +96,11 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
 
 
 def _finished_run(run_dir: Path) -> tuple[dict, dict]:
-
     if not run_dir.is_dir():
         raise CfbenchError(f"{run_dir}: no such run folder")
+    if not (run_dir / "config.yaml").exists():
+        raise CfbenchError(f"{run_dir}: neither a run folder (no config.yaml) nor an invocation folder holding runs; "
+                           "pass the run folders, or the folder `cfbench run` printed as results:")
     progress = run_dir / "progress.json"
     if not (run_dir / "metrics.json").is_file() or not progress.is_file() or \
             not read_json_object(progress).get("finished"):

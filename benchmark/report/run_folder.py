@@ -26,6 +26,21 @@ RUN_ENTRIES = {"config.yaml", PROGRESS, DEVIATIONS, "log.txt", LOCK, "matrices",
 RUN_PREFIXES = ("heatmap_", "curves_", "within_")
 
 
+def runs_of(folders: list[Path]) -> list[Path]:
+    """The run folders named: a folder that is no run folder itself but holds run folders (the
+    invocation folder `cfbench run` prints as `results:`) stands for the runs inside it."""
+    runs = []
+    for folder in folders:
+        if folder.is_dir() and not folder.is_symlink() and not (folder / "config.yaml").exists():
+            inside = sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
+                            and (p / "config.yaml").is_file() and (p / PROGRESS).is_file())
+            if inside:
+                runs.extend(inside)
+                continue
+        runs.append(folder)
+    return runs
+
+
 def new_invocation_folder(out: Path, label: str) -> Path:
     """out/<timestamp>-<label>, or with -2, -3, ... when another invocation took that name in the
     same second: mkdir is atomic, so two processes never share one folder."""
@@ -77,7 +92,6 @@ def next_step(run_dir: Path) -> str:
 def clear_unstarted(run_dir: Path) -> None:
     """Empty a run folder that holds no checkpoint, so that the run can start again; refuses a
     folder another process holds or that holds files no run writes."""
-
     if not run_dir.exists():
         return
     with exclusive_lock(run_dir, "cfbench process"):
@@ -126,6 +140,8 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
         except BaseException as err:
             _record_error(run_dir, err)
             raise
+        if read_json_object(run_dir / PROGRESS, "progress file").get("finished"):
+            (run_dir / LOCK).unlink()  # a finished folder is shared as it is; unlinked while still held
 
 
 def write_progress(run_dir: Path, completed_tasks: list[str], finished: bool, experiment: str) -> None:
