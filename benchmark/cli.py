@@ -137,8 +137,9 @@ def _train(args, cfg, plan) -> int:
                 invocation.parent.rmdir()
         raise
     if ranks.writer:
-        print(compare_runs(run_dirs, invocation))
-        print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png, one folder per strategy)")
+        print(compare_runs(run_dirs, invocation, figures=None))
+        print(f"results: {invocation} (comparison.md, comparison.csv{', comparison.png' if cfg.figures else ''}, "
+              "one folder per strategy)")
     return 0
 
 
@@ -208,8 +209,8 @@ def _finish_invocation(invocation: Path) -> None:
     if waiting:
         print(f"{invocation}: comparison written once {', '.join(waiting)} finish (--resume each)")
         return
-    print(compare_runs(runs, invocation))
-    print(f"results: {invocation} (comparison.md, comparison.csv, comparison.png)")
+    print(compare_runs(runs, invocation, figures=None))
+    print(f"results: {invocation} (comparison.md, comparison.csv, the figures unless the runs set figures: false)")
 
 
 def cmd_list(args) -> int:

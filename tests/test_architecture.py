@@ -31,6 +31,8 @@ FUNCTION_LEVEL = {
     ("benchmark.perf.cache", "benchmark.evaluation"): "optional dependency: the cache benchmark runs on a bare GPU "
                                                       "machine without Avalanche; only its accuracy part needs it",
     ("benchmark.perf.cache", "benchmark.models"): "optional dependency: open_clip, only for the accuracy part",
+    ("benchmark.config.validate", "benchmark.models.factory"): "start-up time: `run --check` imports no torch; only "
+                                                               "a local checkpoint file is loaded (torch) to check it",
 }
 
 

@@ -4,6 +4,7 @@ who writes, a rank killed with SIGKILL and `--resume` under the launcher."""
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -80,7 +81,7 @@ def _config(folder: Path, checkpoint: str, name: str, **train) -> Path:
            # LDIFS's alpha 10 makes this random tiny model's training chaotic: one process with 1 and
            # with 2 threads ends 1e-1 apart after 80 steps; at alpha 1 within 2e-7
            "strategy_params": {"ldifs": {"alpha": 1.0}, "zscl": {"ref_batch_size": 9, "avg_freq": 3, "l2": 0.5}},
-           "threads": 1}
+           "threads": 1, "figures": False}  # what the two paths compute; figures are drawn from it
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -160,9 +161,16 @@ def _assert_same_runs(one: Path, two: Path) -> None:
     assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()} | {".ranks"}
 
 
-def test_two_gloo_ranks_train_every_strategy_as_one_process(plain_runs):
+def test_two_gloo_ranks_train_every_strategy_as_one_process(plain_runs, tmp_path):
     _, one, two = plain_runs
     _assert_same_runs(one, two)
+    # figures: false -- tables and CSVs only, in the runs and the invocation; `plot` draws them later
+    assert not list(one.rglob("*.png")) and not list(two.rglob("*.png"))
+    assert (one / "comparison.md").is_file() and (one / "comparison.csv").is_file()
+    run = tmp_path / "ft-s0"
+    shutil.copytree(one / "ft-s0", run)
+    assert main(["plot", str(run)]) == 0
+    assert {p.name for p in run.glob("*.png")} >= {"heatmap_lp.png", "heatmap_delta_lp.png", "curves_lp.png"}
 
 
 def test_two_gloo_ranks_train_every_strategy_as_one_process_with_augmentation(perturbed_clip, tmp_path):

@@ -178,7 +178,7 @@ def test_mtil_shaped_run_through_the_cli(tiny_clip_checkpoint, tmp_path):
         "eval": {"probe_max_per_class": 3},
         "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 8},
                             "lwf-clip": {"ref_batch_size": 8}, "lwf-vr": {"ref_batch_size": 8}},
-        "strategies": ["ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"], "threads": THREADS}))
+        "strategies": ["ft", "lwf-clip", "lwf-vr", "wise-ft", "zscl"], "threads": THREADS, "figures": False}))
     out = tmp_path / "results"
     assert main(["run", str(config), "--data-root", str(root), "--out", str(out)]) == 0
     (invocation,) = out.iterdir()

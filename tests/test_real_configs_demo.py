@@ -45,7 +45,7 @@ def _real_config(folder: Path) -> Path:
            "model": {"image_size": 64},
            "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "warmup_steps": 2,
                      "lr": {"digits": 1e-12, "default": 1e-3}},
-           "eval": {"probe_max_per_class": 10, "test_max_per_class": 8}, "threads": 1}
+           "eval": {"probe_max_per_class": 10, "test_max_per_class": 8}, "threads": 1, "figures": False}
     path = folder / "demo-real.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

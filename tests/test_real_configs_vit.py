@@ -56,7 +56,7 @@ def _vit_config(folder: Path, checkpoint: str) -> Path:
            "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "warmup_steps": 2, "head_init": "zs",
                      "lr": {"digits": 1e-12, "default": 1e-5}},
            "eval": {"probe_max_per_class": 5, "test_max_per_class": 5, "probe_iterations": 50},
-           "strategy_params": {"zscl": {"ref_batch_size": 9, "avg_freq": 3}}, "threads": 1}
+           "strategy_params": {"zscl": {"ref_batch_size": 9, "avg_freq": 3}}, "threads": 1, "figures": False}
     path = folder / "vit.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

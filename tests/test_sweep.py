@@ -25,7 +25,7 @@ ray = pytest.importorskip("ray")
 
 BASE = {"tasks": ["digits", "faces"], "eval_only": [], "model": {"image_size": 32},
         "train": {"epochs": 1, "max_train_per_class": 4, "batch_size": 8, "warmup_steps": 2, "head_init": "zero"},
-        "eval": {"probe_max_per_class": 6, "test_max_per_class": 6, "batch_size": 128}}
+        "eval": {"probe_max_per_class": 6, "test_max_per_class": 6, "batch_size": 128}, "figures": False}
 RUN_FILES = ("matrices/lp.csv", "matrices/head.csv", "matrices/lp_ece.csv", "metrics.json")
 
 

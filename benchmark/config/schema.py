@@ -144,6 +144,9 @@ class RunConfig:
     threads: Optional[int] = field(default=None, metadata={"positive": True, "max": 4096})  # null: every core
     # experiment trackers (benchmark/report/trackers.py): loss, penalties, lr per step; every eval round
     loggers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = field(default_factory=list)
+    # a run's heatmaps and curves, and its invocation's comparison figures, drawn when it finishes;
+    # false: tables and CSVs only (`cfbench plot RUN`, `cfbench compare RUN...` draw them later)
+    figures: bool = True
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

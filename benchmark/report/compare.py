@@ -89,8 +89,9 @@ def finalize_run(run_dir: Path, matrices: dict[str, Matrix], run_cfg: dict, mode
     if not model_has_text:
         metrics["notes"] = [f"no zero-shot (zs) matrix: {run_cfg['model']['name']} has no text tower"]
     atomic_write_json(run_dir / "metrics.json", metrics)
-    plot_run(run_dir)
-    plot_within(run_dir)
+    if run_cfg.get("figures", True):
+        plot_run(run_dir)
+        plot_within(run_dir)
     write_progress(run_dir, matrices["lp"].rows[1:], True, experiment_digest(run_cfg))
     return metrics
 
@@ -228,14 +229,15 @@ def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
 
 
 def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: bool = False,
-                 groups: Optional[bool] = None, reference: Optional[str] = None) -> str:
+                 groups: Optional[bool] = None, reference: Optional[str] = None,
+                 figures: Optional[bool] = True) -> str:
     """Writes comparison.md, comparison.csv, the figures comparison.<fmt> (forgetting on the
     never-trained datasets | accuracy) and curves_<kind>.<fmt> (accuracy after each task), with
     `latex` comparison.tex (and, for MTIL runs with zero-shot matrices, table3.md in ZSCL's
     layout); when runs differ only in their seed (or `groups`), comparison_groups.md/.csv (mean,
     sample std, n) and each group's mean matrices and heatmaps under groups/; with `reference`
     (benchmark/references/NAME.yaml) the runs beside its published numbers, reference_NAME.md/.csv
-    (.tex) and .<fmt>; returns the Markdown printed (and the LaTeX)."""
+    (.tex) and .<fmt>; `figures` false: the tables alone (None: unless a run's config says figures: false); returns the Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
     published = load_reference(reference) if reference is not None else None  # refused before anything is written
@@ -261,12 +263,15 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     atomic_write_text(out_dir / "comparison.md", table)
     atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
     run_groups = group_runs(runs)
-    comparison_figure(run_groups, out_dir / "comparison", fmt)
-    for kind in ("lp", "zs"):
-        curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt)
-    for kind in sorted(set.intersection(*(set(curve_files(d / "matrices")) for d in run_dirs))):
-        within_figure([(d.name, Curve.load(curve_files(d / "matrices")[kind])) for d in run_dirs], kind,
-                      out_dir / f"within_{kind}", fmt)
+    if figures is None:
+        figures = all(cfg.get("figures", True) is not False for _, cfg, _, _ in runs)
+    if figures:
+        comparison_figure(run_groups, out_dir / "comparison", fmt)
+        for kind in ("lp", "zs"):
+            curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt)
+        for kind in sorted(set.intersection(*(set(curve_files(d / "matrices")) for d in run_dirs))):
+            within_figure([(d.name, Curve.load(curve_files(d / "matrices")[kind])) for d in run_dirs], kind,
+                          out_dir / f"within_{kind}", fmt)
     if groups or (groups is None and any(g.n > 1 for g in run_groups)):
         grouped_md, grouped_csv = group_tables(run_groups)
         atomic_write_text(out_dir / "comparison_groups.md", grouped_md)

@@ -307,7 +307,7 @@ def _summary(plan: SweepPlan, state: SweepState) -> int:
     done = [plan.folder / r.name for r in plan.runs if state.runs[r.name]["state"] == "done"]
     failed = [(name, r["error"]) for name, r in state.runs.items() if r["state"] == "failed"]
     if done:
-        print(compare_runs(done, plan.folder, groups=True))
+        print(compare_runs(done, plan.folder, groups=True, figures=None))
     print(f"sweep {plan.name}: {len(done)} of {len(plan.runs)} runs done, {len(failed)} failed. {plan.folder}: "
           "sweep.json (states, attempts, errors), comparison.md/.csv/.png and comparison_groups.md/.csv (mean ± "
           "sample std over seeds), groups/<group>/ (mean matrices and their heatmaps), logs/<run>.log, one folder "
