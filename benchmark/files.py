@@ -20,7 +20,7 @@ import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, BinaryIO, Callable, Iterable, Union
 
 import yaml
 
@@ -121,6 +121,12 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target (a link
     there is replaced, never followed). The file gets the umask's mode; a full disk or another
     write error is one line naming the folder, and the previous file stays whole."""
+    atomic_write_with(path, lambda fh: fh.write(data))
+
+
+def atomic_write_with(path: Union[str, Path], write: Callable[[BinaryIO], Any]) -> None:
+    """`atomic_write_bytes` with the bytes streamed by `write(file)` (a checkpoint serialised
+    straight to disk: no copy of it in memory)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), creation_mode())
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -195,6 +195,20 @@ def test_a_full_disk_is_one_line_and_the_previous_file_stays_whole(tmp_path, mon
     assert target.read_bytes() == b"task 1" and os.listdir(target.parent) == ["state.pt"]
 
 
+def test_a_full_disk_while_a_checkpoint_streams_is_one_line_and_the_previous_file_stays_whole(tmp_path):
+    """Checkpoints are serialised straight into the temporary file (store.atomic_write_with)."""
+    target = tmp_path / "run" / "checkpoints" / "state.pt"
+    store.atomic_write_bytes(target, b"task 1")
+
+    def half_then_full(fh):
+        fh.write(b"task 2, first half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(CfbenchError, match=r"checkpoints: the disk is full \(no space left to write state.pt\)"):
+        store.atomic_write_with(target, half_then_full)
+    assert target.read_bytes() == b"task 1" and os.listdir(target.parent) == ["state.pt"]
+
+
 def test_a_disk_full_during_a_run_is_one_line_with_the_last_checkpoint_intact(half_run, tmp_path, capfd, monkeypatch):
     run = _copy(half_run, tmp_path)
     before = (run / "checkpoints" / "state.pt").read_bytes()

@@ -4,7 +4,6 @@ first setting that differs. A state.pt may come from someone else, so it is load
 plain types only, and every field is checked (type, range, shape) before any is used."""
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -18,7 +17,7 @@ from ..config import experiment_digest, experiment_settings, first_difference, l
 from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.within import PREFIX, Curve
-from ..files import atomic_write_bytes
+from ..files import atomic_write_with
 from ..report.run_folder import CHECKPOINT, write_progress
 
 FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugins")
@@ -35,9 +34,7 @@ def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dic
              "plugins": plugin_states(plugins, model),
              "within": {k: c.to_state() for k, c in (curves or {}).items()},
              "next_head": next_head}
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(run_dir / CHECKPOINT, buf.getvalue())
+    atomic_write_with(run_dir / CHECKPOINT, lambda fh: torch.save(state, fh))
     for kind, m in matrices.items():
         m.save(run_dir / "matrices" / f"{kind}.csv")
     for kind, c in (curves or {}).items():
