@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from matplotlib.collections import PathCollection
+from matplotlib.container import ErrorbarContainer
 
 from benchmark.cli import main
 from benchmark.config import list_protocols
@@ -192,7 +193,9 @@ def test_the_figure_marks_the_published_value_on_its_bar(tmp_path):
     fig = build_comparison(groups, "zs", published=[{"avg": 55.9, "last": 77.3, "transfer": 44.6}])
     right = [ax for ax in fig.axes if ax.get_label() == "accuracy"][0]
     marks, = [c for c in right.collections if isinstance(c, PathCollection) and c.get_label() == "published"]
-    # one bar per metric (Avg, Last, Transfer at x = 0, 1, 2); the star sits at the published value
+    # one dot per metric (Avg, Last, Transfer at x = 0, 1, 2); the star sits at the published value
     assert marks.get_offsets().tolist() == [[0.0, 55.9], [1.0, 77.3], [2.0, 44.6]]
-    bars = [p.get_height() for p in right.patches]
-    assert bars == pytest.approx([(66 * 80 + 55 * 40) / 121, 80.0, 40.0])
+    dots, = [c for c in right.containers if isinstance(c, ErrorbarContainer)]
+    assert list(dots.lines[0].get_ydata()) == pytest.approx([(66 * 80 + 55 * 40) / 121, 80.0, 40.0])
+    low, high = right.get_ylim()
+    assert low <= 40.0 and 80.0 <= high  # the zoomed axis keeps every dot and star

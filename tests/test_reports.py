@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from matplotlib.container import BarContainer
+from matplotlib.container import BarContainer, ErrorbarContainer
 
 from benchmark.cli import main
 from benchmark.evaluation.matrix import Matrix
 from benchmark.evaluation.metrics import compute_metrics
 from benchmark.files import atomic_write_json
 from benchmark.report.compare import _matrices
-from benchmark.report.figures import build_comparison, build_curves, group_runs
+from benchmark.report.figures import build_comparison, build_curves, describe_runs, group_runs
+from benchmark.report.plots import DELTA_MAX, ECE_MAX, build_delta_heatmap, build_heatmap, plot_run
 from tests.helpers import THREADS
 
 COLUMNS = ["a", "b", "x", "y"]  # trained a, b; never trained x, y
@@ -64,10 +65,10 @@ def test_forgetting_panel_draws_the_mean_change_and_its_std_over_seeds(tmp_path)
         segments = bars.errorbar.lines[2][0].get_segments()
         np.testing.assert_allclose([(s[1][1] - s[0][1]) / 2 for s in segments], expected.std(axis=0, ddof=1),
                                    atol=1e-9)
-        acc = bar_sets(right)[g_index]
+        dots = [c for c in right.containers if isinstance(c, ErrorbarContainer)][g_index]
         metrics = [compute_metrics(Matrix(["pretrained", "a", "b"], COLUMNS, TABLES[(strategy, s)].tolist()))
                    for s in (0, 1, 2)]
-        np.testing.assert_allclose([p.get_height() for p in acc.patches],
+        np.testing.assert_allclose(dots.lines[0].get_ydata(),
                                    [np.mean([m[k] for m in metrics]) for k in ("avg", "last", "transfer")], atol=1e-9)
 
 
@@ -75,7 +76,7 @@ def test_curves_are_the_matrix_columns_after_each_task(tmp_path):
     _, groups = _groups(tmp_path)
     fig = build_curves(groups, "lp")
     panels = [ax for ax in fig.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in panels] == COLUMNS
+    assert [ax.get_title() for ax in panels] == ["a (trained)", "b (trained)", "x (never trained)", "y (never trained)"]
     for j, ax in enumerate(panels):
         lines = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
         for line, strategy in zip(lines, ("ft", "ldifs")):
@@ -84,6 +85,58 @@ def test_curves_are_the_matrix_columns_after_each_task(tmp_path):
         pretrained = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
         assert pretrained and pretrained[0].get_ydata()[0] == pytest.approx(
             np.mean([TABLES[("ft", s)][0, j] for s in (0, 1, 2)]))
+
+
+def test_figures_say_what_they_show_on_fixed_scales(tmp_path):
+    """Issue 34: titles name the run and strategy, heatmaps keep one colour scale per kind, curves
+    share one y-range inside 0-100, the accuracy panel is zoomed and says so, and every comparison
+    figure names the model, tasks, epochs and seeds."""
+    runs, groups = _groups(tmp_path)
+    close = Matrix(["pretrained", "a"], ["a", "x"], [[50.0, 94.4], [95.6, 94.9]])
+    for kind, (vmin, vmax) in (("lp", (0, 100)), ("lp_ece", (0, ECE_MAX))):
+        fig = build_heatmap(close, f"ft-s0 (ft): {kind}", kind)
+        image = fig.axes[0].get_images()[0]
+        assert (image.norm.vmin, image.norm.vmax) == (vmin, vmax) and fig.axes[0].get_title() == f"ft-s0 (ft): {kind}"
+    delta = build_delta_heatmap(close, "change").axes[0].get_images()[0]
+    assert (delta.norm.vmin, delta.norm.vmax) == (-DELTA_MAX, DELTA_MAX)
+    plot_run(runs[0])
+    titles = {p.name: p for p in runs[0].glob("heatmap_*.png")}
+    assert set(titles) == {"heatmap_lp.png", "heatmap_delta_lp.png"}
+
+    fig = build_curves(groups, "lp", caption="what ran")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    lows, highs = zip(*(ax.get_ylim() for ax in panels))
+    assert len(set(lows)) == len(set(highs)) == 1 and 0 <= lows[0] < highs[0] <= 100
+    shown = np.concatenate([np.stack([TABLES[(s, seed)] for seed in (0, 1, 2)]).mean(axis=0).ravel()
+                            for s in ("ft", "ldifs")])
+    assert lows[0] <= shown.min() and shown.max() <= highs[0]
+    assert all(ax.get_xlabel() == "after task" for ax in panels) and "what ran" in fig._suptitle.get_text()
+    assert panels[2].get_facecolor() != panels[0].get_facecolor()  # never-trained panels shaded
+
+    close_runs = [_fake_run(tmp_path / "close", s, 0) for s in ("ft", "ldifs")]
+    loaded = [(r.name, yaml.safe_load((r / "config.yaml").read_text()), json.loads((r / "metrics.json").read_text()),
+               _matrices(r)) for r in close_runs]
+    loaded[0][2]["lp"].update(avg=94.4, last=95.0, transfer=94.8)  # an axis from 0 would hide 94.4 vs 95.6
+    loaded[1][2]["lp"].update(avg=95.6, last=95.2, transfer=95.0)
+    close_groups = group_runs(loaded)
+    caption = describe_runs([cfg for _, cfg, _, _ in loaded], close_groups)
+    assert caption == "model ? · a → b · epochs ? · 1 seed per strategy"  # what the fake configs say
+    fig = build_comparison(close_groups, caption=caption)
+    right = [ax for ax in fig.axes if ax.get_label() == "accuracy"][0]
+    assert right.get_title() == "Avg, Last: trained tasks\nTransfer: tasks before their training"
+    low, high = right.get_ylim()
+    assert 90 < low < 94.4 and 95.6 < high < 100 and f"axis from {low:.0f}" in right.get_ylabel(), (low, high)
+    assert caption in [t.get_text() for t in fig.texts]
+
+
+def test_the_caption_names_model_tasks_epochs_and_seeds():
+    cfg = {"model": {"name": "ViT-B-32", "pretrained": "openai"}, "tasks": ["cars", "dtd"], "eval_only": ["svhn"],
+           "train": {"epochs": {"cars": 35, "dtd": 76}, "iterations": None}}
+    groups = group_runs([(f"ft-s{seed}", {**cfg, "strategies": ["ft"], "seed": seed}, {}, {}) for seed in (0, 1, 2)])
+    assert describe_runs([cfg] * 3, groups) == ("ViT-B-32 (openai) · cars → dtd (+ never trained: svhn) · "
+                                                "epochs per task cars 35, dtd 76 · 3 seeds per strategy")
+    local = {**cfg, "model": {"name": "ViT-B-32", "pretrained": "/w/ViT-B-32.pt"}, "train": {"epochs": 2}}
+    assert describe_runs([local], groups[:1]).startswith("ViT-B-32 (ViT-B-32.pt) · cars → dtd")
 
 
 @pytest.mark.parametrize("fmt", ["pdf", "svg", "png"])

@@ -15,7 +15,7 @@ from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.metrics import METRIC_KEYS, compute_metrics
 from ..evaluation.within import PREFIX, Curve, curve_files, matrix_files
 from ..files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_yaml_mapping
-from .figures import comparison_figure, curves_figure, group_runs
+from .figures import comparison_figure, curves_figure, describe_runs, group_runs
 from .plots import TITLES, heatmap, plot_run
 from .published import write_reference_comparison
 from .references import load_reference
@@ -205,7 +205,6 @@ def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
     and heatmap_mean_<kind>.<fmt>, every matrix kind the group's runs share."""
     import warnings
 
-
     written = []
     for g in groups:
         if g.n < 2:
@@ -224,7 +223,8 @@ def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
             Matrix(first.rows, first.columns, mean.tolist()).save(folder / f"mean_{kind}.csv")
             Matrix(first.rows, first.columns, std.tolist()).save(folder / f"std_{kind}.csv")
             written.append(heatmap(Matrix(first.rows, first.columns, mean.tolist()), folder / f"heatmap_mean_{kind}",
-                                   f"{TITLES.get(kind, kind)}, mean of {g.n} seeds: {g.name}", fmt))
+                                   f"{g.name} ({g.strategy}), mean of {g.n} seeds: {TITLES.get(kind, kind)}", fmt,
+                                   kind))
     return written
 
 
@@ -237,7 +237,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     layout); when runs differ only in their seed (or `groups`), comparison_groups.md/.csv (mean,
     sample std, n) and each group's mean matrices and heatmaps under groups/; with `reference`
     (benchmark/references/NAME.yaml) the runs beside its published numbers, reference_NAME.md/.csv
-    (.tex) and .<fmt>; `figures` false: the tables alone (None: unless a run's config says figures: false); returns the Markdown printed (and the LaTeX)."""
+    (.tex) and .<fmt>; `figures` false: the tables alone (None: unless a run's config says
+    figures: false); returns the Markdown printed (and the LaTeX)."""
     if not run_dirs:
         raise CfbenchError("compare needs at least one run directory")
     published = load_reference(reference) if reference is not None else None  # refused before anything is written
@@ -266,9 +267,10 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     if figures is None:
         figures = all(cfg.get("figures", True) is not False for _, cfg, _, _ in runs)
     if figures:
-        comparison_figure(run_groups, out_dir / "comparison", fmt)
+        caption = describe_runs([cfg for _, cfg, _, _ in runs], run_groups)
+        comparison_figure(run_groups, out_dir / "comparison", fmt, caption=caption)
         for kind in ("lp", "zs"):
-            curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt)
+            curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt, caption=caption)
         for kind in sorted(set.intersection(*(set(curve_files(d / "matrices")) for d in run_dirs))):
             within_figure([(d.name, Curve.load(curve_files(d / "matrices")[kind])) for d in run_dirs], kind,
                           out_dir / f"within_{kind}", fmt)

@@ -13,12 +13,26 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from ..errors import CfbenchError
 from ..evaluation.matrix import Matrix
 from ..evaluation.within import matrix_files
+from ..files import read_yaml_mapping
 from .figures import PLAIN_TEXT, RunGroup, curves_figure, save
 
 TITLES = {"lp": "linear-probe accuracy (%)", "head": "task-head accuracy (%)", "zs": "zero-shot accuracy (%)",
-          "lp_ece": "linear-probe calibration error (%)", "zs_ece": "zero-shot calibration error (%)"}
+          "lp_ece": "linear-probe calibration error (%, lower is better)",
+          "head_ece": "task-head calibration error (%, lower is better)",
+          "zs_ece": "zero-shot calibration error (%, lower is better)"}
+# one colour scale per kind, the same in every figure: accuracy 0-100; calibration error 0-ECE_MAX
+# (reversed colours, so that better is the same colour as in the accuracy maps); change vs
+# pretrained -DELTA_MAX..+DELTA_MAX. A value beyond a scale's end takes its end colour (the
+# colour bar's arrow) and its number is written in the cell.
+ECE_MAX = 50.0
+DELTA_MAX = 20.0
+
+
+def _scale(kind: str) -> tuple[float, float, str]:
+    return (0.0, ECE_MAX, "viridis_r") if kind.endswith("_ece") else (0.0, 100.0, "viridis")
 
 
 def _figure(matrix: Matrix):
@@ -51,33 +65,53 @@ def _decorate(ax, rows: Sequence[str], columns: Sequence[str], pretrained_first:
 
 
 @matplotlib.rc_context(PLAIN_TEXT)
-def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
+def build_heatmap(matrix: Matrix, title: str, kind: str = "lp"):
+    """The matrix as an annotated heatmap on its kind's fixed colour scale (`_scale`)."""
     values = matrix.array()
+    vmin, vmax, cmap = _scale(kind)
     fig, ax = _figure(matrix)
-    image = ax.imshow(np.ma.masked_invalid(values), cmap=plt.get_cmap("viridis").with_extremes(bad="0.92"),
-                      aspect="auto",
-                      vmin=np.nanmin(values) if np.isfinite(values).any() else 0,
-                      vmax=np.nanmax(values) if np.isfinite(values).any() else 100)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=plt.get_cmap(cmap).with_extremes(bad="0.92"),
+                      aspect="auto", vmin=vmin, vmax=vmax)
     _annotate(ax, values, image, ".1f")
     _decorate(ax, matrix.rows, matrix.columns, matrix.has_pretrained, title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    return save(fig, path, fmt)
+    beyond = np.isfinite(values).any() and np.nanmax(values) > vmax
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, extend="max" if beyond else "neither")
+    return fig
+
+
+def heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png", kind: str = "lp") -> Path:
+    return save(build_heatmap(matrix, title, kind), path, fmt)
 
 
 @matplotlib.rc_context(PLAIN_TEXT)
-def delta_heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
-    """Each row after a task minus the pretrained row; diverging colours centred on 0."""
+def build_delta_heatmap(matrix: Matrix, title: str):
+    """Each row after a task minus the pretrained row; diverging colours centred on 0, fixed at
+    ±DELTA_MAX points."""
     values = matrix.array()
     delta = values[1:] - values[0]
     rows = matrix.rows[1:]
-    limit = max(1.0, float(np.nanmax(np.abs(delta)))) if np.isfinite(delta).any() else 1.0
     fig, ax = _figure(Matrix(rows, matrix.columns, delta.tolist()))
     image = ax.imshow(np.ma.masked_invalid(delta), cmap=plt.get_cmap("RdBu").with_extremes(bad="0.92"), aspect="auto",
-                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-limit, vmax=limit))
+                      norm=TwoSlopeNorm(vcenter=0.0, vmin=-DELTA_MAX, vmax=DELTA_MAX))
     _annotate(ax, delta, image, "+.1f")
     _decorate(ax, rows, matrix.columns, False, title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="points vs pretrained")
-    return save(fig, path, fmt)
+    beyond = np.isfinite(delta).any() and np.nanmax(np.abs(delta)) > DELTA_MAX
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="points vs pretrained",
+                 extend="both" if beyond else "neither")
+    return fig
+
+
+def delta_heatmap(matrix: Matrix, path: Path, title: str, fmt: str = "png") -> Path:
+    return save(build_delta_heatmap(matrix, title), path, fmt)
+
+
+def run_label(run_dir: Path) -> str:
+    """"<run> (<strategy>)" from the run's config.yaml; the folder name alone if it cannot be read."""
+    try:
+        strategy = read_yaml_mapping(run_dir / "config.yaml", "config.yaml")["strategies"][0]
+    except (CfbenchError, KeyError, IndexError, TypeError):
+        return run_dir.name
+    return run_dir.name if str(strategy) == run_dir.name else f"{run_dir.name} ({strategy})"
 
 
 def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
@@ -85,17 +119,18 @@ def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
     heatmap_delta_<kind> for lp / zs, and curves_<kind>: accuracy on each dataset after each task."""
     written = []
     formats = ["png"] + ([fmt] if fmt != "png" else [])
+    label = run_label(run_dir)
     for csv_path in matrix_files(run_dir / "matrices"):
         kind = csv_path.stem
         matrix = Matrix.load(csv_path)
         if not matrix.rows:
             continue
         for f in formats:
-            written.append(heatmap(matrix, run_dir / f"heatmap_{kind}", TITLES.get(kind, kind), f))
+            written.append(heatmap(matrix, run_dir / f"heatmap_{kind}", f"{label}: {TITLES.get(kind, kind)}", f, kind))
             if matrix.has_pretrained and len(matrix.rows) > 1 and kind in ("lp", "zs"):
                 written.append(delta_heatmap(matrix, run_dir / f"heatmap_delta_{kind}",
-                                             f"change vs pretrained: {TITLES[kind]}", f))
+                                             f"{label}: change vs pretrained, {TITLES[kind]}", f))
             if kind in ("lp", "zs", "head"):
-                group = RunGroup(run_dir.name, [run_dir.name], [0], [{kind: matrix}], [{}])
-                written.append(curves_figure([group], kind, run_dir / f"curves_{kind}", f))
+                group = RunGroup(label, [run_dir.name], [0], [{kind: matrix}], [{}])
+                written.append(curves_figure([group], kind, run_dir / f"curves_{kind}", f, caption=label))
     return written

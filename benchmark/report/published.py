@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ..evaluation.matrix import Matrix
 from ..evaluation.metrics import compute_metrics
 from ..files import atomic_write_text
-from .figures import RunGroup, build_comparison, save
+from .figures import RunGroup, build_comparison, describe_runs, save
 from .references import METRICS, Reference
 
 LABELS = {"transfer": "Transfer", "avg": "Avg", "last": "Last"}
@@ -136,5 +136,6 @@ def write_reference_comparison(reference: Reference, runs: Sequence[tuple[str, d
     marks = [{k: row.metrics[k].mean for k in METRICS}
              if (row := reference.row_for(g.strategy)) is not None and set(g.runs) <= compared else None
              for g in groups]
-    save(build_comparison(groups, reference.kind, published=marks), out_dir / stem, fmt)
+    caption = describe_runs([cfg for _, cfg, _, _ in runs], groups)
+    save(build_comparison(groups, reference.kind, published=marks, caption=caption), out_dir / stem, fmt)
     return text
