@@ -4,8 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cfbench-installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
-# two workers, each test file on one of them (module fixtures are built once); a single thread each
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# two workers, each test file on one of them (module fixtures are built once); a single thread each;
+# files handed out in collection order (tests/conftest.py puts the longest first), not xdist's
+# default of the files with the most tests first
+PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
 # Packages read only for their data files (clip-benchmark: class names and prompt templates;
 # foolbox: 20 sample images per dataset). Installed without their dependencies, which cfbench
 # never imports (clip-benchmark alone would pull transformers and pycocoevalcap).

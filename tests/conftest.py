@@ -60,11 +60,14 @@ def tiny_clip_checkpoint(tmp_path_factory):
     return str(path), model
 
 
-# `make test` runs 2 pytest-xdist workers, each file on one of them, handed out in collection order:
-# the longest files start first so that no worker is left alone with one at the end (measured
-# 2026-12-06, each 50-220 s of a worker; the rest of the suite is spread behind them)
+# `make test` runs 2 pytest-xdist workers, each file on one of them, handed out in collection order
+# (--no-loadscope-reorder: xdist's default hands out the files with the most tests first, which left
+# the 190 s ViT-B-32 file to start near the end): the longest files start first so that no worker is
+# left alone with one at the end (measured 2026-12-06, each 25-190 s of a worker; the rest of the
+# suite is spread behind them)
 LONGEST_FIRST = ("test_real_configs_vit.py", "test_real_configs_demo.py", "test_distributed.py",
-                 "test_run_folders.py", "test_training.py", "test_sweep.py", "test_gpu_check.py")
+                 "test_run_folders.py", "test_sweep.py", "test_work_once.py", "test_training.py",
+                 "test_architecture.py", "test_models.py", "test_parity_zscl.py", "test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -1,4 +1,4 @@
-"""Accuracy matrices: rows after each task, columns the evaluated datasets, in the SPEC §3 CSV format
+"""Accuracy matrices: rows after each task, columns the evaluated datasets, in the CSV format of README "Run directory"
 (written atomically, read strictly)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Forgetting metrics of SPEC §6 for any accuracy matrix."""
+"""Forgetting metrics of any accuracy matrix: README "Metrics" gives each formula."""
 from __future__ import annotations
 
 import warnings

@@ -130,7 +130,7 @@ def zscl_table3(runs: list[tuple[str, Matrix]]) -> str:
     """ZSCL's Table 3 layout for (strategy, zero-shot matrix) pairs over the same sequence: per
     strategy a Transfer, an Avg and a Last row, one column per trained dataset plus their average.
     Transfer_j = mean over t < j of A[t, j] (none for the first task), Avg_j = mean over t of
-    A[t, j], Last_j = A[T, j] (A: rows after each task, no pretrained row; SPEC section 6)."""
+    A[t, j], Last_j = A[T, j] (A: rows after each task, no pretrained row; README "Metrics")."""
     names = [r for r in runs[0][1].rows if r != PRETRAINED]
     header = ["method", "metric", *names, "average"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -1,7 +1,7 @@
 """Runs beside a paper's published numbers (`cfbench compare RUN... --reference NAME`): per run
 whose strategy maps to a published row, the published and the measured Transfer / Avg / Last
 means and their difference, measured from the run's matrix of the reference's kind with cfbench's
-own metrics (the same definitions as ZSCL's results.ipynb `statistics()`: SPEC section 6, no
+own metrics (the same definitions as ZSCL's results.ipynb `statistics()`: README "Metrics", no
 pretrained row). The runs' pretrained row is set beside the table's zero-shot row. A run that
 trained another sequence, has no such matrix or no published row is named in a warning line and
 left out, never compared silently."""
