@@ -143,3 +143,14 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "dtd: download failed (OSError: connection reset); nothing was kept" in err
     assert sorted(p.name for p in root.iterdir()) == ["mine.txt"]
+
+
+def test_data_check_sizes_without_the_data_uses_published_counts_and_names_the_download(tmp_path, capsys):
+    assert main(["data", "check", "--sizes", "--tasks", "cifar10,cars", "--data-root", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    cifar = [line.split() for line in out.splitlines() if line.startswith("cifar10 ")]
+    assert ["cifar10", "60000", f"{60000 * 3 * 224 * 224 / 1e9:.3f}", "-", "published", "counts", "(data", "not",
+            "here)"] in cifar  # 50,000 train / 10,000 test as CIFAR-10 publishes them
+    assert f"fetch it with `cfbench data download --tasks cifar10 --data-root {tmp_path}`" in out
+    assert "--tasks cars" not in out  # no automatic download for Stanford Cars
+    assert "(published counts: the sizes each source publishes" in out

@@ -75,7 +75,7 @@ def official_cosine_lr(optimizer, base_lr, warmup_length, steps):
 def official_get_features(clip, images):
     """model/modeling.py:95-131 ImageEncoderAugmented.get_features: ln_pre's output and the residual
     stream after layer1..layer4 = resblocks[0:3], [3:6], [6:9], [9:12] of ViT-B (modeling.py:72-75),
-    i.e. after blocks D/4, D/2, 3D/4, D for depth D (SPEC 5). The official permutes to (L, N, C)
+    i.e. after blocks D/4, D/2, 3D/4, D for depth D (README "Strategies": ldifs). The official permutes to (L, N, C)
     around the blocks (open_clip 2.16 was sequence-first) and back, so every slice is (N, L, C);
     open_clip 3's blocks are batch-first, so here no permute is needed for the same slices."""
     visual = clip.visual
