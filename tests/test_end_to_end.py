@@ -126,6 +126,24 @@ def test_compare_takes_the_invocation_folder_the_run_printed(finished, tmp_path,
     assert "nor an invocation folder holding runs; pass the run folders" in capsys.readouterr().err
 
 
+def test_a_finished_run_keeps_its_last_weights_alone_or_drops_them(finished, tmp_path, capsys):
+    """checkpoints: last -- checkpoints/model.pt holds the final weights (those state.pt of the same
+    run with checkpoints: keep holds) and nothing else; drop -- no checkpoint at all."""
+    from benchmark.run.checkpoint import keep_finished_checkpoint
+
+    cfg = tiny_config(tmp_path, {"strategies": ["ft", "ldifs"], "model": {"image_size": 64},
+                                 "train": {"warmup_steps": 2}, "checkpoints": "last"})
+    run = run_strategy(cfg, "ft", tmp_path / "ft-s0")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["model.pt"]
+    weights = torch.load(run / "checkpoints/model.pt", weights_only=True)
+    kept = torch.load(finished / "ft-s0/checkpoints/state.pt", weights_only=True)["model"]
+    assert weights.keys() == kept.keys() and all(torch.equal(weights[k], kept[k]) for k in kept)
+    assert (run / "matrices/lp.csv").read_bytes() == (finished / "ft-s0/matrices/lp.csv").read_bytes()
+    keep_finished_checkpoint(run, "drop", None)
+    assert not (run / "checkpoints").exists()
+    assert main(["run", "--resume", str(run)]) == 0 and "already finished" in capsys.readouterr().out
+
+
 def test_resolved_config_reruns_as_is(finished):
     import strategies
 

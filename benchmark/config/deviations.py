@@ -25,7 +25,7 @@ from .plan import make_plan
 from .protocols import protocol_supplied
 from .schema import MACHINE_SETTINGS, RunConfig, per_task
 
-NOT_COMPARED = (*MACHINE_SETTINGS, "cache_format", "cache_budget_gb", "out", "loggers", "figures", "seed",
+NOT_COMPARED = (*MACHINE_SETTINGS, "cache_format", "cache_budget_gb", "out", "loggers", "figures", "checkpoints", "seed",
                 "protocol", "strategies", "sequence")  # sequence: compared as the tasks it resolves to
 PER_TASK = ("epochs", "lr")  # train settings given as one value or {task: value, default: value}
 _MISSING = object()

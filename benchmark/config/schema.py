@@ -147,6 +147,10 @@ class RunConfig:
     # a run's heatmaps and curves, and its invocation's comparison figures, drawn when it finishes;
     # false: tables and CSVs only (`cfbench plot RUN`, `cfbench compare RUN...` draw them later)
     figures: bool = True
+    # what a run keeps of checkpoints/state.pt once it has finished (until then it is always written,
+    # for --resume): keep -- all of it (weights and the strategy's state); last -- the final weights
+    # alone, as checkpoints/model.pt (a state dict); drop -- nothing
+    checkpoints: Literal["keep", "last", "drop"] = "keep"
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))

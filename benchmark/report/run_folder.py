@@ -19,6 +19,7 @@ PROGRESS = "progress.json"
 DEVIATIONS = "deviations.json"  # how the run differs from its protocol (config/deviations.py)
 LOCK = ".lock"
 CHECKPOINT = "checkpoints/state.pt"  # run/checkpoint.py
+FINAL_WEIGHTS = "checkpoints/model.pt"  # a finished run's weights alone (checkpoints: last)
 # everything a run folder can hold (cfbench run's own files and the trackers'); a folder with
 # anything else is never cleared
 RUN_ENTRIES = {"config.yaml", PROGRESS, DEVIATIONS, "log.txt", LOCK, "matrices", "checkpoints",

@@ -18,7 +18,7 @@ from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.within import PREFIX, Curve
 from ..files import atomic_write_with
-from ..report.run_folder import CHECKPOINT, write_progress
+from ..report.run_folder import CHECKPOINT, FINAL_WEIGHTS, write_progress
 
 FIELDS = ("completed", "experiment", "model", "known_tasks", "matrices", "plugins")
 
@@ -40,6 +40,21 @@ def save_checkpoint(run_dir: Path, settings: dict, model, plugins, matrices: dic
     for kind, c in (curves or {}).items():
         c.save(run_dir / "matrices" / f"{PREFIX}{kind}.csv")
     write_progress(run_dir, matrices["lp"].rows[1:], False, experiment_digest(settings))
+
+
+def keep_finished_checkpoint(run_dir: Path, policy: str, model) -> None:
+    """`checkpoints` of a finished run: keep state.pt, keep the final weights alone (model.pt), or
+    drop both. The run is already marked finished: nothing resumes from here."""
+    if policy == "keep":
+        return
+    if policy == "last":
+        atomic_write_with(run_dir / FINAL_WEIGHTS, lambda fh: torch.save(model.state_dict(), fh))
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    if policy == "drop":
+        (run_dir / FINAL_WEIGHTS).unlink(missing_ok=True)
+        folder = (run_dir / CHECKPOINT).parent
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def load_checkpoint(run_dir: Path, settings: dict, trained: Sequence[str], columns: Sequence[str],

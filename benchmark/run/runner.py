@@ -48,7 +48,7 @@ from ..report.compare import finalize_run
 from ..report.run_folder import DEVIATIONS, hold_run_folder
 from ..report.trackers import Trackers
 from .augment import build_augment
-from .checkpoint import apply_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import apply_checkpoint, keep_finished_checkpoint, load_checkpoint, save_checkpoint
 from .schedule import GradClipPlugin, WarmupCosinePlugin
 from .training import FastNaive, FiniteLossGuard, ProgressPlugin, configure_for_device
 from .within import WithinTaskEvaluation
@@ -172,6 +172,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         log.info("after %s: lp %s", name, {k: round(v, 2) for k, v in result.cells["lp"].items()})
     if writer:
         metrics = finalize_run(run_dir, matrices, cfg.to_dict(), model_has_text=encoder.has_text, curves=curves)
+        keep_finished_checkpoint(run_dir, cfg.checkpoints, model)
         trackers.log_metrics(metrics, len(trained))
 
 
