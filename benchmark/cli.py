@@ -324,6 +324,9 @@ def _print_cache_sizes(names, unusable: set, image_size: int, data_root) -> None
     print(f"{'task':<17} {'images':>9} {'raw GB':>9} {'compact GB':>11}  compact form")
     images, raw, compact = 0, 0.0, 0.0
     for name in names:
+        if name in unusable and not get_task(name).sizes:  # your own folder, not there: nothing to go by
+            print(f"{name:<17} {'-':>9} {'-':>9} {'-':>11}  not here, and no published counts")
+            continue
         if name in unusable:  # no files to measure: the published counts
             count = sum(published_counts(get_task(name)).values())
             print(f"{name:<17} {count:>9} {count * 3 * image_size ** 2 / 1e9:>9.3f} {'-':>11}  "

@@ -15,6 +15,7 @@ from .base import (
     LoadedTask, SourceSplit, Task, TaskDefect, TaskIncomplete, TaskUnavailable, cap_per_class, holdout_size,
     validation_split
 )
+from . import folders as folder_tasks
 from .offline import OFFLINE_TASKS
 from .validate import archive_hint, check_loaded
 from .vision import MTIL_TASKS, PAPER_TASKS
@@ -35,6 +36,15 @@ def register_task(task: Task) -> Task:
 
 for _task in PAPER_TASKS + MTIL_TASKS + OFFLINE_TASKS:
     register_task(_task)
+
+
+def register_image_folders(folders: dict[str, str]) -> None:
+    """The run config's `image_folders` as tasks (tasks/folders.py); a folder given anew under a
+    name forgets what was listed and loaded under it."""
+    before = {n: TASKS.get(n) for n in folders}
+    folder_tasks.register_image_folders(folders, TASKS)
+    if any(TASKS.get(n) is not t for n, t in before.items() if t is not None):
+        clear_memory()
 
 
 def get_task(name: str) -> Task:

@@ -13,9 +13,10 @@ from benchmark.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 OFFLINE = ("smoke.yaml",)
-NEEDS_THE_USERS = ("ldifs-gpu-three-datasets.yaml", "local-clip-checkpoint.yaml", "zscl-mtil.yaml")
+NEEDS_THE_USERS = ("ldifs-gpu-three-datasets.yaml", "local-clip-checkpoint.yaml", "zscl-mtil.yaml", "own-images.yaml")
 # what only a user's machine has: a dataset, cached weights, their checkpoint or captions file
-USERS_OWN = (": missing: nothing", "weights are not cached", "no such checkpoint file", "cc_captions.txt")
+USERS_OWN = (": missing: nothing", "weights are not cached", "no such checkpoint file", "cc_captions.txt",
+             "has no train/ and test/ folders")
 
 
 @pytest.fixture

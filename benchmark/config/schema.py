@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+import tasks
+
 from ..errors import CfbenchError
 
 DEFAULT_PROTOCOL = "demo"
@@ -151,6 +153,9 @@ class RunConfig:
     # for --resume): keep -- all of it (weights and the strategy's state); last -- the final weights
     # alone, as checkpoints/model.pt (a state dict); drop -- nothing
     checkpoints: Literal["keep", "last", "drop"] = "keep"
+    # your own datasets: {name: folder holding train/<class>/ and test/<class>/ (val/ optional)};
+    # each name is then a task for `tasks` / `eval_only` (tasks/folders.py)
+    image_folders: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -322,4 +327,5 @@ def build_config(data: dict) -> RunConfig:
     """A complete mapping as a checked RunConfig (unknown keys, types, ranges: one-line errors)."""
     cfg = _build(RunConfig, data)
     cfg.check()
+    tasks.register_image_folders(cfg.image_folders)  # before anything looks its tasks up, in every process
     return cfg
