@@ -60,6 +60,16 @@ def image_folder_task(name: str, folder: str) -> Task:
 _FOLDER_TASKS: dict[str, str] = {}  # name -> folder, of the tasks registered from image_folders
 
 
+def forget_image_folders(tasks: dict[str, Task]) -> bool:
+    """Remove every task registered from image_folders (a process that reads several configs);
+    whether there was any."""
+    had = bool(_FOLDER_TASKS)
+    for name in list(_FOLDER_TASKS):
+        tasks.pop(name, None)
+        del _FOLDER_TASKS[name]
+    return had
+
+
 def register_image_folders(folders: dict[str, str], tasks: dict[str, Task]) -> None:
     """Register (or re-register, with a new folder) each `name: folder`; a built-in task's name is
     refused. `tasks` is the registry."""

@@ -47,6 +47,12 @@ def register_image_folders(folders: dict[str, str]) -> None:
         clear_memory()
 
 
+def forget_image_folders() -> None:
+    """Unregister the image_folders tasks (tests: one config's folders do not outlive its test)."""
+    if folder_tasks.forget_image_folders(TASKS):
+        clear_memory()
+
+
 def get_task(name: str) -> Task:
     try:
         return TASKS[name]

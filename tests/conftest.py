@@ -28,6 +28,15 @@ def private_cache(tmp_path_factory):
         os.environ["CFBENCH_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def own_folders_end_with_their_test():
+    """A config's image_folders register tasks in this process; they do not outlive the test."""
+    yield
+    from tasks.registry import forget_image_folders
+
+    forget_image_folders()
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """A real but tiny run: the packaged pretrained encoder at 64 px, package-only data.
