@@ -223,7 +223,8 @@ def write_group_matrices(groups, out_dir: Path, fmt: str = "png") -> list[Path]:
             Matrix(first.rows, first.columns, mean.tolist()).save(folder / f"mean_{kind}.csv")
             Matrix(first.rows, first.columns, std.tolist()).save(folder / f"std_{kind}.csv")
             written.append(heatmap(Matrix(first.rows, first.columns, mean.tolist()), folder / f"heatmap_mean_{kind}",
-                                   f"{g.name} ({g.strategy}), mean of {g.n} seeds: {TITLES.get(kind, kind)}", fmt,
+                                   f"{g.name if g.name == g.strategy else f'{g.name} ({g.strategy})'}, mean of "
+                                   f"{g.n} seeds: {TITLES.get(kind, kind)}", fmt,
                                    kind))
     return written
 

@@ -246,6 +246,8 @@ def build_comparison(groups: Sequence[RunGroup], kind: str = "lp",
     else:
         left.text(0.5, 0.5, "no never-trained dataset\n(or no pretrained row)", ha="center", va="center",
                   transform=left.transAxes)
+        left.set_xticks([])
+        left.set_yticks([])
     left.axhline(0, color="black", linewidth=0.8)
     left.set_ylabel(f"Δ {KIND_LABELS.get(kind, kind)} accuracy vs pretrained (points)")
     left.set_title("concept forgetting\nnever-trained datasets (0 = pretrained)", fontsize=10)
