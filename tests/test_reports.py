@@ -232,3 +232,18 @@ def test_non_interactive_runs_print_one_line_per_stage(tmp_path, capfd):
     assert "\r" not in out + err
     assert re.search(r"^train digits: \d+ steps in [\d.]+ s, loss [\d.]+$", err, re.M)
     assert re.search(r"^eval after digits: 2 datasets in [\d.]+ s$", err, re.M)
+
+
+def test_curves_during_fine_tuning_share_one_axis_and_mark_trained_panels():
+    from benchmark.evaluation.within import Curve
+    from benchmark.report.within import build_within
+
+    curve = Curve(["a", "x"])
+    for task, step, global_step, cells in (("pretrained", 0, 0, {"a": 40.0, "x": 90.0}),
+                                           ("a", 5, 5, {"a": 80.0, "x": 89.3}), ("a", 10, 10, {"a": 85.0, "x": 88.6})):
+        curve.add(task, step, global_step, cells)
+    fig = build_within([("ft-s0 (ft)", curve)], "lp")
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in panels] == ["a (trained)", "x (never trained)"]
+    assert panels[0].get_ylim() == panels[1].get_ylim() and 0 <= panels[0].get_ylim()[0] <= 40
+    assert panels[0].get_ylim()[1] <= 100 and fig._suptitle.get_text().startswith("ft-s0 (ft): linear-probe")

@@ -11,7 +11,8 @@ import matplotlib
 
 from ..evaluation.matrix import PRETRAINED
 from ..evaluation.within import Curve, curve_files
-from .figures import KIND_LABELS, PLAIN_TEXT, panel_grid, save
+from .figures import KIND_LABELS, PLAIN_TEXT, accuracy_limits, panel_grid, save
+from .plots import run_label
 
 
 def task_ends(curve: Curve) -> list[tuple[str, int]]:
@@ -30,7 +31,9 @@ def build_within(series: Sequence[tuple[str, Curve]], kind: str):
     if not drawn:
         return None
     columns = drawn[0][1].columns
+    trained = {task for task, _ in task_ends(drawn[0][1])}
     fig, axes = panel_grid(len(columns), 3.6)
+    shown: list[float] = []
     for ax, column in zip(axes, columns):
         for label, curve in drawn:
             if column not in curve.columns:
@@ -39,15 +42,22 @@ def build_within(series: Sequence[tuple[str, Curve]], kind: str):
             steps = [p[2] for p in curve.points]
             values = [row[i] for row in curve.values]
             line, = ax.plot(steps, values, marker="o", markersize=2, linewidth=1.2, label=label)
+            shown += values
             if curve.points[0][0] == PRETRAINED and not math.isnan(values[0]):
                 ax.axhline(values[0], color=line.get_color(), linestyle="--", linewidth=0.8, alpha=0.7)
         for task, end in task_ends(drawn[0][1])[:-1]:
             ax.axvline(end, color="0.6", linestyle=":", linewidth=0.8)
-        ax.set_title(column, fontsize=9)
+        ax.set_title(f"{column} ({'trained' if column in trained else 'never trained'})", fontsize=9)
+        if column not in trained:
+            ax.set_facecolor("0.95")
         ax.set_xlabel("global step", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(f"{KIND_LABELS.get(kind, kind)} accuracy (%) during fine-tuning (dotted: task ends; dashed: "
-                 "pretrained)", fontsize=10)
+    lo, hi = accuracy_limits(shown, floor=10.0)
+    for ax in axes:
+        ax.set_ylim(lo, hi)
+    runs = ", ".join(label for label, _ in drawn) if len(drawn) <= 3 else f"{len(drawn)} runs"
+    fig.suptitle(f"{runs}: {KIND_LABELS.get(kind, kind)} accuracy (%) during fine-tuning (dotted: task ends; "
+                 f"dashed: pretrained; one y-axis, {lo:.0f}-{hi:.0f}%)", fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
     if len(drawn) > 1:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
@@ -66,6 +76,6 @@ def plot_within(run_dir: Path, fmt: str = "png") -> list[Path]:
     for kind, path in curve_files(run_dir / "matrices").items():
         curve = Curve.load(path)
         for f in ["png"] + ([fmt] if fmt != "png" else []):
-            out = within_figure([(run_dir.name, curve)], kind, run_dir / f"within_{kind}", f)
+            out = within_figure([(run_label(run_dir), curve)], kind, run_dir / f"within_{kind}", f)
             written += [out] if out else []
     return written
