@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
         found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
         print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
         return 0
-    plan = check_run(cfg)  # nothing is written before every check passed
+    plan = check_run(cfg, load_checkpoint=args.check)  # nothing is written before every check passed
     if args.check:
         for combo in cfg.strategies:
             print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}")

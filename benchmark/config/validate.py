@@ -64,11 +64,13 @@ class Problems:
             raise CfbenchProblems(self.lines)
 
 
-def check_run(cfg: RunConfig) -> RunPlan:
+def check_run(cfg: RunConfig, load_checkpoint: bool = False) -> RunPlan:
     """Everything `cfbench run` can check before training, in one pass: strategies and their
-    parameters, the tasks, per-task maps, the model and whether its weights are here, the output
-    and cache folders, each task's data, and the files a run reads. Every problem found is
-    reported (one line each, with its fix); returns the run's plan."""
+    parameters, the tasks, per-task maps, the model and whether its weights are here (with
+    `load_checkpoint`, as `--check` asks, a local checkpoint file is loaded too: a run loads it
+    anyway before it writes anything), the output and cache folders, each task's data, and the
+    files a run reads. Every problem found is reported (one line each, with its fix); returns the
+    run's plan."""
     for combo in cfg.strategies:  # unknown names stop here: nothing else can be checked of them
         strategies.parse_strategy(combo)
     problems = Problems()
@@ -85,7 +87,8 @@ def check_run(cfg: RunConfig) -> RunPlan:
     with problems.collect():
         check_model(cfg.model)
         check_weights_here(cfg.model)
-        check_checkpoint_loads(cfg.model)
+        if load_checkpoint:
+            check_checkpoint_loads(cfg.model)
     with problems.collect():
         check_writable_folder(Path(cfg.out), "--out")
         check_not_in_a_run_folder(Path(cfg.out))
