@@ -160,6 +160,9 @@ def _resume(run_dir: Path, args) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise CfbenchError(f"{run_dir}: no config.yaml, not a cfbench run directory")
     progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
+    if not isinstance(progress.get("finished", False), bool):
+        raise CfbenchError(f"{run_dir / PROGRESS}: key 'finished' must be true or false, not "
+                           f"{progress['finished']!r}; not a progress file cfbench wrote")
     if progress.get("finished"):
         print(f"{run_dir}: already finished; nothing to resume")
         return 0
@@ -280,6 +283,8 @@ def cmd_data_check(args) -> int:
     from tasks.registry import download_hint
     from tasks.validate import deep_check
 
+    if args.tasks is not None and not args.tasks.strip(", "):
+        raise CfbenchError("--tasks is empty; name at least one task, or leave --tasks out to check every task")
     if args.sequence:
         seq = resolve_sequence(args.sequence, args.data_root)
         names = seq.tasks + seq.eval_only
@@ -406,7 +411,10 @@ def cmd_plot(args) -> int:
     if not (run_dir / "matrices").is_dir():
         raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
     refuse_links(run_dir, "run folder")
-    for path in plot_run(run_dir, args.format) + plot_within(run_dir, args.format):
+    drawn = plot_run(run_dir, args.format) + plot_within(run_dir, args.format)
+    if not drawn:
+        raise CfbenchError(f"{run_dir / 'matrices'}: no matrix with a row to draw (nothing was written)")
+    for path in drawn:
         print(path)
     return 0
 

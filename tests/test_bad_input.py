@@ -117,6 +117,13 @@ def _cases(tmp, clip_path):
         ("compare-bad-format", ["compare", _finished_run(tmp / "r6"), "--format", "bmp"]),
         ("compare-unknown-reference", ["compare", _finished_run(tmp / "r10"), "--reference", "nope"]),
         ("compare-reference-as-a-path", ["compare", _finished_run(tmp / "r11"), "--reference", "../protocols/demo"]),
+        ("compare-metrics-kind-not-a-mapping", ["compare", _finished_run(tmp / "r12", **{"metrics.json": '{"lp": 5}'})]),
+        ("compare-strategies-not-names", ["compare", _finished_run(tmp / "r13", **{
+            "config.yaml": yaml.safe_dump({**TINY, "strategies": [[1, 2]]})})]),
+        ("resume-finished-not-a-boolean", ["run", "--resume", _unfinished_run(
+            tmp / "no-bool", json.dumps({"completed_tasks": [], "finished": "no"}))]),
+        ("plot-nothing-to-draw", ["plot", _finished_run(tmp / "r14", **{"matrices/lp.csv": None})]),
+        ("data-check-empty-tasks", ["data", "check", "--tasks", ""]),
         ("plot-not-a-run", ["plot", str(tmp)]),
         ("plot-corrupt-matrix", ["plot", _finished_run(tmp / "r7", **{"matrices/lp.csv": "after,a\nx,notanumber\n"})]),
         ("list-unknown", ["list", "everything"]),

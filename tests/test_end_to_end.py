@@ -114,6 +114,14 @@ def test_compare_table_has_one_row_per_run(finished, tmp_path, capsys):
     assert (tmp_path / "comparison.png").stat().st_size > 5000
 
 
+def test_compare_counts_a_folder_named_twice_once(finished, tmp_path):
+    """The same run by two paths is one run (issue 33: it was grouped as two seeds, std 0)."""
+    run = finished / "ft-s0"
+    assert main(["compare", str(run), str(finished / ".." / finished.name / "ft-s0"), "--out", str(tmp_path)]) == 0
+    assert len((tmp_path / "comparison.md").read_text().strip().splitlines()) == 3
+    assert not (tmp_path / "comparison_groups.md").exists()
+
+
 def test_compare_takes_the_invocation_folder_the_run_printed(finished, tmp_path, capsys):
     """`results: FOLDER` is what a run prints; compare expands it to the runs inside, in name order."""
     assert main(["compare", str(finished), "--out", str(tmp_path)]) == 0

@@ -109,7 +109,16 @@ def _finished_run(run_dir: Path) -> tuple[dict, dict]:
     cfg = read_yaml_mapping(run_dir / "config.yaml", "config.yaml (not a cfbench run folder)")
     if not isinstance(cfg.get("strategies"), list) or not cfg["strategies"]:
         raise CfbenchError(f"{run_dir / 'config.yaml'}: names no strategy; not a cfbench run config")
-    return cfg, read_json_object(run_dir / "metrics.json")
+    if not all(isinstance(s, str) for s in cfg["strategies"]):
+        raise CfbenchError(f"{run_dir / 'config.yaml'}: strategies must be names, not {cfg['strategies']!r}")
+    metrics = read_json_object(run_dir / "metrics.json")
+    for kind, values in metrics.items():
+        if kind == "notes":
+            continue
+        if not isinstance(values, dict) or not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   for v in values.values()):
+            raise CfbenchError(f"{run_dir / 'metrics.json'}: key {kind!r} must map metric names to numbers or null")
+    return cfg, metrics
 
 
 def protocol_label(run_dir: Path, cfg: dict) -> str:

@@ -28,8 +28,8 @@ RUN_PREFIXES = ("heatmap_", "curves_", "within_")
 
 
 def runs_of(folders: list[Path]) -> list[Path]:
-    """The run folders named: a folder that is no run folder itself but holds run folders (the
-    invocation folder `cfbench run` prints as `results:`) stands for the runs inside it."""
+    """The run folders named, each once: a folder that is no run folder itself but holds run
+    folders (the invocation folder `cfbench run` prints as `results:`) stands for the runs inside it."""
     runs = []
     for folder in folders:
         if folder.is_dir() and not folder.is_symlink() and not (folder / "config.yaml").exists():
@@ -39,7 +39,10 @@ def runs_of(folders: list[Path]) -> list[Path]:
                 runs.extend(inside)
                 continue
         runs.append(folder)
-    return runs
+    unique: dict[Path, Path] = {}
+    for run in runs:  # a folder named twice (or by two paths) is one run, not two seeds
+        unique.setdefault(run.resolve(), run)
+    return list(unique.values())
 
 
 def new_invocation_folder(out: Path, label: str) -> Path:
