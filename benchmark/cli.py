@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import CfbenchError, CfbenchProblems
+from .limits import INT_MAX, THREADS_MAX
 
 def _quiet_imports() -> None:
     warnings.filterwarnings("ignore", message=".*QP solver.*")
@@ -419,14 +420,20 @@ def cmd_plot(args) -> int:
     return 0
 
 
-def _positive_int(text: str, least: int = 1) -> int:
+def _positive_int(text: str, least: int = 1, most: int = INT_MAX) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < least:
         raise argparse.ArgumentTypeError(f"must be at least {least}, not {value}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:,}, not {value:,}")
     return value
+
+
+def _threads(text: str) -> int:
+    return _positive_int(text, most=THREADS_MAX)
 
 
 def _count(text: str) -> int:
@@ -629,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--zscl", action="store_true", help="compare ZSCL with FT, both training text heads (the "
                     "zscl-mtil protocol's training); needs an open_clip --model")
     pf.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    pf.add_argument("--threads", type=_positive_int, help="torch threads (default: every core)")
+    pf.add_argument("--threads", type=_threads, help=f"torch threads, at most {THREADS_MAX} (default: every core)")
     pf.set_defaults(func=cmd_perf)
     return p
 

@@ -9,7 +9,8 @@ PACKAGES = ("benchmark", "strategies", "tasks")
 
 # bottom to top; a module may import its own floor and the floors below
 FLOORS = [
-    ("ground", ("benchmark.errors", "benchmark.files", "benchmark.progress", "benchmark.distributed")),
+    ("ground", ("benchmark.errors", "benchmark.limits", "benchmark.files", "benchmark.progress",
+                "benchmark.distributed")),
     ("tasks", ("tasks",)),
     ("strategies", ("strategies",)),
     ("models", ("benchmark.models",)),

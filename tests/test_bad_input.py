@@ -124,6 +124,8 @@ def _cases(tmp, clip_path):
             tmp / "no-bool", json.dumps({"completed_tasks": [], "finished": "no"}))]),
         ("plot-nothing-to-draw", ["plot", _finished_run(tmp / "r14", **{"matrices/lp.csv": None})]),
         ("data-check-empty-tasks", ["data", "check", "--tasks", ""]),
+        ("perf-threads-huge", ["perf", "--threads", "99999999999"]),
+        ("perf-samples-huge", ["perf", "--samples", "99999999999"]),
         ("plot-not-a-run", ["plot", str(tmp)]),
         ("plot-corrupt-matrix", ["plot", _finished_run(tmp / "r7", **{"matrices/lp.csv": "after,a\nx,notanumber\n"})]),
         ("list-unknown", ["list", "everything"]),

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 import tasks
 
 from ..errors import CfbenchError
+from ..limits import INT_MAX, THREADS_MAX
 
 DEFAULT_PROTOCOL = "demo"
 
@@ -26,7 +27,6 @@ MACHINE_SETTINGS = ("device", "threads", "data_root", "cache_dir")
 # number is also finite, and every integer fits a C int (INT_MAX): torch, numpy and the CUDA
 # kernels take them as such
 _POSITIVE = {"positive": True}
-INT_MAX = 2 ** 31 - 1
 
 
 @dataclass
@@ -143,7 +143,7 @@ class RunConfig:
     out: str = "results"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = field(default=0, metadata={"min": 0})
-    threads: Optional[int] = field(default=None, metadata={"positive": True, "max": 4096})  # null: every core
+    threads: Optional[int] = field(default=None, metadata={"positive": True, "max": THREADS_MAX})  # null: every core
     # experiment trackers (benchmark/report/trackers.py): loss, penalties, lr per step; every eval round
     loggers: list[Literal["tensorboard", "wandb", "mlflow", "csv"]] = field(default_factory=list)
     # a run's heatmaps and curves, and its invocation's comparison figures, drawn when it finishes;
