@@ -280,8 +280,7 @@ def _list_references() -> None:
 
 
 def cmd_data_check(args) -> int:
-    from tasks import TASKS, get_task, loaded_task, parse_task_list, resolve_data_root, resolve_sequence, task_status
-    from tasks.registry import download_hint
+    from tasks import TASKS, loaded_task, parse_task_list, resolve_data_root, resolve_sequence, task_status
     from tasks.validate import deep_check
 
     if args.tasks is not None and not args.tasks.strip(", "):
@@ -306,8 +305,7 @@ def cmd_data_check(args) -> int:
         else:
             unusable.append(name)
             print(f"{name:<17} {status:<11} {'-':>8} {'-':>7} {'-':>7} {TASKS[name].num_classes:>7}")
-            print(f"  {detail}" + (f"; {download_hint(name, args.data_root)}" if status == "missing" and
-                                    get_task(name).download is not None else ""))
+            print(f"  {detail}")
     print(f"{len(names) - len(unusable)} of {len(names)} tasks usable")
     if args.sizes and args.image_size < 8:
         raise CfbenchError(f"--image-size must be at least 8, not {args.image_size}")

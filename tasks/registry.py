@@ -92,17 +92,27 @@ def _expected(task: Task) -> str:
 
 def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
     """The task's class names and source splits, checked by `validate.check_loaded` (listing and
-    file existence only: no image is decoded here)."""
+    file existence only: no image is decoded here). Data that is not usable is one line; missing
+    data of a task that can be downloaded names its `cfbench data download` command (an archive
+    left unextracted, or incomplete data, says itself what to extract or re-fetch)."""
     task, root = get_task(name), resolve_data_root(given_root)
     key = (name, str(root))
     if key in _LOADED:
         return _LOADED[key]
+    found = _listed(task, root, given_root)
+    _LOADED[key] = found
+    return found
+
+
+def _listed(task: Task, root: Path, given_root: Optional[str]) -> LoadedTask:
+    name = task.name
+    fetch = f"; {download_hint(name, given_root)}" if task.download is not None else ""
     missing = _missing_anchors(task, root)
     archive = archive_hint(name, root) if missing else None
     if missing and len(missing) == len(task.anchors):
         if archive:
             raise DataUnavailable(name, "missing", f"nothing extracted under {root}: {archive}")
-        raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task)}")
+        raise DataUnavailable(name, "missing", f"nothing found under {root}; {_expected(task)}{fetch}")
     if missing:
         raise DataUnavailable(name, "incomplete", f"missing {', '.join(str(root / m) for m in missing)}; "
                               + (archive or _expected(task)))
@@ -113,14 +123,13 @@ def loaded_task(name: str, given_root: Optional[str] = None) -> LoadedTask:
     except TaskIncomplete as err:
         raise DataUnavailable(name, "incomplete", f"{err}; " + _expected(task)) from None
     except TaskUnavailable as err:
-        raise DataUnavailable(name, "missing", str(err)) from None
+        raise DataUnavailable(name, "missing", f"{err}{fetch}") from None
     if len(found.classes) != task.num_classes:
         raise DataUnavailable(name, "incomplete", f"{len(found.classes)} class names for {task.num_classes} classes")
     try:
         check_loaded(task, found)
     except TaskDefect as err:
         raise DataUnavailable(name, "incomplete", str(err)) from None
-    _LOADED[key] = found
     return found
 
 

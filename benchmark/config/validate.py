@@ -10,7 +10,7 @@ from pathlib import Path
 import strategies
 import tasks
 from tasks.registry import CACHE_ENV_VAR as CACHE_ENV
-from tasks.registry import cache_root, download_hint
+from tasks.registry import cache_root
 
 from ..errors import CfbenchError, CfbenchProblems
 from ..models.catalog import OFFLINE_MODELS, check_model, pretrained_tags
@@ -98,7 +98,7 @@ def check_run(cfg: RunConfig, load_checkpoint: bool = False) -> RunPlan:
     usable = []
     for name in plan.evaluated:
         with problems.collect():
-            check_task_data(name, cfg.data_root)
+            tasks.loaded_task(name, cfg.data_root)  # the cheap checks; its line says how to get the data
             usable.append(name)
     with problems.collect():
         check_run_files(cfg, tuple(usable))
@@ -126,16 +126,6 @@ def check_checkpoint_loads(model: ModelConfig) -> None:
         build_model(model)
 
 
-def check_task_data(name: str, data_root) -> None:
-    """A task's data is usable (`tasks.loaded_task` runs the cheap checks); its line says how to get it."""
-    try:
-        tasks.loaded_task(name, data_root)
-    except tasks.DataUnavailable as err:
-        if tasks.get_task(name).download is None:
-            raise
-        raise tasks.DataUnavailable(err.task, err.status, f"{err.detail}; {download_hint(name, data_root)}") from None
-
-
 def check_not_in_a_run_folder(out: Path) -> None:
     """--out inside a run folder would nest a new invocation in it."""
     for folder in [out.expanduser().absolute(), *out.expanduser().absolute().parents]:
@@ -160,5 +150,5 @@ def check_data(names: tuple[str, ...], data_root) -> None:
     problems = Problems()
     for name in names:
         with problems.collect():
-            check_task_data(name, data_root)
+            tasks.loaded_task(name, data_root)
     problems.raise_any()
