@@ -14,7 +14,7 @@ from tasks.registry import cache_root
 
 from ..errors import CfbenchError, CfbenchProblems
 from ..models.catalog import OFFLINE_MODELS, check_model, pretrained_tags
-from ..models.weights import cached_weights, missing_weights_message
+from ..models.weights import require_cached
 from .plan import RunPlan, check_per_task_values, check_text_needs, plan_tasks
 from .schema import ModelConfig, RunConfig
 from .templates import task_class_names, task_templates
@@ -112,8 +112,7 @@ def check_weights_here(model: ModelConfig) -> None:
     tag = model.pretrained
     if model.name in OFFLINE_MODELS or not tag or os.path.isfile(tag) or tag not in pretrained_tags(model.name):
         return
-    if cached_weights(model.name, tag) is None:
-        raise CfbenchError(missing_weights_message(model.name, tag))
+    require_cached(model.name, tag)
 
 
 def check_checkpoint_loads(model: ModelConfig) -> None:
