@@ -401,26 +401,87 @@ def test_a_killed_drivers_embedded_ray_cluster_dies_with_it(tmp_path):
     assert not _alive(cluster), [p.name() for p in _alive(cluster)]
 
 
-def test_the_next_invocation_ends_only_its_own_stale_processes(tmp_path):
-    """A record left by a killed driver whose watchdog was lost too: the processes on it (same pid
-    and start time) are ended; a live process whose start time differs (a reused pid) is not."""
+def _sleeper(env_extra: dict):
     import subprocess
     import sys
 
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, **env_extra})
+
+
+def _record(folder, token: str, processes: dict, driver: int = 123, driver_started: float = 1.0):
+    (folder / f".ray-processes-{driver}.json").write_text(json.dumps(
+        {"driver": driver, "driver_started": driver_started, "token": token,
+         "processes": {str(pid): started for pid, started in processes.items()}}))
+
+
+def test_the_next_invocation_ends_only_its_own_stale_processes(tmp_path):
+    """A record left by a killed driver whose watchdog was lost too: a process on it is ended only
+    if its pid and start time match and its environment carries the cluster's token. A reused pid
+    (other start time) and a process of the user without the token (a planted record naming it with
+    its true start time) survive."""
     import psutil
 
-    from benchmark.sweep.reaper import end_stale
+    from benchmark.sweep.reaper import TOKEN_ENV, end_stale
 
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    token = "0123456789abcdef" * 2
+    ours, reused, unrelated = _sleeper({TOKEN_ENV: token}), _sleeper({TOKEN_ENV: token}), _sleeper({})
     try:
-        started = psutil.Process(ours.pid).create_time()
-        (tmp_path / ".ray-processes-123.json").write_text(json.dumps(
-            {"driver": 123, "processes": {str(ours.pid): started, str(other.pid): started - 100.0}}))
+        started = {p.pid: psutil.Process(p.pid).create_time() for p in (ours, reused, unrelated)}
+        _record(tmp_path, token, {ours.pid: started[ours.pid], reused.pid: started[reused.pid] - 100.0,
+                                  unrelated.pid: started[unrelated.pid]})
         assert end_stale(tmp_path) == 1
-        assert ours.wait(timeout=10) is not None and other.poll() is None
+        assert ours.wait(timeout=10) is not None and reused.poll() is None and unrelated.poll() is None
         assert not list(tmp_path.glob(".ray-processes-*.json"))
     finally:
-        for p in (ours, other):
+        for p in (ours, reused, unrelated):
             p.kill()
             p.wait()
+
+
+def test_a_planted_reaper_record_ends_no_process_of_the_user(tmp_path):
+    """A finished sweep's folder with a hand-written record naming another process of the user (its
+    real pid and start time, any token): `cfbench sweep` leaves it alive. A record of a driver that
+    still runs (a copy of a live sweep's folder) is not acted on, even for processes with its token."""
+    import psutil
+
+    from benchmark.sweep.reaper import TOKEN_ENV, end_stale
+
+    token = "f" * 32
+    victim, live_cluster = _sleeper({}), _sleeper({TOKEN_ENV: token})
+    try:
+        me = psutil.Process(os.getpid())
+        _record(tmp_path, token, {victim.pid: psutil.Process(victim.pid).create_time()}, driver=1)
+        _record(tmp_path, token, {live_cluster.pid: psutil.Process(live_cluster.pid).create_time()},
+                driver=os.getpid(), driver_started=me.create_time())
+        assert end_stale(tmp_path) == 0
+        time.sleep(0.3)
+        assert victim.poll() is None and live_cluster.poll() is None
+    finally:
+        for p in (victim, live_cluster):
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "not-json", "wrong-shape", "huge-pid"])
+def test_a_reaper_record_of_the_wrong_kind_is_one_line(tmp_path, kind):
+    """The record is read by the strict reader: a FIFO does not hang, a folder is no traceback."""
+    from benchmark.errors import CfbenchError
+    from benchmark.sweep.reaper import end_stale
+
+    record = tmp_path / ".ray-processes-7.json"
+    if kind == "fifo":
+        os.mkfifo(record)
+    elif kind == "folder":
+        record.mkdir()
+    elif kind == "not-json":
+        record.write_text("{")
+    elif kind == "wrong-shape":
+        record.write_text(json.dumps({"driver": "7", "driver_started": 1, "token": "0" * 32, "processes": {}}))
+    else:
+        record.write_text(json.dumps({"driver": 7, "driver_started": 1, "token": "0" * 32,
+                                      "processes": {"99999999999999999999": 1.0}}))
+    start = time.monotonic()
+    with pytest.raises(CfbenchError) as err:
+        end_stale(tmp_path)
+    assert time.monotonic() - start < 5
+    assert str(record) in str(err.value) and "\n" not in str(err.value)

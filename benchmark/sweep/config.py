@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import strategies
 
 from ..config import RunConfig, read_config_file, resolve
 from ..config.overrides import set_path, setting_parts
@@ -275,13 +276,21 @@ def _one_run(path: Path, base: RunConfig, folder: Path, values: dict[str, Any], 
     return PlannedRun(name, strategy, seed, labels, cfg)
 
 
+def ranks_for(num_gpus: float) -> int:
+    """A run that holds N >= 2 whole GPUs trains over N DDP processes (one per GPU), else in one."""
+    return int(num_gpus) if num_gpus >= 2 and float(num_gpus).is_integer() else 1
+
+
 def check_plan(plan: SweepPlan) -> None:
     """Every expanded config through `config.validate.check_run` (strategies and parameters,
-    tasks and their data, model, output and cache folders): nothing starts unless all pass."""
+    tasks and their data, model, output and cache folders) and, for runs holding N >= 2 GPUs, the
+    strategies' data parallel over N processes: nothing starts unless all pass."""
 
+    nproc = ranks_for(plan.spec.resources.num_gpus or 0)
     for run in plan.runs:
         try:
             run.tasks = check_run(run.config).trained
+            strategies.check_data_parallel(run.strategy, nproc)
         except CfbenchError as err:
             raise CfbenchError(f"{plan.path}: run {run.name}: {err}") from None
 

@@ -37,10 +37,11 @@ from typing import Iterator, Optional, Sequence, TextIO
 from ..errors import CfbenchError
 from ..files import atomic_write_text
 from ..report.compare import compare_runs
-from .config import SweepConfig, SweepPlan, load_sweep
+from .config import SweepConfig, SweepPlan, load_sweep, ranks_for
 from .progress import SweepProgress
-from .reaper import end_stale, start_watchdog
-from .state import FolderStatus, SweepState, check_unchanged, folder_status, hold_sweep_folder, read_json_quietly
+from .reaper import end_stale, mark_cluster, start_watchdog
+from ..records import marker_of, progress_of
+from .state import FolderStatus, SweepState, check_unchanged, folder_status, hold_sweep_folder
 from .worker import LOGS, execute_run
 
 ENV_PREFIXES = ("CFBENCH_",)   # the driver's variables a task sees (data root, cache)
@@ -60,11 +61,6 @@ class Resources:
         gpus = f", {self.num_gpus:g} GPU" if self.num_gpus else ", no GPU"
         return (f"{self.max_parallel} run(s) at a time, each {self.num_cpus:g} CPU(s) ({self.threads} torch "
                 f"threads){gpus}")
-
-
-def ranks_for(num_gpus: float) -> int:
-    """A run that holds N >= 2 whole GPUs trains over N DDP processes (one per GPU), else in one."""
-    return int(num_gpus) if num_gpus >= 2 and float(num_gpus).is_integer() else 1
 
 
 def decide_resources(spec: SweepConfig, nodes: Sequence[tuple[float, float]],
@@ -106,6 +102,8 @@ def ray_cluster(address: str, progress_note=print, folder: Optional[Path] = None
             kwargs.update(address="local", include_dashboard=False, object_store_memory=256 * 1024 ** 2)
         else:
             kwargs.update(address=address)
+        if address == "local" and folder is not None:
+            mark_cluster()  # before Ray starts: every process of the cluster inherits the token
         try:
             ray.init(**kwargs)
         except Exception as err:  # connection, authentication and start-up errors of every kind
@@ -214,7 +212,7 @@ class Scheduler:
                 self.progress.state(run.name, "failed")
             return
         status = folder_status(self.plan.folder / run.name)
-        marker = read_json_quietly(self.plan.folder / LOGS / f"{run.name}.json")
+        marker = marker_of(self.plan.folder / LOGS / f"{run.name}.json")
         self.state.set(run.name, state="done", error=None, completed_tasks=status.completed,
                        host=marker.get("host", entry.get("host")), pid=marker.get("pid", entry.get("pid")))
         self.progress.tasks(run.name, status.completed)
@@ -226,12 +224,12 @@ class Scheduler:
         and how many tasks each has finished (its progress.json)."""
         for run, attempt in list(inflight):
             entry = self.state.runs[run.name]
-            marker = read_json_quietly(self.plan.folder / LOGS / f"{run.name}.json")
+            marker = marker_of(self.plan.folder / LOGS / f"{run.name}.json")
             if entry["state"] == "queued" and marker.get("attempt") == attempt:
                 self.state.set(run.name, state="running", host=marker.get("host"), pid=marker.get("pid"))
                 self.progress.state(run.name, "running", f"attempt {attempt} on {marker.get('host')}")
             if entry["state"] == "running":
-                done = read_json_quietly(self.plan.folder / run.name / "progress.json").get("completed_tasks") or []
+                done = progress_of(self.plan.folder / run.name).get("completed_tasks") or []
                 if len(done) != entry["completed_tasks"]:
                     self.state.set(run.name, completed_tasks=len(done))
                     self.progress.tasks(run.name, len(done), str(done[-1]) if done else "")
