@@ -9,7 +9,7 @@ PACKAGES = ("benchmark", "strategies", "tasks")
 
 # bottom to top; a module may import its own floor and the floors below
 FLOORS = [
-    ("ground", ("benchmark.errors", "benchmark.limits", "benchmark.files", "benchmark.progress",
+    ("ground", ("benchmark.errors", "benchmark.limits", "benchmark.files", "benchmark.records", "benchmark.progress",
                 "benchmark.distributed")),
     ("tasks", ("tasks",)),
     ("strategies", ("strategies",)),

@@ -14,7 +14,8 @@ from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.metrics import METRIC_KEYS, compute_metrics
 from ..evaluation.within import PREFIX, Curve, curve_files, matrix_files
-from ..files import atomic_write_json, atomic_write_text, read_json, read_json_object, read_yaml_mapping
+from ..files import atomic_write_json, atomic_write_text
+from ..records import read_deviations, read_metrics, read_progress, read_run_config_for_reports
 from .figures import comparison_figure, curves_figure, describe_runs, group_runs
 from .plots import TITLES, heatmap, plot_run
 from .published import write_reference_comparison
@@ -103,22 +104,10 @@ def _finished_run(run_dir: Path) -> tuple[dict, dict]:
         raise CfbenchError(f"{run_dir}: neither a run folder (no config.yaml) nor an invocation folder holding runs; "
                            "pass the run folders, or the folder `cfbench run` printed as results:")
     progress = run_dir / "progress.json"
-    if not (run_dir / "metrics.json").is_file() or not progress.is_file() or \
-            not read_json_object(progress).get("finished"):
+    if not (run_dir / "metrics.json").is_file() or not progress.is_file() or not read_progress(progress)["finished"]:
         raise CfbenchError(f"{run_dir}: not a finished run (no metrics.json or progress.json says unfinished)")
-    cfg = read_yaml_mapping(run_dir / "config.yaml", "config.yaml (not a cfbench run folder)")
-    if not isinstance(cfg.get("strategies"), list) or not cfg["strategies"]:
-        raise CfbenchError(f"{run_dir / 'config.yaml'}: names no strategy; not a cfbench run config")
-    if not all(isinstance(s, str) for s in cfg["strategies"]):
-        raise CfbenchError(f"{run_dir / 'config.yaml'}: strategies must be names, not {cfg['strategies']!r}")
-    metrics = read_json_object(run_dir / "metrics.json")
-    for kind, values in metrics.items():
-        if kind == "notes":
-            continue
-        if not isinstance(values, dict) or not all(v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                   for v in values.values()):
-            raise CfbenchError(f"{run_dir / 'metrics.json'}: key {kind!r} must map metric names to numbers or null")
-    return cfg, metrics
+    cfg = read_run_config_for_reports(run_dir / "config.yaml")
+    return cfg, read_metrics(run_dir / "metrics.json")
 
 
 def protocol_label(run_dir: Path, cfg: dict) -> str:
@@ -129,9 +118,7 @@ def protocol_label(run_dir: Path, cfg: dict) -> str:
     path = run_dir / DEVIATIONS
     if not path.is_file():
         return f"{protocol} (unchecked)"
-    found = read_json(path)
-    if not isinstance(found, list):
-        raise CfbenchError(f"{path}: expected a JSON list of changes")
+    found = read_deviations(path)
     return f"{protocol} + {count_label(len(found))}" if found else str(protocol)
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CfbenchError
-from ..files import atomic_write_json, open_no_follow, read_json_object, refuse_links
+from ..files import atomic_write_json, open_no_follow, refuse_links
+from ..records import progress_of, read_progress
 
 PROGRESS = "progress.json"
 DEVIATIONS = "deviations.json"  # how the run differs from its protocol (config/deviations.py)
@@ -84,8 +85,7 @@ def next_step(run_dir: Path) -> str:
     """What a run folder left by an earlier attempt (a sweep's retry, torchrun's elastic restart)
     asks of the next: "finished" (leave it), "resume" (from its checkpoint) or "start" -- a
     folder without a checkpoint holds only what a run writes before it, and is cleared first."""
-    progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
-    if progress.get("finished"):
+    if progress_of(run_dir).get("finished"):
         return "finished"
     if (run_dir / CHECKPOINT).is_file():
         return "resume"
@@ -144,7 +144,7 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
         except BaseException as err:
             _record_error(run_dir, err)
             raise
-        if read_json_object(run_dir / PROGRESS, "progress file").get("finished"):
+        if read_progress(run_dir / PROGRESS).get("finished"):
             (run_dir / LOCK).unlink()  # a finished folder is shared as it is; unlinked while still held
 
 
@@ -155,7 +155,7 @@ def write_progress(run_dir: Path, completed_tasks: list[str], finished: bool, ex
 
 
 def _check_experiment(run_dir: Path, experiment: str) -> None:
-    found = read_json_object(run_dir / PROGRESS, "progress file").get("experiment")
+    found = read_progress(run_dir / PROGRESS).get("experiment")
     if found is None:
         raise CfbenchError(f"{run_dir / PROGRESS}: records no settings digest (a run of an older cfbench?), so it "
                            "cannot be shown to be this config's run; start the run again")
@@ -166,7 +166,7 @@ def _check_experiment(run_dir: Path, experiment: str) -> None:
 
 
 def _clear_error(run_dir: Path) -> None:
-    progress = read_json_object(run_dir / PROGRESS) if (run_dir / PROGRESS).is_file() else {}
+    progress = progress_of(run_dir)
     if "error" in progress:
         atomic_write_json(run_dir / PROGRESS, {k: v for k, v in progress.items() if k != "error"})
 
@@ -175,7 +175,7 @@ def _record_error(run_dir: Path, err: BaseException) -> None:
     """The error line beside the progress, so a sweep or a user sees why a run stopped (unless the
     disk is full: then the line cannot be written, and the error itself says so)."""
     try:
-        progress = read_json_object(run_dir / PROGRESS)
+        progress = read_progress(run_dir / PROGRESS)
     except CfbenchError:
         progress = {"completed_tasks": [], "finished": False}
     line = interruption_line(err) or (str(err).splitlines() or [type(err).__name__])[0]

@@ -26,7 +26,7 @@ import strategies
 from ..config.schema import ModelConfig
 from ..distributed import World, broadcast, init_from_env, launched
 from ..errors import CfbenchError
-from ..files import read_json_object
+from ..records import progress_of
 from ..models.factory import check_batchnorm
 from ..report.run_folder import CHECKPOINT, PROGRESS, new_invocation_folder, next_step
 
@@ -58,7 +58,7 @@ def launch_ranks(nproc: int, argv: list[str], max_restarts: int, invocation: Pat
                      {INVOCATION_ENV: str(invocation)}, max_restarts)
     except CfbenchError as err:
         stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
-                         and not read_json_object(d / PROGRESS, "progress file").get("finished"))
+                         and not progress_of(d).get("finished"))
         hint = "".join(f"; finished tasks are checkpointed: continue with cfbench run --nproc {nproc} "
                        f"--resume {shlex.quote(str(d))}" for d in stopped[:1])
         raise CfbenchError(f"{err}{hint} (each rank's output: {invocation / '.ranks'})") from None

@@ -12,13 +12,13 @@ from pathlib import Path
 
 from ..config import resolve
 from ..distributed import init_from_env, shutdown
-from ..files import read_json_object
+from ..records import read_rank_job
 from ..run.launch import record_rank_failure
 from ..run.runner import run_strategy
 
 
 def main(job_file: str) -> int:
-    job = read_json_object(Path(job_file), "sweep rank job")
+    job = read_rank_job(Path(job_file))
     cfg = resolve(job["config"])
     try:
         init_from_env(cfg.device)

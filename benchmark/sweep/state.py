@@ -13,7 +13,8 @@ import strategies
 
 from ..config import MACHINE_SETTINGS, lookup
 from ..errors import CfbenchError
-from ..files import atomic_write_json, read_json, read_json_object, read_yaml_mapping, refuse_links
+from ..files import atomic_write_json, read_yaml_mapping, refuse_links
+from ..records import progress_of, read_sweep_state
 from ..report.run_folder import CHECKPOINT, exclusive_lock
 from .config import SweepPlan
 
@@ -35,18 +36,10 @@ class FolderStatus:
         return "restart" if self.exists else "new"
 
 
-def read_json_quietly(path: Path) -> dict:
-    try:
-        data = read_json(path)
-    except CfbenchError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def folder_status(run_dir: Path) -> FolderStatus:
     if not run_dir.is_dir():
         return FolderStatus()
-    progress = read_json_quietly(run_dir / "progress.json")
+    progress = progress_of(run_dir)
     return FolderStatus(True, bool(progress.get("finished")), (run_dir / CHECKPOINT).is_file(),
                         len(progress.get("completed_tasks") or []))
 
@@ -124,14 +117,14 @@ class SweepState:
     def __init__(self, plan: SweepPlan, statuses: dict[str, FolderStatus]):
 
         self.path = plan.folder / SWEEP_STATE
-        old = read_json_object(self.path, "sweep state") if self.path.is_file() else {}
-        old_runs = old.get("runs") if isinstance(old.get("runs"), dict) else {}
+        old = read_sweep_state(self.path) if self.path.is_file() or self.path.is_symlink() else {}
+        old_runs = old.get("runs", {})
         self.data: dict = {"sweep": plan.name, "file": str(plan.path.absolute()), "ray": None, "resources": None,
                            "updated": None, "runs": {}}
         for run in plan.runs:
-            prev = old_runs.get(run.name) if isinstance(old_runs.get(run.name), dict) else {}
+            prev = old_runs.get(run.name, {})
             status = statuses[run.name]
-            attempts = prev.get("attempts") if isinstance(prev.get("attempts"), int) else 0
+            attempts = prev.get("attempts", 0)
             self.data["runs"][run.name] = {
                 "state": "done" if status.finished else "queued", "attempts": attempts,
                 "error": None if status.finished else prev.get("error"),

@@ -29,7 +29,8 @@ from typing import Iterator
 from ..config import MACHINE_SETTINGS, load_run_config, resolve
 from ..config.validate import check_writable_folder
 from ..errors import CfbenchError
-from ..files import atomic_write_json, open_append, read_json_object
+from ..files import atomic_write_json, open_append
+from ..records import read_progress
 from ..report.run_folder import PROGRESS, next_step
 from ..run.launch import launch_local
 
@@ -107,7 +108,7 @@ def _attempt(spec: dict, run_dir: Path) -> dict:
     nproc = int(spec.get("nproc", 1))
     if step == "resume":
         cfg = load_run_config(run_dir / "config.yaml", machine)
-        done = len(read_json_object(run_dir / PROGRESS, "progress file").get("completed_tasks") or [])
+        done = len(read_progress(run_dir / PROGRESS).get("completed_tasks") or [])
         print(f"resuming {run_dir} after {done} task(s)")
         _train(cfg, run_dir, True, nproc)
         return {"status": "done", "resumed_after": done}
