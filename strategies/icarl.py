@@ -133,6 +133,22 @@ class ICaRLPlugin(ZSCLPlugin):
         self.active = False  # whether this task distils (the first has no memory)
         self._images: dict[int, Union[Tensor, ImageStore]] = {}
 
+    def check_restored(self, completed: int) -> Optional[str]:
+        """What a resumed memory must be (a checkpoint from elsewhere is checked before use): at most
+        one exemplar set per finished task, each distinct positions inside that task's train split."""
+        if not isinstance(self.memory, list) or len(self.memory) > completed:
+            return f"iCaRL's memory must list at most {completed} task(s)' exemplars"
+        for j, positions in enumerate(self.memory):
+            if not (isinstance(positions, Tensor) and positions.dim() == 1 and not positions.is_floating_point()
+                    and not positions.is_complex() and positions.dtype != torch.bool):
+                return f"iCaRL's memory[{j}] must be a list of image positions"
+            n = len(self._task_images(j))
+            if len(positions) and (int(positions.min()) < 0 or int(positions.max()) >= n):
+                return f"iCaRL's memory[{j}] names images outside task {j}'s {n} training images"
+            if len(torch.unique(positions)) != len(positions):
+                return f"iCaRL's memory[{j}] names an image twice"
+        return None
+
     def _task_images(self, t: int):
         if t not in self._images:
             self._images[t] = self.images_of(t)

@@ -2,9 +2,11 @@
 
 `official_*` functions transcribe the official code (file:line in their docstrings)."""
 import copy
+import shutil
 
 import numpy as np
 import pytest
+
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.training import Naive
@@ -146,7 +148,7 @@ def test_icarl_is_registered_with_the_official_defaults():
     assert len(plugin.images_of(0)) > 0
 
 
-def test_icarl_run_writes_matrices_and_resumes_exactly(tiny_clip_checkpoint, tmp_path):
+def test_icarl_run_writes_matrices_and_resumes_exactly(tiny_clip_checkpoint, tmp_path, capsys):
     from benchmark.cli import main
     from benchmark.run.runner import run_strategy
     from tests.helpers import tiny_config
@@ -160,6 +162,15 @@ def test_icarl_run_writes_matrices_and_resumes_exactly(tiny_clip_checkpoint, tmp
         "strategy_params": {"icarl": {"memory_size": 6, "max_candidates": 24, "ref_batch_size": 4}}})
     full = run_strategy(cfg, "icarl", tmp_path / "full")
     part = run_strategy(cfg, "icarl", tmp_path / "part", stop_after=1)
+    for i, memory in enumerate([[torch.tensor([0, 10 ** 6])], [torch.tensor([1, 1])], [torch.tensor([0.5])],
+                                [torch.tensor([0]), torch.tensor([0])]]):  # a tampered memory: refused
+        tampered = tmp_path / f"tampered{i}"
+        shutil.copytree(part, tampered)
+        state = torch.load(tampered / "checkpoints/state.pt", weights_only=True)
+        state["plugins"][0]["memory"] = memory
+        torch.save(state, tampered / "checkpoints/state.pt")
+        assert main(["run", "--resume", str(tampered)]) == 2, memory
+        assert "iCaRL's memory" in capsys.readouterr().err
     assert main(["run", "--resume", str(part)]) == 0
     for kind in ("zs", "lp", "head"):
         text = (full / f"matrices/{kind}.csv").read_text()

@@ -167,4 +167,8 @@ def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix],
     except Exception as err:  # a crafted plugin state can fail in any of the plugins' own types
         raise CfbenchError(f"{path}: the strategy's saved state does not fit it ({type(err).__name__}: "
                            f"{str(err)[:200]}); nothing was resumed") from None
+    for plugin in plugins:  # each plugin's own rules for what it restored (iCaRL: its memory's positions)
+        problem = plugin.check_restored(state["completed"]) if hasattr(plugin, "check_restored") else None
+        if problem:
+            raise CfbenchError(f"{path}: field 'plugins': {problem}; nothing was resumed")
     return state["completed"]
