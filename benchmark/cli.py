@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shlex
 import signal
@@ -25,7 +26,7 @@ def _quiet_imports() -> None:
 def _run_overrides(args) -> dict:
     """The command-line flags as the last config layer."""
     over: dict = {}
-    if args.protocol:
+    if args.protocol is not None:
         over["protocol"] = args.protocol
     if args.strategy:
         over["strategies"] = [s for item in args.strategy for s in item.split(",") if s]
@@ -86,8 +87,15 @@ def cmd_run(args) -> int:
         print(dump_config(cfg), end="")
         found = protocol_deviations(cfg)  # after the config, as comments: the output stays a config file
         print("\n".join([f"# {headline(cfg, found)}" + (":" if found else "")] + [f"#   {d.describe()}" for d in found]))
+        sys.stdout.flush()  # the config first, then what --check would refuse of it
+    # nothing is written before every check passed; --print-config checks as --check does
+    plan = check_run(cfg, load_checkpoint=args.check or args.print_config)
+    if (args.check or args.print_config) and args.nproc and args.nproc > 1:
+        from .run.launch import check_launch  # torch: how many GPUs there are
+
+        check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
+    if args.print_config:
         return 0
-    plan = check_run(cfg, load_checkpoint=args.check)  # nothing is written before every check passed
     if args.check:
         for combo in cfg.strategies:
             print(f"[{combo}] {protocol_summary(cfg, protocol_deviations(cfg, [combo]))}")
@@ -113,6 +121,8 @@ def _train(args, cfg, plan) -> int:
         check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
         return launch_ranks(args.nproc, args.argv, args.max_restarts, new_invocation_folder(Path(cfg.out), label))
     ranks = join_ranks(cfg.device)
+    if ranks.active:  # started by a raw torchrun: refused before the invocation folder exists
+        check_launch(ranks.size, "cpu", cfg.strategies, cfg.model)
     invocation, given = invocation_folder(Path(cfg.out), label, ranks)
     run_dirs = []
     try:
@@ -148,8 +158,8 @@ def _resume(run_dir: Path, args) -> int:
     """Continue a run with its own config.yaml; flags that would change the experiment are refused."""
     from .config import MACHINE_SETTINGS, load_run_config
     from .config.validate import check_data
-    from .files import read_json_object
-    from .report.run_folder import CHECKPOINT, PROGRESS
+    from .records import progress_of
+    from .report.run_folder import CHECKPOINT
 
     given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
              if k not in ("command", "func", "resume", "argv", "nproc", "max_restarts", *MACHINE_SETTINGS)
@@ -160,10 +170,7 @@ def _resume(run_dir: Path, args) -> int:
                            "change); start a new run to change settings")
     if not (run_dir / "config.yaml").is_file():
         raise CfbenchError(f"{run_dir}: no config.yaml, not a cfbench run directory")
-    progress = read_json_object(run_dir / PROGRESS, "progress file") if (run_dir / PROGRESS).is_file() else {}
-    if not isinstance(progress.get("finished", False), bool):
-        raise CfbenchError(f"{run_dir / PROGRESS}: key 'finished' must be true or false, not "
-                           f"{progress['finished']!r}; not a progress file cfbench wrote")
+    progress = progress_of(run_dir)
     if progress.get("finished"):
         print(f"{run_dir}: already finished; nothing to resume")
         return 0
@@ -204,12 +211,12 @@ def _attributed(run_dir: Path, fn, *args, **kwargs):
 
 def _finish_invocation(invocation: Path) -> None:
     """The invocation's comparison, once every run folder beside the resumed one has finished."""
-    from .files import read_json_object
+    from .records import read_progress
     from .report.compare import compare_runs
     from .report.run_folder import PROGRESS
 
     runs = sorted(d for d in invocation.iterdir() if (d / "config.yaml").is_file() and (d / PROGRESS).is_file())
-    waiting = [d.name for d in runs if not read_json_object(d / PROGRESS).get("finished")]
+    waiting = [d.name for d in runs if not read_progress(d / PROGRESS).get("finished")]
     if waiting:
         print(f"{invocation}: comparison written once {', '.join(waiting)} finish (--resume each)")
         return
@@ -389,8 +396,9 @@ def cmd_compare(args) -> int:
     dirs = runs_of([Path(d) for d in args.run_dirs])
     out = Path(args.out) if args.out else dirs[0].parent
     check_writable_folder(out, "--out")
-    if out.is_dir():  # the entries compare writes, never through a link planted there
-        refuse_links(out, "output folder", [p.name for p in out.iterdir() if p.name.startswith(COMPARE_OUTPUTS)])
+    ours = [p.name for p in out.iterdir() if p.name.startswith(COMPARE_OUTPUTS)] if out.is_dir() else []
+    if ours:  # the entries compare writes, never through a link planted there (none: nothing to scan)
+        refuse_links(out, "output folder", ours)
     print(compare_runs(dirs, out, args.format, args.latex, reference=args.reference))
     tex = ", comparison.tex" if args.latex else ""
     groups = ", comparison_groups.md/.csv and groups/ (seed groups: mean, std, n; mean heatmaps)" \
@@ -438,6 +446,7 @@ def _count(text: str) -> int:
     return _positive_int(text, least=0)
 
 
+PROJECTION_SAMPLES = (2, 4096)  # a probe fit needs two classes; the photos go to a temporary folder
 PERF_SUITE_FLAGS = ("model", "repeats", "batch_size", "epochs", "no_eval", "augment", "zscl")
 
 
@@ -472,6 +481,12 @@ def _perf_projection(args) -> int:
     from .perf.projection import run_projection
     from .run.runner import select_device, set_threads
 
+    if not args.projection.strip():
+        raise CfbenchError("perf --projection needs a protocol name (cfbench list protocols)")
+    least, most = PROJECTION_SAMPLES
+    if args.samples is not None and not least <= args.samples <= most:
+        raise CfbenchError(f"perf --projection --samples must be from {least} to {most:,} (the photos written to a "
+                           f"temporary folder and the features each rate is measured at), not {args.samples:,}")
     chosen = [s for item in args.strategy or [] for s in item.split(",") if s.strip()] or None
     device = select_device(args.device)
     set_threads(args.threads)
@@ -522,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "are laid over both")
     r.add_argument("--protocol", help="a named preset of every setting (cfbench list protocols; default demo); "
                    "the config file and flags override it key by key")
-    r.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML and exit")
+    r.add_argument("--print-config", action="store_true", help="print the fully resolved config as YAML, then "
+                   "check it as --check does (exit 2 naming each problem) and exit")
     r.add_argument("--check", action="store_true", help="check everything a run checks before it starts (settings, "
                    "strategy parameters, data, model weights, folders, templates, class names) and exit; nothing "
                    "is written")
@@ -625,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--repeats", type=_positive_int, help="rounds of alternated variants (median; default 3)")
     pf.add_argument("--samples", type=_positive_int, help="training samples per epoch (default 640); with "
                     "--projection: the images (JPEG files) and, on a CPU, the batch and probe features every rate "
-                    "is measured at, scaled by count (default 64)")
+                    "is measured at, scaled by count (default 64, from 2 to 4096)")
     pf.add_argument("--batch-size", type=_positive_int, help="default 64")
     pf.add_argument("--epochs", type=_positive_int, help="epochs per timed task (the LDIFS cache amortizes; default 3)")
     pf.add_argument("--no-eval", action="store_true", help="skip the evaluation-round and probe comparisons")
@@ -686,6 +702,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        print(f"cfbench: error: {one_line(str(err.filename or ''))[:120]}...: a file or folder name is longer than "
+              "the file system allows (255 bytes per name); choose a shorter one", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as err:
         return _interrupted(err)
     finally:

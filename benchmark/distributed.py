@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from .errors import CfbenchError
+
 
 T = TypeVar("T")
 
@@ -48,7 +50,40 @@ def world() -> World:
 
 def launched() -> bool:
     """Started by torchrun (or `cfbench run --nproc`) with more than one process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return rank_environment()["WORLD_SIZE"] > 1
+
+
+def rank_environment() -> dict[str, int]:
+    """torchrun's rank variables, checked (hand-set ones included): one line naming the first that
+    is missing or out of range, instead of a traceback from inside the process group's set-up."""
+    env = os.environ
+
+    def number(name: str, least: int, most: int) -> int:
+        text = env.get(name)
+        if text is None:
+            raise CfbenchError(f"${name} is not set but $WORLD_SIZE is {env['WORLD_SIZE']}: start the ranks with "
+                               "torchrun or `cfbench run --nproc N`, which set every rank variable")
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not least <= value <= most:
+            raise CfbenchError(f"${name}={text[:40]!r} must be a whole number from {least} to {most}")
+        return value
+
+    if "WORLD_SIZE" not in env:
+        return {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_RANK": 0}
+    size = number("WORLD_SIZE", 1, 1 << 20)
+    if size == 1:
+        return {"WORLD_SIZE": 1, "RANK": 0, "LOCAL_RANK": 0}
+    found = {"WORLD_SIZE": size, "RANK": number("RANK", 0, size - 1),
+             "LOCAL_WORLD_SIZE": number("LOCAL_WORLD_SIZE", 1, size)}
+    found["LOCAL_RANK"] = number("LOCAL_RANK", 0, found["LOCAL_WORLD_SIZE"] - 1)
+    number("MASTER_PORT", 1, 65535)
+    if not env.get("MASTER_ADDR"):
+        raise CfbenchError(f"$MASTER_ADDR is not set but $WORLD_SIZE is {size}: start the ranks with torchrun or "
+                           "`cfbench run --nproc N`")
+    return found
 
 
 def init_from_env(device: str) -> World:
@@ -56,7 +91,7 @@ def init_from_env(device: str) -> World:
     one process stays without one."""
     if not launched() or dist.is_initialized():
         return world()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = rank_environment()["LOCAL_RANK"]
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if cuda:
         torch.cuda.set_device(local_rank)

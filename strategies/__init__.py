@@ -224,6 +224,10 @@ def parse_strategy(combo: str) -> list[StrategySpec]:
     unknown = [n for n in names if n not in STRATEGIES]
     if unknown:
         raise CfbenchError(f"unknown strategy {unknown[0]!r}; known: {', '.join(STRATEGIES)} (combine with +)")
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice:
+        raise CfbenchError(f"{combo}: names {twice} twice; a combination holds each component once (set its "
+                           f"weight in strategy_params.{twice} instead)")
     specs = [STRATEGIES[n] for n in names]
     for part in ("forward", "loss"):
         owners = [s.name for s in specs if part in s.replaces]

@@ -3,6 +3,7 @@ no new file anywhere (the run folders, results/ and the cache stay as they were)
 import json
 import os
 
+import pytest
 import yaml
 
 import tasks
@@ -21,7 +22,8 @@ def _finished_run(folder, **broken):
     """A hand-made finished run folder (no training); `broken` replaces a file's text."""
     folder.mkdir(parents=True)
     (folder / "matrices").mkdir()
-    files = {"config.yaml": yaml.safe_dump({**TINY, "protocol": "demo"}),
+    files = {"config.yaml": yaml.safe_dump({**TINY, "protocol": "demo",
+                                            "model": {"name": "efficientnet_lite0", "image_size": 32}}),
              "progress.json": json.dumps({"completed_tasks": ["digits"], "finished": True}),
              "metrics.json": json.dumps({"lp": {"avg": 50.0}}),
              "matrices/lp.csv": "after,digits\npretrained,10.0\ndigits,90.0\n"}
@@ -45,7 +47,8 @@ def _unfinished_run(folder, progress):
 
 
 def _cases(tmp, clip_path):
-    """(id, argv) for every command; files are made here, inside tmp."""
+    """(id, argv[, a fragment of the line it must be refused with]) for every command; files are made
+    here, inside tmp."""
     (tmp / "a_file").write_text("x")
     (tmp / "binary.csv").write_bytes(bytes(range(256)))
     (tmp / "latin1.yaml").write_bytes("tasks: [digits]\nname: caf\xe9\n".encode("latin-1"))
@@ -53,6 +56,9 @@ def _cases(tmp, clip_path):
     (tmp / "broken.yaml").write_text("tasks: [digits\n")
     tiny = _yaml(tmp / "tiny.yaml", TINY)
     bad = lambda name, change: _yaml(tmp / f"{name}.yaml", {**TINY, **change})  # noqa: E731
+    cmp = lambda run: ["compare", run, "--out", str(tmp / "compared")]  # noqa: E731 -- not beside endless.yaml
+    clip = lambda name, change: bad(name, {"model": {"name": "cfbench-tiny-vit", "pretrained": clip_path},  # noqa: E731
+                                           **change})
     (tmp / "bomb.yaml").write_text('a: &a ["x","x","x","x","x","x","x","x","x"]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\n'
                                    'c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: [*c,*c,*c,*c,*c,*c,*c,*c,*c]\n')
     (tmp / "huge.yaml").write_text("tasks: [digits]\n" + "# padding\n" * 1_000_000)
@@ -109,17 +115,22 @@ def _cases(tmp, clip_path):
         ("metrics-binary", ["metrics", str(tmp / "binary.csv")]),
         ("metrics-not-a-matrix", ["metrics", tiny]),
         ("compare-missing-folder", ["compare", str(tmp / "nowhere")]),
-        ("compare-metrics-not-json", ["compare", _finished_run(tmp / "r1", **{"metrics.json": "nan nan"})]),
-        ("compare-progress-not-json", ["compare", _finished_run(tmp / "r2", **{"progress.json": b"\x00\xff"})]),
-        ("compare-config-missing", ["compare", _finished_run(tmp / "r3", **{"config.yaml": None})]),
-        ("compare-unfinished", ["compare", _finished_run(tmp / "r4", **{"progress.json": '{"finished": false}'})]),
+        ("compare-metrics-not-json", cmp(_finished_run(tmp / "r1", **{"metrics.json": "nan nan"})),
+         'metrics.json: not valid JSON'),
+        ("compare-progress-not-json", cmp(_finished_run(tmp / "r2", **{"progress.json": b"\x00\xff"})),
+         'progress.json: not a UTF-8'),
+        ("compare-config-missing", cmp(_finished_run(tmp / "r3", **{"config.yaml": None}))),
+        ("compare-unfinished", cmp(_finished_run(tmp / "r4", **{
+            "progress.json": '{"completed_tasks": [], "finished": false}'})),
+         'not a finished run'),
         ("compare-out-is-a-file", ["compare", _finished_run(tmp / "r5"), "--out", str(tmp / "a_file")]),
         ("compare-bad-format", ["compare", _finished_run(tmp / "r6"), "--format", "bmp"]),
-        ("compare-unknown-reference", ["compare", _finished_run(tmp / "r10"), "--reference", "nope"]),
-        ("compare-reference-as-a-path", ["compare", _finished_run(tmp / "r11"), "--reference", "../protocols/demo"]),
-        ("compare-metrics-kind-not-a-mapping", ["compare", _finished_run(tmp / "r12", **{"metrics.json": '{"lp": 5}'})]),
-        ("compare-strategies-not-names", ["compare", _finished_run(tmp / "r13", **{
-            "config.yaml": yaml.safe_dump({**TINY, "strategies": [[1, 2]]})})]),
+        ("compare-unknown-reference", [*cmp(_finished_run(tmp / "r10")), "--reference", "nope"], 'unknown reference'),
+        ("compare-reference-as-a-path", [*cmp(_finished_run(tmp / "r11")), "--reference", "../protocols/demo"]),
+        ("compare-metrics-kind-not-a-mapping", cmp(_finished_run(tmp / "r12", **{"metrics.json": '{"lp": 5}'})),
+         "key 'lp' must be a mapping"),
+        ("compare-strategies-not-names", cmp(_finished_run(tmp / "r13", **{
+            "config.yaml": yaml.safe_dump({**TINY, "strategies": [[1, 2]]})})), "key 'strategies[0]' must be a string"),
         ("resume-finished-not-a-boolean", ["run", "--resume", _unfinished_run(
             tmp / "no-bool", json.dumps({"completed_tasks": [], "finished": "no"}))]),
         ("plot-nothing-to-draw", ["plot", _finished_run(tmp / "r14", **{"matrices/lp.csv": None})]),
@@ -175,8 +186,42 @@ def _cases(tmp, clip_path):
         ("metrics-column-twice", ["metrics", _text(tmp / "twice.csv", "after,a,a\npretrained,1,2\n")]),
         ("metrics-label-with-newline", ["metrics", _text(tmp / "newline.csv", 'after,"a\nb"\npretrained,1\n')]),
         ("metrics-field-over-csv-limit", ["metrics", _text(tmp / "field.csv", "after,a\npretrained," + "1" * 200_000)]),
-        ("compare-metrics-nan-literal", ["compare", _finished_run(tmp / "r9", **{"metrics.json": '{"lp": NaN}'})]),
+        ("compare-metrics-nan-literal", cmp(_finished_run(tmp / "r9", **{"metrics.json": '{"lp": NaN}'})),
+         'NaN is not JSON'),
         ("sweep-seed-twice", ["sweep", str(sweep), "--dry-run", "--out", str(tmp / "sweeps")]),
+        # the third pass: checks that passed what the run refuses, inputs without bounds
+        ("print-config-per-task-map-unknown-task", ["run", bad("epochs_digitz", {
+            "train": {"epochs": {"digitz": 3, "default": 1}}}), "--print-config"], "'digitz', which is not a task"),
+        ("run-check-nproc-not-data-parallel", ["run", clip("flyp_nproc", {"strategies": ["flyp"]}), "--check",
+                                               "--nproc", "2"], 'flyp cannot train over 2 processes'),
+        ("print-config-nproc-not-data-parallel", ["run", clip("flyp_nproc2", {"strategies": ["flyp"]}),
+                                                  "--print-config", "--nproc", "2"],
+         'flyp cannot train over 2 processes'),
+        ("sweep-num-gpus-not-data-parallel", ["sweep", _yaml(tmp / "gpus.yaml", {
+            "name": "gpus", "base": {**TINY, "model": {"name": "cfbench-tiny-vit", "pretrained": clip_path}},
+            "resources": {"num_gpus": 2}, "axes": {"strategies": ["flyp"]}}), "--dry-run", "--out", str(tmp / "sw")],
+         'flyp cannot train over 2 processes'),
+        ("run-component-twice", ["run", tiny, "--strategy", "ldifs+ldifs"], 'names ldifs twice'),
+        ("run-ls-with-label-smoothing", ["run", bad("ls_smoothing", {"strategies": ["ls"],
+                                                                     "train": {"label_smoothing": 0.3}})],
+         'is not used by ls'),
+        ("run-template-second-field", ["run", bad("templates_field", {"eval": {"templates": _yaml(
+            tmp / "two_fields.yaml", {"digits": ["a photo of the digit {} in {place}."]})}})], 'no other format field'),
+        ("perf-projection-samples-huge", ["perf", "--projection", "demo", "--samples", "100000"],
+         '--samples must be from 2'),
+        ("perf-projection-samples-one", ["perf", "--projection", "demo", "--samples", "1", "--json"],
+         '--samples must be from 2'),
+        ("perf-projection-empty-name", ["perf", "--projection", ""], 'needs a protocol name'),
+        ("run-empty-protocol", ["run", tiny, "--protocol", ""], "unknown protocol ''"),
+        ("run-out-name-too-long", ["run", tiny, "--out", str(tmp / ("x" * 300))], 'longer than the file system allows'),
+        ("compare-name-too-long", ["compare", str(tmp / ("x" * 300))], 'longer than the file system allows'),
+        ("compare-out-name-too-long", ["compare", _finished_run(tmp / "r15"), "--out", str(tmp / ("y" * 300))],
+         'longer than the file system allows'),
+        ("run-cache-dir-in-proc", ["run", tiny, "--cache-dir", "/proc/cfbench-cache"], '/proc is not writable'),
+        ("compare-progress-unknown-key", cmp(_finished_run(tmp / "r16", **{"progress.json": json.dumps(
+            {"completed_tasks": ["digits"], "finished": True, "extra": 1})})), "unknown key 'extra'"),
+        ("compare-deviations-not-changes", cmp(_finished_run(tmp / "r17", **{"deviations.json": "[1]"})),
+         "deviations.json: key '[0]'"),
     ]
 
 
@@ -194,7 +239,7 @@ def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path
     cache = os.environ["CFBENCH_CACHE"]
     before = _tree(tmp_path, cache)
     failures = []
-    for case, argv in cases:
+    for case, argv, *reason in cases:  # a row may name the reason it must be refused for
         tasks.clear_memory()
         try:
             rc = main(argv)
@@ -202,7 +247,8 @@ def test_every_command_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path
             rc = exit_.code
         out, err = capfd.readouterr()
         lines = [line for line in err.splitlines() if line.strip()]
-        ok = rc == 2 and len(lines) == 1 and lines[0].startswith("cfbench: error:") and "Traceback" not in err
+        ok = rc == 2 and len(lines) == 1 and lines[0].startswith("cfbench: error:") and "Traceback" not in err \
+            and all(r in err for r in reason)
         new = _tree(tmp_path, cache) - before
         if not ok or new:
             failures.append(f"{case}: rc={rc} stderr={err.strip()[:300]!r} new files={sorted(new)[:3]}")
@@ -216,3 +262,17 @@ def test_a_cache_folder_from_the_environment_is_checked_before_anything_is_writt
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("cfbench: error: $CFBENCH_CACHE") and "is a file" in err[0]
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+@pytest.mark.parametrize("variables", [{"WORLD_SIZE": "2"}, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_WORLD_SIZE": "0"},
+                                       {"WORLD_SIZE": "two"}, {"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0",
+                                                               "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "1"}])
+def test_hand_set_rank_variables_are_one_line(tmp_path, monkeypatch, capfd, variables):
+    """Rank variables set by hand, not by torchrun: one line naming the variable, nothing written."""
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", _yaml(tmp_path / "tiny.yaml", TINY), "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cfbench: error: $"), err
+    assert sorted(os.listdir(tmp_path)) == ["tiny.yaml"]

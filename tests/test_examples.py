@@ -48,13 +48,16 @@ def test_the_sweep_example_expands_without_writing(bare_machine, tmp_path, capsy
 
 @pytest.mark.parametrize("name", NEEDS_THE_USERS)
 def test_examples_for_a_users_machine_resolve_and_lack_only_what_the_user_supplies(name, bare_machine, capsys):
-    assert main(["run", str(CONFIGS / name), "--print-config"]) == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    """--print-config prints the whole config, then refuses exactly what --check refuses."""
+    assert main(["run", str(CONFIGS / name), "--print-config"]) == 2
+    printed_run = capsys.readouterr()
+    printed = yaml.safe_load(printed_run.out)
     given = yaml.safe_load((CONFIGS / name).read_text())
     for key in ("protocol", "strategies", "tasks", "device"):
         if key in given:
             assert printed[key] == given[key], key
     assert main(["run", str(CONFIGS / name), "--check"]) == 2
     err = capsys.readouterr().err.splitlines()
+    assert printed_run.err.splitlines() == err
     problems = err[1:] if err[0].endswith("problems:") else [err[0]]
     assert problems and all(any(own in line for own in USERS_OWN) for line in problems), err

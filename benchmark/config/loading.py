@@ -29,8 +29,8 @@ def read_config_file(path: Optional[str]) -> dict:
 def resolve(*layers: dict) -> RunConfig:
     """Schema defaults < protocol preset < layers (in order); the protocol is the last one named."""
     name = DEFAULT_PROTOCOL
-    for layer in layers:
-        name = layer.get("protocol", name) or name
+    for layer in layers:  # null leaves the default; an empty name is refused as unknown, never the demo
+        name = name if layer.get("protocol") is None else layer["protocol"]
     merged = RunConfig().to_dict()
     for layer in (protocol_settings(name), *layers):
         merged = merge(merged, layer)

@@ -9,6 +9,7 @@ per class in label order, or {task: source} (the dataset's own names, as the sou
 """
 from __future__ import annotations
 
+import string
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Optional
@@ -51,8 +52,18 @@ def _load_set(folder: Path, name_or_path: str, setting: str, valid: Callable[[st
 
 @lru_cache(maxsize=None)
 def load_template_set(name_or_path: str) -> dict[str, tuple[str, ...]]:
-    return _load_set(TEMPLATE_DIR, name_or_path, "eval.templates", lambda p: p.count("{}") == 1,
-                     "templates must be a non-empty list of strings with one '{}' each")
+    return _load_set(TEMPLATE_DIR, name_or_path, "eval.templates", one_class_slot,
+                     "templates must be a non-empty list of strings with exactly one '{}' (the class name) and no "
+                     "other format field (write a literal brace as '{{' or '}}')")
+
+
+def one_class_slot(template: str) -> bool:
+    """Exactly one replacement field, `{}`, and nothing `str.format(classname)` would fail on."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [("", "", None)]
 
 
 @lru_cache(maxsize=None)

@@ -4,6 +4,7 @@ the pass is reported, one line each with its fix (the CLI exits 2)."""
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from .templates import task_class_names, task_templates
 
 
 def check_writable_folder(path: Path, flag: str) -> None:
-    """`path` is a folder this process can create files in, or can be created as one. Nothing is
-    created here: the nearest existing ancestor is checked instead."""
+    """`path` is a folder this process can create folders and files in, or can be created as one:
+    tried in the nearest existing ancestor with a temporary folder holding a temporary file, both
+    removed at once (permission bits and mount flags do not tell: /proc passes them, then refuses)."""
     path = Path(path).expanduser()
     existing = path
     while not existing.exists():
@@ -31,8 +33,24 @@ def check_writable_folder(path: Path, flag: str) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise CfbenchError(f"{flag} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK) or _read_only_filesystem(existing):
+    if not os.access(existing, os.W_OK | os.X_OK) or _read_only_filesystem(existing) or not _can_write_in(existing):
         raise CfbenchError(f"{flag} {path}: {existing} is not writable")
+
+
+def _can_write_in(folder: Path) -> bool:
+    try:
+        trial = tempfile.mkdtemp(prefix=".cfbench-writable-", dir=folder)
+    except OSError:
+        return False
+    try:
+        fd, name = tempfile.mkstemp(dir=trial)
+        os.close(fd)
+        os.unlink(name)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.rmdir(trial)
 
 
 def _read_only_filesystem(path: Path) -> bool:
@@ -77,6 +95,8 @@ def check_run(cfg: RunConfig, load_checkpoint: bool = False) -> RunPlan:
     for combo in cfg.strategies:
         with problems.collect():
             strategies.check_params(combo, cfg.strategy_params)
+        with problems.collect():
+            check_settings_used(cfg, combo)
     plan = plan_tasks(cfg)  # unknown tasks stop here: nothing below can be checked without them
     with problems.collect():
         check_per_task_values(cfg, plan.trained)
@@ -130,6 +150,16 @@ def check_not_in_a_run_folder(out: Path) -> None:
     for folder in [out.expanduser().absolute(), *out.expanduser().absolute().parents]:
         if (folder / "config.yaml").is_file() and (folder / "progress.json").is_file():
             raise CfbenchError(f"--out {out}: is inside the run folder {folder}; choose a folder outside it")
+
+
+def check_settings_used(cfg: RunConfig, combo: str) -> None:
+    """A setting the combination's own loss replaces would be recorded as a change that changes
+    nothing: train.label_smoothing under a strategy that replaces the loss (ls, flyp)."""
+    owner = next((s.name for s in strategies.parse_strategy(combo) if "loss" in s.replaces), None)
+    if owner and cfg.train.label_smoothing:
+        hint = " (its own smoothing is strategy_params.ls.smoothing)" if owner == "ls" else ""
+        raise CfbenchError(f"train.label_smoothing {cfg.train.label_smoothing:g} is not used by {combo}: {owner} "
+                           f"replaces the loss{hint}; leave train.label_smoothing at 0")
 
 
 def check_run_files(cfg: RunConfig, names: tuple[str, ...]) -> None:

@@ -33,7 +33,7 @@ from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
 from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
 from ..config.templates import task_class_names, task_templates
-from ..distributed import barrier, once, world
+from ..distributed import barrier, once, rank_environment, world
 from ..errors import CfbenchError
 from ..evaluation.evaluate import (
     EvalDataset, ProbeWork, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, lp_init_weights,
@@ -204,7 +204,7 @@ def select_device(name: str) -> str:
 def set_threads(n: Optional[int]) -> int:
     """One deliberate intra-op thread count; oversubscribed cores made extraction 10x slower. The
     default is every core, shared out among the processes of one machine under torchrun."""
-    n = n or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    n = n or max(1, (os.cpu_count() or 1) // rank_environment().get("LOCAL_WORLD_SIZE", 1))
     torch.set_num_threads(n)
     if world().active:  # and the probes' BLAS: N processes of every core each spin-wait on each other
         threadpool_limits(n)
