@@ -29,6 +29,10 @@ FUNCTION_LEVEL = {
                            "torch; each command imports what it runs",
     ("benchmark.sweep.worker", "benchmark.run.runner"): "start-up time: the sweep driver imports the Ray task's "
                                                         "entry point but never trains (no Avalanche in the driver)",
+    ("benchmark.sweep.worker", "benchmark.run.launch"): "start-up time: the launcher imports torch; the driver "
+                                                        "(`sweep --dry-run` of 10,000 runs) never launches ranks",
+    ("benchmark.sweep.driver", "benchmark.report.compare"): "start-up time: matplotlib, for the comparison at the "
+                                                            "end of a sweep, never for --dry-run",
     ("benchmark.perf.cache", "benchmark.evaluation"): "optional dependency: the cache benchmark runs on a bare GPU "
                                                       "machine without Avalanche; only its accuracy part needs it",
     ("benchmark.perf.cache", "benchmark.models"): "optional dependency: open_clip, only for the accuracy part",

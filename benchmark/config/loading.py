@@ -3,6 +3,8 @@ and a run folder's config.yaml exactly as written; the experiment's settings (al
 machine's), their digest, and where two configs first differ."""
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -31,10 +33,21 @@ def resolve(*layers: dict) -> RunConfig:
     name = DEFAULT_PROTOCOL
     for layer in layers:  # null leaves the default; an empty name is refused as unknown, never the demo
         name = name if layer.get("protocol") is None else layer["protocol"]
-    merged = RunConfig().to_dict()
-    for layer in (protocol_settings(name), *layers):
+    merged = preset_tree(name)
+    for layer in layers:
         merged = merge(merged, layer)
     return build_config(merged)
+
+
+def preset_tree(protocol: str) -> dict:
+    """The schema's defaults with the protocol's preset laid over them: what every layer of a
+    config is laid over (a copy; computed once per protocol)."""
+    return copy.deepcopy(_preset_tree(protocol))
+
+
+@functools.lru_cache(maxsize=None)
+def _preset_tree(protocol: str) -> dict:
+    return merge(RunConfig().to_dict(), protocol_settings(protocol))
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[dict] = None) -> RunConfig:

@@ -3,6 +3,8 @@
 protocol cannot ship) and a description. A protocol is named, never given as a path."""
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 
@@ -26,10 +28,16 @@ def protocol_settings(name: str) -> dict:
     # a name, never a path: `--protocol ../x` must not read a file outside benchmark/protocols/
     if not isinstance(name, str) or not PROTOCOL_NAME.fullmatch(name) or not (PROTOCOL_DIR / f"{name}.yaml").is_file():
         raise CfbenchError(f"unknown protocol {str(name)[:80]!r}; known: {', '.join(list_protocols())}")
+    return {**copy.deepcopy(_settings(name)), "protocol": name}
+
+
+@functools.lru_cache(maxsize=None)
+def _settings(name: str) -> dict:
+    """A packaged protocol's settings, read once per process (callers get a copy)."""
     settings = read_yaml_mapping(PROTOCOL_DIR / f"{name}.yaml").get("settings") or {}
     if not isinstance(settings, dict):
         raise CfbenchError(f"{PROTOCOL_DIR / name}.yaml: settings must be a mapping")
-    return {**settings, "protocol": name}
+    return settings
 
 
 def protocol_supplied(name: str) -> dict[str, str]:

@@ -1,11 +1,12 @@
 """How long the everyday commands take to answer, and which heavy libraries each imports.
 
-    python -m benchmark.perf.startup [--repeats 5] [--run RUN_FOLDER] [--json]
+    python -m benchmark.perf.startup [--repeats 5] [--run RUN_FOLDER] [--cwd CHECKOUT] [--json]
 
 Each command runs in a fresh interpreter (`python -c`, `main([...])`), `--repeats` times; the
 table gives the median wall seconds and the heavy libraries left in `sys.modules`. `metrics` and
 `compare` need a finished run folder: `--run` names one, else a one-epoch `demo-small` run is made
-in a temporary folder first (its time is not counted). Ratios between two checkouts are only
+in a temporary folder first (its time is not counted). `sweep --dry-run` lists a grid of 10,000
+runs (the cap of one sweep: 2 strategies x 10 seeds x 10 weight decays x 50 learning rates). Ratios between two checkouts are only
 meaningful from the same machine in the same minute: run both back to back (BENCHMARKS.md).
 """
 from __future__ import annotations
@@ -24,10 +25,14 @@ HEAVY = ("torch", "avalanche", "open_clip", "timm", "sklearn", "matplotlib")
 SMALL_RUN = ["run", "--sequence", "demo-small", "--eval-only", "", "--epochs", "1", "--image-size", "32",
              "--threads", "1"]
 SMALL_CAPS = "train:\n  max_train_per_class: 8\neval:\n  probe_max_per_class: 8\n  test_max_per_class: 8\n"
+GRID = {"name": "grid", "base": {"tasks": ["digits"], "eval_only": [], "model": {"image_size": 32}},
+        "axes": {"strategies": ["ft", "l2sp"], "seeds": list(range(10)),
+                 "train.weight_decay": [round(0.01 * i, 2) for i in range(10)],
+                 "train.lr": [round(0.001 * i, 3) for i in range(1, 51)]}}
 
 
-def commands(run: Optional[Path]) -> dict[str, list[str]]:
-    """The commands a newcomer types first; `metrics` and `compare` read `run`."""
+def commands(run: Optional[Path], grid: Optional[Path] = None) -> dict[str, list[str]]:
+    """The commands a newcomer types first; `metrics` and `compare` read `run`; `grid`: a sweep file."""
     found = {
         "--help": ["--help"],
         "list strategies": ["list", "strategies"],
@@ -41,6 +46,8 @@ def commands(run: Optional[Path]) -> dict[str, list[str]]:
     if run is not None:
         found["metrics"] = ["metrics", str(next((run / "matrices").glob("*.csv")))]
         found["compare"] = ["compare", str(run), "--out", str(run.parent / "startup-compare")]
+    if grid is not None:
+        found["sweep --dry-run 10k"] = ["sweep", str(grid), "--dry-run", "--out", str(grid.parent / "sweeps")]
     return found
 
 
@@ -81,7 +88,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     cwd = Path(args.cwd).resolve()
     with tempfile.TemporaryDirectory(prefix="cfbench-startup-") as tmp:
         run = Path(args.run) if args.run else small_run(Path(tmp), cwd)
-        results = {name: measure(cmd, args.repeats, cwd) for name, cmd in commands(run).items()}
+        grid = Path(tmp) / "grid.yaml"
+        grid.write_text(json.dumps(GRID))  # JSON is YAML
+        results = {name: measure(cmd, args.repeats, cwd) for name, cmd in commands(run, grid).items()}
     if args.json:
         print(json.dumps(results, indent=2))
         return 0

@@ -26,8 +26,10 @@ Every problem is one `CfbenchError` line naming the file; nothing here writes an
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -37,8 +39,9 @@ from typing import Any, Optional
 import strategies
 
 from ..config import RunConfig, read_config_file, resolve
-from ..config.overrides import set_path, setting_parts
-from ..config.schema import _build
+from ..config.loading import preset_tree
+from ..config.overrides import setting_parts
+from ..config.schema import _build, build_config, merge
 from ..config.validate import check_run, check_writable_folder
 from ..errors import CfbenchError
 
@@ -81,6 +84,7 @@ class PlannedRun:
     axes: dict[str, str]          # declared axis -> value label ("-" where the axis does not apply)
     config: RunConfig
     tasks: tuple[str, ...] = ()   # the trained tasks (progress: k of len(tasks))
+    settings: dict = field(default_factory=dict, repr=False)  # config as the mapping it was built from
 
 
 @dataclass
@@ -213,28 +217,36 @@ def expand(path: Path, spec: SweepConfig, out: Optional[str] = None) -> SweepPla
             if label in seen_values:
                 raise _fail(path, f"axes.{key} lists {value!r} twice")
             seen_values.add(label)
-    runs: list[PlannedRun] = []
+    base_tree = base.to_dict()
+    preset = preset_tree(base.protocol)  # `protocol` is never an axis (NOT_AXES)
+    seen: dict[str, dict] = {}
+    unique = []
     for values in itertools.product(*axes.values()):
         for strategy in strategies_axis:
             for seed in seeds_axis:
-                runs.append(_one_run(path, base, folder, dict(zip(axis_names, values)), settings, shorts, strategy,
-                                     seed))
-    seen: dict[str, PlannedRun] = {}
-    unique = []
-    for run in runs:
-        if run.name in seen:
-            if seen[run.name].config.to_dict() != run.config.to_dict():
-                raise _fail(path, f"two different runs would both be named {run.name}; give their axis values "
-                                  "distinct labels")
-            continue  # an axis that does not apply to this strategy: the same run once
-        seen[run.name] = run
-        unique.append(run)
+                run_name, tree, labels = _run_tree(path, base_tree, preset, folder, dict(zip(axis_names, values)),
+                                                   settings, shorts, strategy, seed)
+                if run_name in seen:
+                    if seen[run_name] != tree:
+                        raise _fail(path, f"two different runs would both be named {run_name}; give their axis "
+                                          "values distinct labels")
+                    continue  # an axis that does not apply to this strategy: the same run once
+                seen[run_name] = tree
+                try:
+                    cfg = build_config(tree)
+                except CfbenchError as err:
+                    raise _fail(path, f"run {run_name}: {str(err).removeprefix('config: ')}") from None
+                unique.append(PlannedRun(run_name, strategy, seed, labels, cfg, settings=tree))
     return SweepPlan(path, name, folder, spec, unique, axis_names)
 
 
-def _one_run(path: Path, base: RunConfig, folder: Path, values: dict[str, Any], settings: dict[str, list[str]],
-             shorts: list[str], strategy: str, seed: int) -> PlannedRun:
-    tree = base.to_dict()
+def _run_tree(path: Path, base_tree: dict, preset: dict, folder: Path, values: dict[str, Any],
+              settings: dict[str, list[str]], shorts: list[str], strategy: str,
+              seed: int) -> tuple[str, dict, dict[str, str]]:
+    """(name, complete settings, axis labels) of one run of the grid: the base config (complete,
+    resolved) with the run's axis values, laid as `resolve(tree)` would lay them -- each value over
+    the preset at its place -- without copying and merging the whole tree 10,000 times."""
+    tree = dict(base_tree)  # shallow: what an axis sets is copied along its path, never the base's
     tree.update(strategies=[strategy], seed=seed, out=str(folder))
     labels: dict[str, str] = {}
     parts_of_name = [strategy]
@@ -261,19 +273,26 @@ def _one_run(path: Path, base: RunConfig, folder: Path, values: dict[str, Any], 
             if parts[0] == "strategy_params" and parts[1] not in _components(strategy):
                 labels[axis] = "-"
                 continue
-            set_path(tree, parts, value)
+            _set_copied(tree, parts, value, preset)
             short = parts[-1] if shorts.count(parts[-1]) == 1 else "_".join(parts[1:] or parts)
             labels[axis] = _label(value)
             parts_of_name.append(f"{short}{labels[axis]}")
             continue
         labels[axis] = label
         parts_of_name.append(label)
-    name = re.sub(r"[^A-Za-z0-9._+=-]", "_", "-".join([*parts_of_name, f"s{seed}"]))
-    try:
-        cfg = resolve(tree)
-    except CfbenchError as err:
-        raise _fail(path, f"run {name}: {str(err).removeprefix('config: ')}") from None
-    return PlannedRun(name, strategy, seed, labels, cfg)
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", "-".join([*parts_of_name, f"s{seed}"])), tree, labels
+
+
+def _set_copied(tree: dict, parts: list[str], value: Any, preset: dict) -> None:
+    """set_path on a shallow copy of the base tree: the mappings along the path are copied first;
+    a mapping value is laid over the preset's at that place, as resolve() would lay it."""
+    node, under = tree, preset
+    for part in parts[:-1]:
+        node[part] = dict(node[part]) if isinstance(node.get(part), dict) else {}
+        node = node[part]
+        under = under.get(part) if isinstance(under, dict) else None
+    old = under.get(parts[-1]) if isinstance(under, dict) else None
+    node[parts[-1]] = merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else copy.deepcopy(value)
 
 
 def ranks_for(num_gpus: float) -> int:
@@ -287,10 +306,14 @@ def check_plan(plan: SweepPlan) -> None:
     strategies' data parallel over N processes: nothing starts unless all pass."""
 
     nproc = ranks_for(plan.spec.resources.num_gpus or 0)
+    checked: dict[str, tuple[str, ...]] = {}  # runs that differ in their seed alone pass the same checks
     for run in plan.runs:
         try:
-            run.tasks = check_run(run.config).trained
-            strategies.check_data_parallel(run.strategy, nproc)
+            key = json.dumps({**(run.settings or run.config.to_dict()), "seed": None}, sort_keys=True, default=str)
+            if key not in checked:
+                checked[key] = check_run(run.config).trained
+                strategies.check_data_parallel(run.strategy, nproc)
+            run.tasks = checked[key]
         except CfbenchError as err:
             raise CfbenchError(f"{plan.path}: run {run.name}: {err}") from None
 

@@ -36,11 +36,10 @@ from typing import Iterator, Optional, Sequence, TextIO
 
 from ..errors import CfbenchError
 from ..files import atomic_write_text
-from ..report.compare import compare_runs
+from ..records import marker_of, progress_of
 from .config import SweepConfig, SweepPlan, load_sweep, ranks_for
 from .progress import SweepProgress
 from .reaper import end_stale, mark_cluster, start_watchdog
-from ..records import marker_of, progress_of
 from .state import FolderStatus, SweepState, check_unchanged, folder_status, hold_sweep_folder
 from .worker import LOGS, execute_run
 
@@ -237,6 +236,16 @@ class Scheduler:
 
 # ---- the command -----------------------------------------------------------------------------
 
+def visible_gpus() -> int:
+    """The NVIDIA GPUs a local Ray would see, without importing torch (a dry run answers at once):
+    CUDA_VISIBLE_DEVICES when set, else the driver's /proc/driver/nvidia/gpus entries."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and not d.strip().startswith("-")])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
 def format_plan(plan: SweepPlan, statuses: dict[str, FolderStatus], ray_address: str,
                 max_parallel: Optional[int]) -> str:
     """--dry-run: the expanded runs (name, strategy, seed, axis values, what a sweep would do)."""
@@ -247,9 +256,7 @@ def format_plan(plan: SweepPlan, statuses: dict[str, FolderStatus], ray_address:
     lines = [f"sweep {plan.name}: {len(plan.runs)} runs in {plan.folder}"]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     if ray_address == "local":
-        import torch
-
-        cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+        cpus, gpus = os.cpu_count() or 1, visible_gpus()
         res = decide_resources(plan.spec, [(float(cpus), float(gpus))], max_parallel)
         lines.append(f"resources (local Ray, {cpus} CPUs, {gpus} GPUs): {res.describe()}")
     else:
@@ -305,6 +312,8 @@ def _summary(plan: SweepPlan, state: SweepState) -> int:
     done = [plan.folder / r.name for r in plan.runs if state.runs[r.name]["state"] == "done"]
     failed = [(name, r["error"]) for name, r in state.runs.items() if r["state"] == "failed"]
     if done:
+        from ..report.compare import compare_runs  # matplotlib: not for --dry-run
+
         print(compare_runs(done, plan.folder, groups=True, figures=None))
     print(f"sweep {plan.name}: {len(done)} of {len(plan.runs)} runs done, {len(failed)} failed. {plan.folder}: "
           "sweep.json (states, attempts, errors), comparison.md/.csv/.png and comparison_groups.md/.csv (mean ± "

@@ -32,7 +32,6 @@ from ..errors import CfbenchError
 from ..files import atomic_write_json, open_append
 from ..records import read_progress
 from ..report.run_folder import PROGRESS, next_step
-from ..run.launch import launch_local
 
 LOGS = "logs"
 
@@ -125,6 +124,7 @@ def _train(cfg, run_dir: Path, resume: bool, nproc: int) -> None:
     task inherited by the ranks. A local launch rather than Ray Train's TorchTrainer: the run stays
     one Ray task of the sweep (its retries, logs and resume unchanged) and trains as `cfbench run
     --nproc` does."""
+    from ..run.launch import launch_local
     from ..run.runner import run_strategy
 
     if nproc <= 1:
