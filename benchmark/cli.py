@@ -713,17 +713,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group
-            from .distributed import shutdown
-
-            shutdown()
+        ranks = sys.modules.get("benchmark.distributed")  # imported whole: a process group may be open
+        if ranks is not None and hasattr(ranks, "shutdown"):  # (never re-import torch after an interrupted import)
+            ranks.shutdown()
 
 
 def _as_launched_rank(args) -> int:
     """A rank `--nproc` started: its error is recorded for the launcher, which prints the one line;
     stopped by the launcher (its peer failed), it leaves quietly."""
-    from .run.launch import record_rank_failure
+    from .run.launch import die_with_launcher, record_rank_failure
 
+    die_with_launcher()
     try:
         return args.func(args)
     except KeyboardInterrupt as err:

@@ -8,13 +8,21 @@ Each rank's output goes to a folder of logs (rank 0's is shown as well). A rank 
 recorded by torch's elastic error file and the launcher stops the others; this process then prints
 one line naming the rank that failed first -- the one a signal killed, else one with an error --
 and what it was.
+
+The launcher's own life bounds the ranks': SIGTERM or Ctrl-C of it stops them and ends in the one
+line and exit status of any interrupted run (143, 130), and a rank dies with it even when it is
+killed outright (kill -9: PR_SET_PDEATHSIG). `--max-restarts K` starts each attempt as a new elastic
+launch with its own rendezvous: torch's in-place restarts reconnect gloo to the first attempt's
+addresses and failed about one time in three here ("connectFullMesh failed").
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shlex
 import signal
+import stat
 import sys
 import time
 import uuid
@@ -24,16 +32,21 @@ from typing import Any, Optional
 import strategies
 
 from ..config.schema import ModelConfig
+from ..config.validate import check_writable_folder
 from ..distributed import World, broadcast, init_from_env, launched
 from ..errors import CfbenchError
-from ..records import progress_of
+from ..files import refuse_links
 from ..models.factory import check_batchnorm
+from ..records import progress_of
 from ..report.run_folder import CHECKPOINT, PROGRESS, new_invocation_folder, next_step
 
 LAUNCHED_ENV = "CFBENCH_LAUNCHED"      # set in the ranks: they leave the error line to the launcher
 INVOCATION_ENV = "CFBENCH_INVOCATION"  # the invocation folder `--nproc` made, for its rank 0 to fill
+ATTEMPT_ENV = "CFBENCH_ATTEMPT"        # which attempt of --max-restarts the ranks belong to (0: the first)
+LAUNCHER_ENV = "CFBENCH_LAUNCHER_PID"  # the ranks die with this process
+PR_SET_PDEATHSIG = 1                   # linux/prctl.h
 __all__ = ["after_restart", "broadcast", "check_launch", "invocation_folder", "join_ranks", "launch_ranks",
-           "launched", "launch_local", "record_rank_failure"]
+           "launched", "launch_local", "record_rank_failure", "die_with_launcher"]
 
 
 def check_launch(nproc: int, device: str, combos: list[str], model: ModelConfig) -> None:
@@ -56,6 +69,12 @@ def launch_ranks(nproc: int, argv: list[str], max_restarts: int, invocation: Pat
     try:
         launch_local(nproc, ["-m", "benchmark", *rank_argv(argv)], invocation / ".ranks",
                      {INVOCATION_ENV: str(invocation)}, max_restarts)
+    except KeyboardInterrupt as err:  # the run it stopped, for the line that says how to continue it
+        runs = sorted(d for d in invocation.iterdir() if d.is_dir() and not d.is_symlink() and (d / PROGRESS).is_file()
+                      and not progress_of(d).get("finished"))
+        if runs:
+            err.run_dir = runs[0]
+        raise
     except CfbenchError as err:
         stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
                          and not progress_of(d).get("finished"))
@@ -106,7 +125,7 @@ def after_restart(run_dir: Path) -> str:
     """What a run folder asks of this attempt: "start" it, "resume" it from its checkpoint or leave
     it "finished". Only an elastic restart (torchrun, --max-restarts) meets folders of an earlier
     attempt; what one left without a checkpoint is cleared and started again."""
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0 or not run_dir.exists():
+    if _attempt() == 0 or not run_dir.exists():
         return "start"
     step = next_step(run_dir)
     if step == "resume":
@@ -114,38 +133,100 @@ def after_restart(run_dir: Path) -> str:
     return step
 
 
+def _attempt() -> int:
+    """Which attempt this rank belongs to: cfbench's own restarts, or torchrun's in-place ones."""
+    counts = [os.environ.get(ATTEMPT_ENV, "0"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")]
+    return max(int(c) if c.isdigit() else 0 for c in counts)
+
+
+def prepare_rank_logs(folder: Path) -> None:
+    """The ranks' log folder, held like every entry of a run or invocation folder: made here (never
+    through a planted link), a folder, and writable; else one line before any rank starts."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise CfbenchError(f"{folder}: cannot create the ranks' log folder ({err.strerror})") from None
+    mode = os.lstat(folder).st_mode
+    if stat.S_ISLNK(mode):
+        raise CfbenchError(f"{folder}: a symbolic link; cfbench never writes through a link in a folder it may not "
+                           "have made (remove it)")
+    if not stat.S_ISDIR(mode):
+        raise CfbenchError(f"{folder}: the ranks' log folder is not a folder; remove it")
+    refuse_links(folder, "ranks' log folder")
+    check_writable_folder(folder, "the ranks' log folder")
+
+
 def launch_local(nproc: int, args: list[str], logs: Path, env: Optional[dict[str, str]] = None,
                  max_restarts: int = 0) -> None:
-    """Run `python <args>` as `nproc` ranks (with `env` added), each rank's output in `logs`;
-    returns when all finished, else raises CfbenchError with the one line that says which rank
-    failed first and how."""
+    """Run `python <args>` as `nproc` ranks (with `env` added), each rank's output in `logs`, up to
+    1 + `max_restarts` attempts, each a new launch with its own rendezvous; returns when all ranks
+    of an attempt finished, else raises CfbenchError with the last attempt's line saying which rank
+    failed first and how. SIGTERM / Ctrl-C of this process stop the ranks and raise
+    KeyboardInterrupt (its `signal_name` set)."""
+    prepare_rank_logs(logs)
+    for attempt in range(max_restarts + 1):
+        try:
+            _launch_once(nproc, args, logs, {**(env or {}), ATTEMPT_ENV: str(attempt)})
+            return
+        except CfbenchError as err:
+            if attempt == max_restarts:
+                raise
+            print(f"cfbench: attempt {attempt + 1} of {max_restarts + 1}: {err}; starting the ranks again",
+                  file=sys.stderr)
+
+
+def _launch_once(nproc: int, args: list[str], logs: Path, env: dict[str, str]) -> None:
     import logging
 
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)  # its warnings would bury the one line
-    logs.mkdir(parents=True, exist_ok=True)
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher")
+    for name in [*prefixes, *logging.root.manager.loggerDict]:  # modules set their own levels
+        if name.startswith(prefixes):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # its warnings would bury the one line
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex, role="rank",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
-                          monitor_interval=0.2,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           logs_specs=DefaultLogsSpecs(log_dir=str(logs), redirects=Std.ALL, tee=Std.ALL,
                                                       local_ranks_filter={0}))
-    added = {**(env or {}), LAUNCHED_ENV: "1"}
+    added = {**env, LAUNCHED_ENV: "1", LAUNCHER_ENV: str(os.getpid())}
     saved = {k: os.environ.get(k) for k in added}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     os.environ.update(added)  # the ranks inherit this process's environment
     try:
         elastic_launch(config, entrypoint=sys.executable)(*args)
     except ChildFailedError as err:
         raise CfbenchError(failure_line(err.failures, nproc)) from None
+    except SignalException as err:  # torch's launcher took SIGTERM / SIGINT over and stopped the ranks
+        interrupted = KeyboardInterrupt()
+        interrupted.signal_name = signal.Signals(err.sigval).name
+        raise interrupted from None
     finally:
+        for sig, handler in handlers.items():  # the launcher leaves its own handlers installed
+            signal.signal(sig, handler)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def die_with_launcher() -> None:
+    """In a rank: end with the process that launched it, even one killed outright (kill -9 of a
+    launcher left its ranks training, holding their run folders). Linux only; a rank whose
+    launcher is already gone ends at once."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if str(os.getppid()) != launcher:
+        os._exit(1)
 
 
 def failure_line(failures: dict, nproc: int) -> str:

@@ -13,11 +13,12 @@ from pathlib import Path
 from ..config import resolve
 from ..distributed import init_from_env, shutdown
 from ..records import read_rank_job
-from ..run.launch import record_rank_failure
+from ..run.launch import die_with_launcher, record_rank_failure
 from ..run.runner import run_strategy
 
 
 def main(job_file: str) -> int:
+    die_with_launcher()
     job = read_rank_job(Path(job_file))
     cfg = resolve(job["config"])
     try:

@@ -1,0 +1,114 @@
+"""The multi-process launcher as a trust boundary: its restarts, its signals, its log folder. Ranks
+here are small gloo scripts where the mechanism is the launcher's own (restarts), and real
+`cfbench run --nproc 2` ranks where it is cfbench's (signals, dying with the launcher)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from benchmark.errors import CfbenchError
+from benchmark.run.launch import launch_local, prepare_rank_logs
+
+# A rank of a job with a real rendezvous: it joins the gloo group, reduces twice, and on the first
+# attempt rank 1 is killed between the two reductions (mid-run); each finished rank leaves a file.
+RANK = """
+import os, signal, sys, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.ones(1)
+dist.all_reduce(x)
+if os.environ["CFBENCH_ATTEMPT"] == "0" and dist.get_rank() == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+dist.all_reduce(x)
+open(os.path.join(sys.argv[1], f"done-{os.environ['CFBENCH_ATTEMPT']}-{dist.get_rank()}"), "w").write(str(x.item()))
+dist.destroy_process_group()  # else gloo's threads may abort the exit (SIGABRT, "terminate called")
+"""
+
+
+def test_max_restarts_finishes_after_a_rank_is_killed_every_time(tmp_path):
+    """--max-restarts 1 with a rank killed mid-run: the second attempt (a new launch, its own
+    rendezvous) finishes, 5 of 5 tries. torch's in-place restart (torchrun --max-restarts 1, the same
+    script) finished 1 of 3 here: one "connectFullMesh failed ... Connection refused", one hung for
+    20 minutes. Without restarts the launcher's one line names the killed rank (test_distributed.py)."""
+    for attempt in range(5):
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        launch_local(2, ["-c", RANK, str(folder)], folder / ".ranks", max_restarts=1)
+        assert sorted(p.name for p in folder.glob("done-*")) == ["done-1-0", "done-1-1"], attempt
+        assert (folder / "done-1-0").read_text() == "4.0"  # both ranks reduced together, twice
+
+
+@pytest.mark.parametrize("planted", ["link", "file", "read-only"])
+def test_the_ranks_log_folder_is_held_like_a_run_folders_entries(tmp_path, planted):
+    """.ranks planted as a link to an outside folder, as a file, or read-only: one line before any
+    rank starts, and nothing written through the link."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    logs = tmp_path / "invocation" / ".ranks"
+    logs.parent.mkdir()
+    if planted == "link":
+        logs.symlink_to(outside)
+    elif planted == "file":
+        logs.write_text("x")
+    else:
+        logs.mkdir()
+        logs.chmod(0o500)
+        if os.access(logs, os.W_OK):  # root writes anyway: what a trial write finds is the test
+            logs.chmod(0o700)
+            pytest.skip("this user writes into read-only folders")
+    with pytest.raises(CfbenchError) as err:
+        prepare_rank_logs(logs)
+    assert str(logs) in str(err.value) and "\n" not in str(err.value)
+    assert not any(outside.iterdir())
+
+
+def _launcher(tmp_path: Path) -> subprocess.Popen:
+    tmp_path.mkdir()
+    config = tmp_path / "long.yaml"
+    config.write_text(yaml.safe_dump({"tasks": ["digits"], "eval_only": [], "strategies": ["ft"],
+                                      "model": {"image_size": 32}, "train": {"epochs": 100}, "threads": 1,
+                                      "figures": False}))
+    return subprocess.Popen([sys.executable, "-m", "benchmark", "run", str(config), "--nproc", "2", "--device", "cpu",
+                             "--out", str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _ranks(launcher: subprocess.Popen) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(launcher.pid).children() if "benchmark" in " ".join(p.cmdline())]
+
+
+def _wait_for(condition, launcher: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[1][-3000:]
+        time.sleep(0.1)
+
+
+def test_the_launcher_ends_in_one_line_on_sigterm_and_takes_its_ranks_down_on_sigkill(tmp_path):
+    """SIGTERM of `cfbench run --nproc 2` once its ranks run: exit 143 and the documented one line,
+    no traceback (torch's launcher takes the signal over). kill -9 of another: no rank left after
+    15 s (they died with it; without PR_SET_PDEATHSIG both were still training)."""
+    import psutil
+
+    job = _launcher(tmp_path / "term")
+    _wait_for(lambda: len(_ranks(job)) == 2, job)
+    time.sleep(1)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.startswith("cfbench:")]
+    assert job.returncode == 143 and len(lines) == 1 and lines[0].startswith("cfbench: interrupted (SIGTERM)"), err
+    assert "Traceback" not in err and err.rstrip().endswith(lines[0])
+
+    job = _launcher(tmp_path / "kill")
+    _wait_for(lambda: len(_ranks(job)) == 2, job)
+    ranks = [psutil.Process(pid) for pid in _ranks(job)]
+    job.kill()
+    job.wait()
+    gone, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive, [p.pid for p in alive]
