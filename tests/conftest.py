@@ -75,7 +75,7 @@ def tiny_clip_checkpoint(tmp_path_factory):
 # left alone with one at the end (measured 2026-12-06, each 25-190 s of a worker; the rest of the
 # suite is spread behind them)
 LONGEST_FIRST = ("test_real_configs_vit.py", "test_real_configs_demo.py", "test_distributed.py",
-                 "test_run_folders.py", "test_sweep.py", "test_work_once.py", "test_training.py",
+                 "test_launcher.py", "test_run_folders.py", "test_sweep.py", "test_work_once.py", "test_training.py",
                  "test_architecture.py", "test_models.py", "test_parity_zscl.py", "test_gpu_check.py")
 
 

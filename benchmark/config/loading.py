@@ -42,6 +42,8 @@ def resolve(*layers: dict) -> RunConfig:
 def preset_tree(protocol: str) -> dict:
     """The schema's defaults with the protocol's preset laid over them: what every layer of a
     config is laid over (a copy; computed once per protocol)."""
+    if not isinstance(protocol, str):
+        protocol_settings(protocol)  # its one line: not a protocol name
     return copy.deepcopy(_preset_tree(protocol))
 
 

@@ -243,9 +243,11 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     rows: list[list] = []
     mtil: list[tuple[str, Matrix]] = []
     runs = []
-    for run_dir in run_dirs:
+    curves: dict[Path, dict[str, Curve]] = {}
+    for run_dir in run_dirs:  # everything read (and refused) before the first file is written
         cfg, metrics = _finished_run(run_dir)
         runs.append((run_dir.name, cfg, metrics, _matrices(run_dir)))
+        curves[run_dir] = {kind: Curve.load(path) for kind, path in curve_files(run_dir / "matrices").items()}
         if _is_mtil(cfg) and (run_dir / "matrices/zs.csv").is_file():
             mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]
@@ -268,9 +270,8 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
         comparison_figure(run_groups, out_dir / "comparison", fmt, caption=caption)
         for kind in ("lp", "zs"):
             curves_figure(run_groups, kind, out_dir / f"curves_{kind}", fmt, caption=caption)
-        for kind in sorted(set.intersection(*(set(curve_files(d / "matrices")) for d in run_dirs))):
-            within_figure([(d.name, Curve.load(curve_files(d / "matrices")[kind])) for d in run_dirs], kind,
-                          out_dir / f"within_{kind}", fmt)
+        for kind in sorted(set.intersection(*(set(curves[d]) for d in run_dirs))):
+            within_figure([(d.name, curves[d][kind]) for d in run_dirs], kind, out_dir / f"within_{kind}", fmt)
     if groups or (groups is None and any(g.n > 1 for g in run_groups)):
         grouped_md, grouped_csv = group_tables(run_groups)
         atomic_write_text(out_dir / "comparison_groups.md", grouped_md)

@@ -120,9 +120,9 @@ def plot_run(run_dir: Path, fmt: str = "png") -> list[Path]:
     written = []
     formats = ["png"] + ([fmt] if fmt != "png" else [])
     label = run_label(run_dir)
-    for csv_path in matrix_files(run_dir / "matrices"):
-        kind = csv_path.stem
-        matrix = Matrix.load(csv_path)
+    # every matrix read (and refused) before the first figure: a bad one leaves no figures half-drawn
+    matrices = {p.stem: Matrix.load(p) for p in matrix_files(run_dir / "matrices")}
+    for kind, matrix in matrices.items():
         if not matrix.rows:
             continue
         for f in formats:
