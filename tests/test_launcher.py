@@ -112,3 +112,22 @@ def test_the_launcher_ends_in_one_line_on_sigterm_and_takes_its_ranks_down_on_si
     job.wait()
     gone, alive = psutil.wait_procs(ranks, timeout=15)
     assert not alive, [p.pid for p in alive]
+
+
+def test_a_raw_torchrun_rank_refuses_what_cannot_run_over_its_ranks_before_any_folder(tmp_path, monkeypatch,
+                                                                                      capfd, tiny_clip_checkpoint):
+    """`torchrun ... -m benchmark run --strategy flyp`: each rank refuses before the invocation
+    folder exists (it used to be left behind). The rank's place is set as torchrun's would be."""
+    from benchmark.cli import main
+    from benchmark.distributed import World
+    import benchmark.run.launch as launch
+
+    monkeypatch.setattr(launch, "join_ranks", lambda device: World(0, 2))
+    config = tmp_path / "flyp.yaml"
+    config.write_text(yaml.safe_dump({"tasks": ["digits"], "eval_only": [], "strategies": ["flyp"],
+                                      "model": {"name": "cfbench-tiny-vit", "pretrained": tiny_clip_checkpoint[0]},
+                                      "train": {"epochs": 1, "max_train_per_class": 4}}))
+    assert main(["run", str(config), "--out", str(tmp_path / "out")]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "flyp cannot train over 2 processes" in err[0], err
+    assert not (tmp_path / "out").exists()
