@@ -5,6 +5,11 @@ class CfbenchError(Exception):
     """A user-facing error: bad input, missing data, unusable configuration."""
 
 
+class ResumeRefused(CfbenchError):
+    """A checkpoint that does not fit the run it would continue, found once the run folder is held:
+    the folder is left as it was (no error line recorded, no log line), as for any refusal."""
+
+
 class CfbenchProblems(CfbenchError):
     """Several independent problems found in one pass (`run --check`): the CLI prints a count and
     one line per problem; anywhere else it reads as one line."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import CfbenchError
+from ..errors import CfbenchError, ResumeRefused
 from ..files import atomic_write_json, open_no_follow, refuse_links
 from ..records import progress_of, read_progress
 
@@ -120,7 +120,8 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
     """The run folder for this process alone while the block runs. A fresh run needs a new or
     empty folder and starts progress.json at once, with the `experiment` digest of its settings; a
     resumed one must hold a folder of that same digest and no symbolic link. Any error is recorded
-    in progress.json."""
+    in progress.json, but ResumeRefused (the checkpoint does not fit): it leaves the folder as it
+    was. A resumed run calls `clear_error` once its checkpoint is applied."""
     if not resume:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +130,7 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
         if any(run_dir.iterdir()):
             raise CfbenchError(f"{run_dir}: already holds a run; continue it with --resume {shlex.quote(str(run_dir))} "
                                "or choose another folder")
+    lock_existed = (run_dir / LOCK).exists()
     with exclusive_lock(run_dir, "cfbench process"):
         refuse_links(run_dir, "run folder")
         if resume:
@@ -137,10 +139,12 @@ def hold_run_folder(run_dir: Path, resume: bool, experiment: str) -> Iterator[No
             tmp.unlink(missing_ok=True)
         if not resume:
             write_progress(run_dir, [], False, experiment)
-        else:  # this attempt starts clean: the last one's error line goes
-            _clear_error(run_dir)
         try:
             yield
+        except ResumeRefused:  # the checkpoint did not fit: the folder stays as it was
+            if not lock_existed:
+                (run_dir / LOCK).unlink()
+            raise
         except BaseException as err:
             _record_error(run_dir, err)
             raise
@@ -165,7 +169,9 @@ def _check_experiment(run_dir: Path, experiment: str) -> None:
                            "config.yaml or start a new run")
 
 
-def _clear_error(run_dir: Path) -> None:
+def clear_error(run_dir: Path) -> None:
+    """A resumed attempt starts clean (called once its checkpoint is applied): the last one's error
+    line goes."""
     progress = progress_of(run_dir)
     if "error" in progress:
         atomic_write_json(run_dir / PROGRESS, {k: v for k, v in progress.items() if k != "error"})

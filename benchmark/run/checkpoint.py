@@ -14,7 +14,7 @@ from strategies.checkpoint import plugin_states, restore_plugins
 from tasks import get_task
 
 from ..config import experiment_digest, experiment_settings, first_difference, lookup
-from ..errors import CfbenchError
+from ..errors import CfbenchError, ResumeRefused
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.within import PREFIX, Curve
 from ..files import atomic_write_with
@@ -133,6 +133,16 @@ def _check_matrices(saved: Any, rows: list[str], columns: list[str], kinds: set,
 
 def apply_checkpoint(state: dict, model, plugins, matrices: dict[str, Matrix],
                      curves: Optional[dict[str, Curve]] = None) -> int:
+    """The checked state into the model, plugins, matrices and curves (`_apply`); what does not fit
+    is ResumeRefused: the run folder is then left as it was."""
+    try:
+        return _apply(state, model, plugins, matrices, curves)
+    except CfbenchError as err:
+        raise ResumeRefused(str(err)) from None
+
+
+def _apply(state: dict, model, plugins, matrices: dict[str, Matrix],
+           curves: Optional[dict[str, Curve]] = None) -> int:
     """The checked state into the model (its heads already made), the plugins, the matrices and the
     within-task curves (replaced in `curves`); returns how many tasks are done."""
     path = CHECKPOINT

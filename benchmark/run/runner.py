@@ -34,7 +34,7 @@ from ..config.deviations import protocol_deviations, summary
 from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
 from ..config.templates import task_class_names, task_templates
 from ..distributed import barrier, once, rank_environment, world
-from ..errors import CfbenchError
+from ..errors import CfbenchError, ResumeRefused
 from ..evaluation.evaluate import (
     EvalDataset, ProbeWork, RoundResult, ZeroShotClassifier, evaluate_round, extract_features, lp_init_weights,
     matrix_kinds
@@ -45,7 +45,7 @@ from ..evaluation.within import Curve
 from ..files import AppendLogHandler, atomic_write_json, atomic_write_text
 from ..models.factory import build_model, check_batchnorm
 from ..report.compare import finalize_run
-from ..report.run_folder import DEVIATIONS, hold_run_folder
+from ..report.run_folder import DEVIATIONS, clear_error, hold_run_folder
 from ..report.trackers import Trackers
 from .augment import build_augment
 from .checkpoint import apply_checkpoint, keep_finished_checkpoint, load_checkpoint, save_checkpoint
@@ -92,24 +92,40 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
             on_start()
         held = hold_run_folder(run_dir, resume, experiment_digest(settings)) if ranks.writer \
             else contextlib.nullcontext()
-        with held:  # nothing is written before this point
-            if ranks.writer:
-                log_into(run_dir)
+        with held:  # nothing is written before this point (a resumed run's: before its checkpoint is applied)
+            writing: list[bool] = []
+
+            def started() -> None:  # once
+                if ranks.writer and not writing:
+                    writing.append(True)
+                    log_into(run_dir)
+                    if resume:
+                        clear_error(run_dir)
+
+            if not resume:
+                started()
             if not resume and ranks.writer:
                 log.info("%s", summary(cfg, deviations))
                 atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
                 atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
-            with Trackers(cfg.loggers if ranks.writer else [], run_dir, cfg.to_dict()) as trackers:
-                log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s%s",
-                         strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format,
-                         f", {ranks.size} processes (DDP)" if ranks.active else "")
-                _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
-                                state, stop_after)
+            try:
+                with Trackers(cfg.loggers if ranks.writer else [], run_dir, cfg.to_dict()) as trackers:
+                    log.info("strategy %s (protocol %s), tasks %s, eval-only %s, device %s, %d threads, cache %s%s",
+                             strategy, cfg.protocol, trained, eval_only, device, threads, cfg.cache_format,
+                             f", {ranks.size} processes (DDP)" if ranks.active else "")
+                    _train_sequence(cfg, strategy, encoder, plugins, run_dir, trained, eval_only, device, trackers,
+                                    state, stop_after, resumed=started)
+            except ResumeRefused:
+                raise
+            except BaseException:
+                started()  # any other stop is logged and recorded, as before
+                raise
     return run_dir
 
 
 def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_dir: Path, trained, eval_only,
-                    device: str, trackers: Trackers, state: Optional[dict], stop_after: Optional[int]) -> None:
+                    device: str, trackers: Trackers, state: Optional[dict], stop_after: Optional[int],
+                    resumed: Callable[[], None] = lambda: None) -> None:
     """The pretrained row (or the checkpoint's `state`), then per task: initialise its head, train,
     evaluate, checkpoint."""
     if encoder.has_text:  # frozen, bit-identical, unless the text head trains it
@@ -142,6 +158,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         for t in range(state["completed"]):
             _make_head(cfg, model, t, trained[t])
         start = apply_checkpoint(state, model, plugins, matrices, curves)
+        resumed()  # the checkpoint fits: from here the run writes (its log, progress.json)
         next_head = state.get("next_head")  # None from an older checkpoint: fitted again, the same head
         learner.clock.train_exp_counter = start
         log.info("resumed after %d task(s)", start)
