@@ -143,12 +143,18 @@ RUN_CONFIG_FOR_REPORTS = {"strategies": [str], "protocol?": Maybe(str), "sequenc
                           "model?": {"name": str}, "train?": {"epochs?": Any}}
 
 
+def read_checked(path: Path, what: str, shape: Any) -> Any:
+    """The JSON file at `path` (a `what`: the strict reader's one line names it), refused in one
+    line naming the file and the key unless it has `shape`."""
+    data = read_json(path, what)
+    check_shape(data, shape, str(path))
+    return data
+
+
 def read_progress(path: Path) -> dict:
     """progress.json: the finished tasks, whether everything is written, the settings digest, the
     last error line."""
-    data = read_json(path, "progress file")
-    check_shape(data, PROGRESS_SHAPE, str(path))
-    return data
+    return read_checked(path, "progress file", PROGRESS_SHAPE)
 
 
 def progress_of(run_dir: Path) -> dict:
@@ -170,9 +176,7 @@ def read_metrics(path: Path) -> dict:
 
 def read_deviations(path: Path) -> list:
     """deviations.json: a list of changes from the run's protocol."""
-    data = read_json(path, "deviations file")
-    check_shape(data, DEVIATIONS_SHAPE, str(path))
-    return data
+    return read_checked(path, "deviations file", DEVIATIONS_SHAPE)
 
 
 def read_run_config_for_reports(path: Path) -> dict:
@@ -207,16 +211,12 @@ REAPER_RECORD_SHAPE = {"driver": int, "driver_started": NUMBER, "token": str, "p
 
 def read_sweep_state(path: Path) -> dict:
     """sweep.json: per run its state, attempts, last error line, host and pid, finished tasks."""
-    data = read_json(path, "sweep state")
-    check_shape(data, SWEEP_STATE_SHAPE, str(path))
-    return data
+    return read_checked(path, "sweep state", SWEEP_STATE_SHAPE)
 
 
 def read_run_marker(path: Path) -> dict:
     """logs/<run>.json: which attempt of a sweep's run a worker started, on which host and pid."""
-    data = read_json(path, "run marker")
-    check_shape(data, RUN_MARKER_SHAPE, str(path))
-    return data
+    return read_checked(path, "run marker", RUN_MARKER_SHAPE)
 
 
 def marker_of(path: Path) -> dict:
@@ -225,16 +225,13 @@ def marker_of(path: Path) -> dict:
 
 
 def read_rank_job(path: Path) -> dict:
-    data = read_json(path, "sweep rank job")
-    check_shape(data, RANK_JOB_SHAPE, str(path))
-    return data
+    return read_checked(path, "sweep rank job", RANK_JOB_SHAPE)
 
 
 def read_reaper_record(path: Path) -> dict:
     """.ray-processes-<pid>.json: which processes a sweep driver's cluster started (they must still
     prove it by the token in their environment before the reaper ends them, sweep/reaper.py)."""
-    data = read_json(path, "reaper record")
-    check_shape(data, REAPER_RECORD_SHAPE, str(path))
+    data = read_checked(path, "reaper record", REAPER_RECORD_SHAPE)
     if not 0 < data["driver"] <= PID_MAX or any(int(pid) > PID_MAX for pid in data["processes"]):
         raise CfbenchError(f"{path}: process ids must be from 1 to {PID_MAX:,}; not a file cfbench wrote")
     if not re.fullmatch(r"[0-9a-f]{32}", data["token"]):
