@@ -41,7 +41,7 @@ import strategies
 from ..config import RunConfig, read_config_file, resolve
 from ..config.loading import preset_tree
 from ..config.overrides import setting_parts
-from ..config.schema import _build, build_config, merge
+from ..config.schema import _build, merge, rebuild
 from ..config.validate import check_run, check_writable_folder
 from ..errors import CfbenchError
 
@@ -219,6 +219,8 @@ def expand(path: Path, spec: SweepConfig, out: Optional[str] = None) -> SweepPla
             seen_values.add(label)
     base_tree = base.to_dict()
     preset = preset_tree(base.protocol)  # `protocol` is never an axis (NOT_AXES)
+    changed = {"strategies", "seed", "out", *(parts[0] for parts in settings.values()),
+               *(("sequence", "tasks") if "sequences" in axes else ()), *(("model",) if "models" in axes else ())}
     seen: dict[str, dict] = {}
     unique = []
     for values in itertools.product(*axes.values()):
@@ -233,7 +235,7 @@ def expand(path: Path, spec: SweepConfig, out: Optional[str] = None) -> SweepPla
                     continue  # an axis that does not apply to this strategy: the same run once
                 seen[run_name] = tree
                 try:
-                    cfg = build_config(tree)
+                    cfg = rebuild(base, tree, changed)
                 except CfbenchError as err:
                     raise _fail(path, f"run {run_name}: {str(err).removeprefix('config: ')}") from None
                 unique.append(PlannedRun(run_name, strategy, seed, labels, cfg, settings=tree))
