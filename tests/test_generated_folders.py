@@ -4,9 +4,10 @@ checkpoints/state.pt -- mutated (a value of the wrong type, huge, negative, unic
 removed or added; the whole file replaced by another JSON value or by bytes) and fed through every
 command that reads it: compare, plot, metrics and run --resume. Each outcome is exit 0 with a
 complete result, or exit 2 with one `cfbench: error:` line, no traceback and nothing written (a
-refused --resume may only rewrite the pid in an unfinished folder's existing .lock). The
-sweep's files (sweep.json, run markers, reaper records) go through their readers, which `cfbench
-sweep` calls. Derandomized: CI sees the same examples every run."""
+refused --resume may only rewrite the pid in an unfinished folder's existing .lock). `cfbench
+sweep` of a finished sweep reads sweep.json, the reaper's records and each run's progress.json and
+config.yaml (no Ray starts); a live sweep's run markers go through their reader. Derandomized: CI
+sees the same examples every run."""
 import contextlib
 import csv
 import io
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
-from benchmark.records import read_reaper_record, read_run_marker, read_sweep_state
+from benchmark.records import read_reaper_record, read_run_marker
 from tests.helpers import THREADS
 
 EXAMPLES = settings(max_examples=30, deadline=None, database=None, derandomize=True,
@@ -195,21 +196,67 @@ def test_any_file_read_back_from_a_run_folder_is_used_or_refused_in_one_line(fin
             assert _complete(command, run, out, printed.getvalue()), (kind, command, mutation)
 
 
-SWEEP_STATE = {"sweep": "s", "file": "/x/s.yaml", "ray": "local", "resources": None, "updated": None,
-               "runs": {"ft-s0": {"state": "done", "attempts": 1, "error": None, "strategy": "ft", "seed": 0,
-                                  "axes": {}, "tasks": 1, "completed_tasks": 1, "host": "h", "pid": 7}}}
 MARKER = {"attempt": 1, "host": "h", "pid": 7, "started": 1.5}
 RECORD = {"driver": 7, "driver_started": 1.5, "token": "0" * 32, "processes": {"8": 2.5}}
+SWEEP_READS = ("sweep.json", ".ray-processes-1.json", "ft-s0/progress.json", "ft-s0/config.yaml")
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> tuple[Path, Path]:
+    """(sweep file, its folder) of a one-run sweep whose run has finished: `cfbench sweep` on it
+    reads everything back and starts no Ray."""
+    from benchmark.run.runner import run_strategy
+    from benchmark.sweep.config import load_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    sweep = root / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "s", "axes": {"seeds": [0]}, "base": {
+        "tasks": ["digits"], "eval_only": [], "strategies": ["ft"], "model": {"image_size": 32}, "threads": THREADS,
+        "train": {"epochs": 1, "max_train_per_class": 4, "batch_size": 8}, "figures": False,
+        "eval": {"probe_max_per_class": 4, "test_max_per_class": 4}}}))
+    plan = load_sweep(str(sweep), str(root / "out"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run_strategy(plan.runs[0].config, "ft", plan.folder / plan.runs[0].name)
+        assert main(["sweep", str(sweep), "--out", str(root / "out")]) == 0
+    (plan.folder / ".ray-processes-1.json").write_text(json.dumps(RECORD))  # a lost driver's: nothing left
+    return sweep, plan.folder
 
 
 @EXAMPLES
-@given(st.sampled_from(["sweep.json", "marker", "record"]), mutations)
-def test_any_sweep_file_is_read_or_refused_in_one_line(tmp_path_factory, kind, mutation):
-    """What `cfbench sweep` reads back of a sweep folder, through the readers it calls: the value as
-    written, or one CfbenchError line naming the file."""
-    original, reader = {"sweep.json": (SWEEP_STATE, read_sweep_state), "marker": (MARKER, read_run_marker),
-                        "record": (RECORD, read_reaper_record)}[kind]
-    path = tmp_path_factory.mktemp("sweep") / f"{kind}.json"
+@given(st.sampled_from(SWEEP_READS), mutations)
+def test_any_file_read_back_from_a_sweep_folder_is_used_or_refused_in_one_line(finished_sweep, tmp_path_factory,
+                                                                                kind, mutation):
+    """`cfbench sweep` of a finished sweep reads its sweep.json, the reaper's records and each run's
+    progress.json and config.yaml (and starts no Ray): exit 0 with the comparison written, or exit 2
+    with one line and nothing written (the sweep's .lock may take this pid)."""
+    sweep, folder = finished_sweep
+    out = tmp_path_factory.mktemp("sweeps")
+    copy = _copy(folder, out / folder.name)
+    _write_mutated(copy / kind, mutation)
+    before = _tree(out)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(["sweep", str(sweep), "--out", str(out)])
+        except SystemExit as exit_:
+            rc = exit_.code
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert "Traceback" not in err.getvalue() and rc in (0, 2), (kind, mutation, rc, err.getvalue()[-1500:])
+    if rc == 2:
+        assert len(lines) == 1 and lines[0].startswith("cfbench: error:"), (kind, mutation, err.getvalue())
+        changed = _changed(before, _tree(out)) - {copy / ".lock"}
+        assert not changed, (kind, mutation, sorted(changed)[:3])
+    else:
+        assert (copy / "comparison.md").is_file() and json.loads((copy / "sweep.json").read_text())["runs"]
+
+
+@EXAMPLES
+@given(st.sampled_from(["marker", "record"]), mutations)
+def test_what_a_live_sweep_reads_is_read_or_refused_in_one_line(tmp_path_factory, kind, mutation):
+    """A live sweep's run markers (read while runs are in flight) and reaper records, through their
+    readers: the value as written, or one CfbenchError line naming the file."""
+    original, reader = {"marker": (MARKER, read_run_marker), "record": (RECORD, read_reaper_record)}[kind]
+    path = tmp_path_factory.mktemp("live") / f"{kind}.json"
     path.write_text(json.dumps(original))
     _write_mutated(path, mutation)
     try:

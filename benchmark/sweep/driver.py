@@ -276,11 +276,11 @@ def run_sweep(path: str, ray_address: str = "local", max_parallel: Optional[int]
         return 0
     progress = SweepProgress({r.name: len(r.tasks) for r in plan.runs}, stream)
     with hold_sweep_folder(plan.folder):
+        state = SweepState(plan, statuses)  # sweep.json read (or refused) before anything is written
         stale = end_stale(plan.folder)  # an earlier driver's cluster, if it and its watchdog were killed
         if stale:
             progress.note(f"ended {stale} process(es) of an earlier, killed invocation's Ray cluster")
         atomic_write_text(plan.folder / "sweep.yaml", plan.path.read_text(encoding="utf-8"))
-        state = SweepState(plan, statuses)
         state.data["ray"] = ray_address
         state.save()
         todo = [r for r in plan.runs if not statuses[r.name].finished]

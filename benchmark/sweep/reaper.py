@@ -141,8 +141,8 @@ def end_stale(folder: Path) -> int:
     call while holding the sweep folder's lock. Returns how many were ended. A record that is no
     regular file or not of the watchdog's shape is one line (records.read_reaper_record)."""
     ended = 0
-    for record in sorted(folder.glob(RECORD.format(pid="*"))):
-        data = read_reaper_record(record)
+    records = [(record, read_reaper_record(record)) for record in sorted(folder.glob(RECORD.format(pid="*")))]
+    for record, data in records:  # every record read (or refused) before any process is ended
         if _running(data["driver"], data["driver_started"]):
             continue  # a live driver's (a copy of a running sweep's folder): its watchdog does the work
         ended += end_processes({int(pid): t for pid, t in data["processes"].items()}, data["token"])
