@@ -131,3 +131,25 @@ def test_a_raw_torchrun_rank_refuses_what_cannot_run_over_its_ranks_before_any_f
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "flyp cannot train over 2 processes" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_failure_line_names_the_rank_that_failed_first():
+    """Within one second: the rank that recorded its error first, not the peer whose collective
+    broke after it (the launcher's timestamps are whole seconds); a rank a signal killed (other than
+    the launcher's SIGTERM) comes before any recorded error."""
+    from types import SimpleNamespace
+
+    from benchmark.run.launch import failure_line
+
+    def failure(exitcode, message, when=None, name="SIGKILL"):
+        extra = {"cfbench_time": when} if when is not None else {}
+        return SimpleNamespace(exitcode=exitcode, timestamp=1000, pid=4242, signal_name=lambda: name,
+                               message={"message": message, "extraInfo": extra})
+
+    peer = failure(1, "RuntimeError: Connection closed by peer", when=1000.9)
+    first = failure(2, "the model's weights are not finite", when=1000.2)
+    assert failure_line({0: peer, 1: first}, 2) == "rank 1 of 2 failed: the model's weights are not finite"
+    killed = failure(-9, "", name="SIGKILL")
+    assert failure_line({0: first, 1: killed}, 2).startswith("rank 1 of 2 (pid 4242) was killed by SIGKILL")
+    stopped = failure(-15, "", name="SIGTERM")  # the launcher's own stop of the others
+    assert failure_line({0: stopped, 1: first}, 2).startswith("rank 1 of 2 failed")

@@ -231,15 +231,26 @@ def die_with_launcher() -> None:
 
 def failure_line(failures: dict, nproc: int) -> str:
     """The rank that failed first: one killed by a signal other than the launcher's SIGTERM (its
-    peers then fail in their collectives), else one that recorded an error."""
+    peers then fail in their collectives), else the first that recorded an error, else any."""
     def killed(f) -> bool:
         return f.exitcode < 0 and -f.exitcode != signal.SIGTERM
 
-    rank, failure = min(failures.items(), key=lambda item: (not killed(item[1]), item[1].timestamp))
+    rank, failure = min(failures.items(), key=lambda item: (not killed(item[1]), _when(item[1]) is None,
+                                                             _when(item[1]) or item[1].timestamp))
     if killed(failure):
         return (f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {failure.signal_name()}; the other ranks "
                 "were stopped")
     return f"rank {rank} of {nproc} failed: {_recorded_message(failure)}"
+
+
+def _when(failure) -> Optional[float]:
+    """When a rank recorded its error (to the microsecond; record_rank_failure), or None (a rank the
+    launcher stopped records none). A peer's error from a broken collective follows the first
+    failure within the same second: the launcher's whole-second timestamps left the order to the
+    rank number."""
+    message = failure.message
+    recorded = message.get("extraInfo", {}).get("cfbench_time") if isinstance(message, dict) else None
+    return float(recorded) if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) else None
 
 
 def _recorded_message(failure) -> str:
@@ -257,8 +268,9 @@ def record_rank_failure(err: BaseException) -> None:
     if not path:
         return
     message = str(err) if isinstance(err, CfbenchError) else f"{type(err).__name__}: {err}"
+    now = time.time()
     data = {"message": {"message": message, "extraInfo": {"py_callstack": _traceback(err),
-                                                          "timestamp": str(int(time.time()))}}}
+                                                          "timestamp": str(int(now)), "cfbench_time": now}}}
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f)
 
