@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from benchmark.cli import main
 from benchmark.errors import CfbenchError
-from benchmark.records import read_reaper_record, read_run_marker
+from benchmark.records import read_rank_job, read_reaper_record, read_run_marker
 from tests.helpers import THREADS
 
 EXAMPLES = settings(max_examples=30, deadline=None, database=None, derandomize=True,
@@ -197,6 +197,7 @@ def test_any_file_read_back_from_a_run_folder_is_used_or_refused_in_one_line(fin
 
 
 MARKER = {"attempt": 1, "host": "h", "pid": 7, "started": 1.5}
+RANK_JOB = {"config": {"tasks": ["digits"], "seed": 0}, "run_dir": "/x/ft-s0", "resume": False}
 RECORD = {"driver": 7, "driver_started": 1.5, "token": "0" * 32, "processes": {"8": 2.5}}
 SWEEP_READS = ("sweep.json", ".ray-processes-1.json", "ft-s0/progress.json", "ft-s0/config.yaml")
 
@@ -251,11 +252,13 @@ def test_any_file_read_back_from_a_sweep_folder_is_used_or_refused_in_one_line(f
 
 
 @EXAMPLES
-@given(st.sampled_from(["marker", "record"]), mutations)
+@given(st.sampled_from(["marker", "record", "rank job"]), mutations)
 def test_what_a_live_sweep_reads_is_read_or_refused_in_one_line(tmp_path_factory, kind, mutation):
-    """A live sweep's run markers (read while runs are in flight) and reaper records, through their
-    readers: the value as written, or one CfbenchError line naming the file."""
-    original, reader = {"marker": (MARKER, read_run_marker), "record": (RECORD, read_reaper_record)}[kind]
+    """A live sweep's run markers (read while runs are in flight), reaper records and the job file a
+    run's DDP ranks read (sweep/ranks.py), through their readers: the value as written, or one
+    CfbenchError line naming the file."""
+    original, reader = {"marker": (MARKER, read_run_marker), "record": (RECORD, read_reaper_record),
+                        "rank job": (RANK_JOB, read_rank_job)}[kind]
     path = tmp_path_factory.mktemp("live") / f"{kind}.json"
     path.write_text(json.dumps(original))
     _write_mutated(path, mutation)
