@@ -108,18 +108,18 @@ def cmd_run(args) -> int:
 def _train(args, cfg, plan) -> int:
     """The checked run: launched over --nproc processes, or trained here (torch and Avalanche
     are imported from here on)."""
-    from .config.deviations import protocol_deviations
-    from .config.deviations import summary as protocol_summary
-    from .report.compare import compare_runs
     from .report.run_folder import new_invocation_folder
     from .run.launch import after_restart, broadcast, check_launch, invocation_folder, join_ranks, launch_ranks
-    from .run.runner import run_strategy
 
     label = cfg.sequence if not cfg.tasks else "-".join(plan.trained)
     out_existed = Path(cfg.out).exists()
-    if args.nproc and args.nproc > 1:  # this process launches the ranks and waits
+    if args.nproc and args.nproc > 1:  # this process launches the ranks and waits: it trains nothing itself
         check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
         return launch_ranks(args.nproc, args.argv, args.max_restarts, new_invocation_folder(Path(cfg.out), label))
+    from .config.deviations import protocol_deviations
+    from .config.deviations import summary as protocol_summary
+    from .report.compare import compare_runs
+    from .run.runner import run_strategy
     ranks = join_ranks(cfg.device)
     if ranks.active:  # started by a raw torchrun: refused before the invocation folder exists
         check_launch(ranks.size, "cpu", cfg.strategies, cfg.model)
@@ -184,13 +184,13 @@ def _resume(run_dir: Path, args) -> int:
     cfg = load_run_config(run_dir / "config.yaml", machine)
     check_data(tuple(cfg.tasks or ()) + tuple(cfg.eval_only or ()), cfg.data_root)
     from .run.launch import check_launch, join_ranks, launch_ranks, launched  # trains from here: torch
-    from .run.runner import run_strategy
 
     if args.nproc and args.nproc > 1:
         if launched():
             raise CfbenchError("--nproc starts the processes itself; under torchrun leave it out")
         check_launch(args.nproc, cfg.device, cfg.strategies, cfg.model)
         return launch_ranks(args.nproc, args.argv, args.max_restarts, run_dir.parent)
+    from .run.runner import run_strategy
     ranks = join_ranks(cfg.device)
     _attributed(run_dir, run_strategy, cfg, cfg.strategies[0], run_dir, resume=True)
     if ranks.writer:

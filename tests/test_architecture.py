@@ -31,6 +31,9 @@ FUNCTION_LEVEL = {
                                                         "entry point but never trains (no Avalanche in the driver)",
     ("benchmark.sweep.worker", "benchmark.run.launch"): "start-up time: the launcher imports torch; the driver "
                                                         "(`sweep --dry-run` of 10,000 runs) never launches ranks",
+    ("benchmark.run.launch", "benchmark.models.factory"): "start-up time: `--nproc`'s launcher (2.5 s of timm and "
+                                                         "open_clip) builds a model only to look for BatchNorm "
+                                                         "that trains",
     ("benchmark.sweep.driver", "benchmark.report.compare"): "start-up time: matplotlib, for the comparison at the "
                                                             "end of a sweep, never for --dry-run",
     ("benchmark.perf.cache", "benchmark.evaluation"): "optional dependency: the cache benchmark runs on a bare GPU "

@@ -36,7 +36,6 @@ from ..config.validate import check_writable_folder
 from ..distributed import World, broadcast, init_from_env, launched
 from ..errors import CfbenchError
 from ..files import refuse_links
-from ..models.factory import check_batchnorm
 from ..records import progress_of
 from ..report.run_folder import CHECKPOINT, PROGRESS, new_invocation_folder, next_step
 
@@ -56,7 +55,10 @@ def check_launch(nproc: int, device: str, combos: list[str], model: ModelConfig)
 
     for combo in combos:
         strategies.check_data_parallel(combo, nproc)
-    check_batchnorm(model, nproc)
+    if nproc > 1 and not model.freeze_bn:  # a model whose BatchNorm trains: built to look (timm, open_clip)
+        from ..models.factory import check_batchnorm
+
+        check_batchnorm(model, nproc)
     visible = torch.cuda.device_count()
     if (device == "cuda" or (device == "auto" and visible)) and nproc > visible:
         raise CfbenchError(f"--nproc {nproc} trains one process per GPU but {visible} GPU(s) are visible; use "

@@ -93,11 +93,12 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
         held = hold_run_folder(run_dir, resume, experiment_digest(settings)) if ranks.writer \
             else contextlib.nullcontext()
         with held:  # nothing is written before this point (a resumed run's: before its checkpoint is applied)
-            writing: list[bool] = []
+            writing = False
 
-            def started() -> None:  # once
+            def started() -> None:  # once: from here the run writes its log (and a resumed one its progress)
+                nonlocal writing
                 if ranks.writer and not writing:
-                    writing.append(True)
+                    writing = True
                     log_into(run_dir)
                     if resume:
                         clear_error(run_dir)
