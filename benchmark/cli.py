@@ -412,14 +412,14 @@ def cmd_compare(args) -> int:
 def cmd_plot(args) -> int:
     from .files import refuse_links
     from .report.plots import plot_run
-    from .report.within import check_curves, plot_within
+    from .report.within import plot_within, read_curves
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "matrices").is_dir():
         raise CfbenchError(f"{run_dir}: no matrices/ folder, not a cfbench run directory")
     refuse_links(run_dir, "run folder")
-    check_curves(run_dir)  # the within-task curves read before plot_run draws anything
-    drawn = plot_run(run_dir, args.format) + plot_within(run_dir, args.format)
+    curves = read_curves(run_dir)  # read before plot_run draws anything
+    drawn = plot_run(run_dir, args.format) + plot_within(run_dir, args.format, curves)
     if not drawn:
         raise CfbenchError(f"{run_dir / 'matrices'}: no matrix with a row to draw (nothing was written)")
     for path in drawn:

@@ -28,6 +28,7 @@ NUMBER = "number"
 NAME = r"[^\x00-\x1f]{1,200}"  # a task, metric or run name: printable, not empty, not a path's length
 PID = r"[1-9][0-9]{0,6}"  # Linux pids are at most 2**22 (pid_max)
 PID_MAX = 2 ** 22
+NOT_OURS = "not a file cfbench wrote (edited by hand, or another version's?)"
 
 
 @dataclass(frozen=True)
@@ -75,8 +76,7 @@ def check_shape(value: Any, shape: Any, source: str, key: str = "") -> None:
         where = f"key {key!r}" if key else "the top level"
         found = repr(value)
         found = found if len(found) <= 60 else found[:57] + "..."
-        return CfbenchError(f"{source}: {where} must be {why or describe(shape)}, not {found}; not a file cfbench "
-                            "wrote (edited by hand, or another version's?)")
+        return CfbenchError(f"{source}: {where} must be {why or describe(shape)}, not {found}; {NOT_OURS}")
 
     if shape is Any:
         return
@@ -114,14 +114,12 @@ def check_shape(value: Any, shape: Any, source: str, key: str = "") -> None:
         wanted = {k.rstrip("?"): k.endswith("?") for k in shape}
         for k in value:
             if k not in wanted:
-                raise CfbenchError(f"{source}: unknown key {'.'.join(filter(None, [key, str(k)]))!r}; not a file "
-                                   "cfbench wrote (edited by hand, or another version's?)")
+                raise CfbenchError(f"{source}: unknown key {'.'.join(filter(None, [key, str(k)]))!r}; {NOT_OURS}")
         for k, optional in wanted.items():
             if k not in value:
                 if optional:
                     continue
-                raise CfbenchError(f"{source}: key {'.'.join(filter(None, [key, k]))!r} is missing; not a file "
-                                   "cfbench wrote (edited by hand, or another version's?)")
+                raise CfbenchError(f"{source}: key {'.'.join(filter(None, [key, k]))!r} is missing; {NOT_OURS}")
             check_shape(value[k], shape[k + "?" if optional else k], source, f"{key}.{k}" if key else k)
     else:
         raise TypeError(shape)
@@ -233,7 +231,7 @@ def read_reaper_record(path: Path) -> dict:
     prove it by the token in their environment before the reaper ends them, sweep/reaper.py)."""
     data = read_checked(path, "reaper record", REAPER_RECORD_SHAPE)
     if not 0 < data["driver"] <= PID_MAX or any(int(pid) > PID_MAX for pid in data["processes"]):
-        raise CfbenchError(f"{path}: process ids must be from 1 to {PID_MAX:,}; not a file cfbench wrote")
+        raise CfbenchError(f"{path}: process ids must be from 1 to {PID_MAX:,}; {NOT_OURS}")
     if not re.fullmatch(r"[0-9a-f]{32}", data["token"]):
-        raise CfbenchError(f"{path}: key 'token' must be 32 hexadecimal digits; not a file cfbench wrote")
+        raise CfbenchError(f"{path}: key 'token' must be 32 hexadecimal digits; {NOT_OURS}")
     return data

@@ -21,7 +21,7 @@ from .plots import TITLES, heatmap, plot_run
 from .published import write_reference_comparison
 from .references import load_reference
 from .run_folder import DEVIATIONS, write_progress
-from .within import plot_within, within_figure
+from .within import plot_within, read_curves, within_figure
 
 # what compare_runs writes into its folder (name prefixes)
 COMPARE_OUTPUTS = ("comparison", "curves_", "groups", "table3", "reference_", "within_")
@@ -247,7 +247,7 @@ def compare_runs(run_dirs: list[Path], out_dir: Path, fmt: str = "png", latex: b
     for run_dir in run_dirs:  # everything read (and refused) before the first file is written
         cfg, metrics = _finished_run(run_dir)
         runs.append((run_dir.name, cfg, metrics, _matrices(run_dir)))
-        curves[run_dir] = {kind: Curve.load(path) for kind, path in curve_files(run_dir / "matrices").items()}
+        curves[run_dir] = read_curves(run_dir)
         if _is_mtil(cfg) and (run_dir / "matrices/zs.csv").is_file():
             mtil.append((cfg["strategies"][0], Matrix.load(run_dir / "matrices/zs.csv")))
         values: list[Optional[float]] = [metrics.get(kind, {}).get(key) for kind, key, _ in COMPARE_COLUMNS]

@@ -70,17 +70,15 @@ def within_figure(series: Sequence[tuple[str, Curve]], kind: str, path: Path, fm
     return None if fig is None else save(fig, path, fmt)
 
 
-def check_curves(run_dir: Path) -> None:
-    """Every within-task curve of a run read (one line for a bad one) before anything is drawn."""
-    for path in curve_files(run_dir / "matrices").values():
-        Curve.load(path)
+def read_curves(run_dir: Path) -> dict[str, Curve]:
+    """Every within-task curve of a run, read (one line for a bad one) before anything is drawn."""
+    return {kind: Curve.load(path) for kind, path in curve_files(run_dir / "matrices").items()}
 
 
-def plot_within(run_dir: Path, fmt: str = "png") -> list[Path]:
-    """within_<kind>.<fmt> (and PNG) for each curve a run wrote."""
+def plot_within(run_dir: Path, fmt: str = "png", curves: Optional[dict[str, Curve]] = None) -> list[Path]:
+    """within_<kind>.<fmt> (and PNG) for each curve a run wrote (`curves`: read_curves's, if read)."""
     written = []
-    curves = {kind: Curve.load(path) for kind, path in curve_files(run_dir / "matrices").items()}  # all read first
-    for kind, curve in curves.items():
+    for kind, curve in (read_curves(run_dir) if curves is None else curves).items():
         for f in ["png"] + ([fmt] if fmt != "png" else []):
             out = within_figure([(run_label(run_dir), curve)], kind, run_dir / f"within_{kind}", f)
             written += [out] if out else []

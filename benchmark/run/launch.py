@@ -13,7 +13,7 @@ The launcher's own life bounds the ranks': SIGTERM or Ctrl-C of it stops them an
 line and exit status of any interrupted run (143, 130), and a rank dies with it even when it is
 killed outright (kill -9: PR_SET_PDEATHSIG). `--max-restarts K` starts each attempt as a new elastic
 launch with its own rendezvous: torch's in-place restarts reconnect gloo to the first attempt's
-addresses and failed about one time in three here ("connectFullMesh failed").
+addresses and finished 1 try of 3 here ("connectFullMesh failed", one hang; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -72,18 +72,22 @@ def launch_ranks(nproc: int, argv: list[str], max_restarts: int, invocation: Pat
         launch_local(nproc, ["-m", "benchmark", *rank_argv(argv)], invocation / ".ranks",
                      {INVOCATION_ENV: str(invocation)}, max_restarts)
     except KeyboardInterrupt as err:  # the run it stopped, for the line that says how to continue it
-        runs = sorted(d for d in invocation.iterdir() if d.is_dir() and not d.is_symlink() and (d / PROGRESS).is_file()
-                      and not progress_of(d).get("finished"))
+        runs = _unfinished(invocation)
         if runs:
             err.run_dir = runs[0]
         raise
     except CfbenchError as err:
-        stopped = sorted(d for d in invocation.iterdir() if (d / CHECKPOINT).is_file()
-                         and not progress_of(d).get("finished"))
+        stopped = [d for d in _unfinished(invocation) if (d / CHECKPOINT).is_file()]
         hint = "".join(f"; finished tasks are checkpointed: continue with cfbench run --nproc {nproc} "
                        f"--resume {shlex.quote(str(d))}" for d in stopped[:1])
         raise CfbenchError(f"{err}{hint} (each rank's output: {invocation / '.ranks'})") from None
     return 0
+
+
+def _unfinished(invocation: Path) -> list[Path]:
+    """The invocation's run folders that have not finished."""
+    return sorted(d for d in invocation.iterdir() if d.is_dir() and not d.is_symlink() and (d / PROGRESS).is_file()
+                  and not progress_of(d).get("finished"))
 
 
 def rank_argv(argv: list[str]) -> list[str]:
@@ -237,8 +241,11 @@ def failure_line(failures: dict, nproc: int) -> str:
     def killed(f) -> bool:
         return f.exitcode < 0 and -f.exitcode != signal.SIGTERM
 
-    rank, failure = min(failures.items(), key=lambda item: (not killed(item[1]), _when(item[1]) is None,
-                                                             _when(item[1]) or item[1].timestamp))
+    def order(item) -> tuple:
+        when = _when(item[1])
+        return not killed(item[1]), when is None, item[1].timestamp if when is None else when
+
+    rank, failure = min(failures.items(), key=order)
     if killed(failure):
         return (f"rank {rank} of {nproc} (pid {failure.pid}) was killed by {failure.signal_name()}; the other ranks "
                 "were stopped")
