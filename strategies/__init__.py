@@ -74,7 +74,8 @@ class StrategySpec:
     needs_text: bool = False
     head_init: Optional[str] = None  # overrides train.head_init (LP-FT: always "lp")
     head: Optional[str] = None  # overrides train.head (FLYP trains both towers: always "text")
-    # what of the training step the strategy replaces ("forward", "loss"): two components may not
+    # what of the training step the strategy replaces ("forward", "loss", "parameters": adapters train
+    # instead of the encoder): two components may not
     # replace the same; "output" readers (LwF distils mb_output) cannot follow a replaced forward
     replaces: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
@@ -87,6 +88,9 @@ class StrategySpec:
     allowed: dict[str, Allowed] = field(default_factory=dict)
     # why the strategy cannot train one run over several processes (None: it can, exactly)
     not_data_parallel: Optional[str] = None
+    # "module:function" installing parameter-efficient modules into the built encoder before anything
+    # else sees it: function(encoder, context, **params); what trains is then the adapters alone
+    adapts: Optional[str] = None
 
     def make(self, context: BuildContext, **params) -> list:
         """The strategy's plugins for one run (imports the strategy's module)."""
@@ -161,6 +165,20 @@ register_strategy(StrategySpec("flyp-ce", "FLYP-CE: cross-entropy over one rando
                                                  "must run",
                                replaces=("forward",)))
 
+register_strategy(StrategySpec("lora", "LoRA: the encoder frozen, a low-rank update scale * B A trained in its "
+                               "attention and MLP projections (ViT) or ungrouped convolutions (CNN)", "lora:build",
+                               {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto", "towers": "auto",
+                                "merge": False},
+                               adapts="lora:install", replaces=("parameters",),
+                               notes="scale = alpha / rank; target_modules auto or a regular expression fully "
+                                     "matching module names (`named_modules()` of the encoder); towers auto: the "
+                                     "image tower, and the text tower when train.head is text; merge: fold B A "
+                                     "into the weights after each task and start a fresh adapter; dropout acts on "
+                                     "Linear and Conv2d targets (attention's update is a weight delta, as in peft); "
+                                     "with wise-ft set merge true (interpolating A and B is not interpolating B A)",
+                               allowed={"rank": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(min=0, max=0.999),
+                                        "towers": Allowed(choices=("auto", "image", "both"))}))
+
 CAPTIONS_BYTES = 256 * 1024 ** 2  # Conceptual Captions' 3.3 M training captions are ~190 MB
 
 
@@ -229,7 +247,7 @@ def parse_strategy(combo: str) -> list[StrategySpec]:
         raise CfbenchError(f"{combo}: names {twice} twice; a combination holds each component once (set its "
                            f"weight in strategy_params.{twice} instead)")
     specs = [STRATEGIES[n] for n in names]
-    for part in ("forward", "loss"):
+    for part in ("forward", "loss", "parameters"):
         owners = [s.name for s in specs if part in s.replaces]
         if len(owners) > 1:
             raise CfbenchError(f"{combo}: {' and '.join(owners)} both replace the training {part}; combine at most one")
@@ -312,6 +330,16 @@ def train_head(combo: str, default: str) -> str:
     return forced.pop() if forced else default
 
 
+def adapt_model(combo: str, params: dict[str, dict], encoder, context: Optional[BuildContext] = None) -> None:
+    """Installs the combination's adapters (at most one component adapts: `replaces` "parameters")."""
+    for spec in parse_strategy(combo):
+        if spec.adapts:
+            try:
+                load(spec.adapts)(encoder, context or BuildContext(), **params.get(spec.name, {}))
+            except (TypeError, ValueError) as err:
+                raise CfbenchError(f"strategy {spec.name}: {err}") from None
+
+
 def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildContext] = None) -> list:
     plugins = []
     for spec in parse_strategy(combo):
@@ -324,4 +352,4 @@ def build_plugins(combo: str, params: dict[str, dict], context: Optional[BuildCo
 
 __all__ = ["BuildContext", "STRATEGIES", "StrategySpec", "register_strategy", "load", "parse_strategy",
            "resolve_params", "check_params", "check_data_parallel", "needs_text", "head_init", "train_head",
-           "build_plugins", "read_captions"]
+           "adapt_model", "build_plugins", "read_captions"]

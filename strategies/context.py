@@ -21,3 +21,4 @@ class BuildContext:
     templates_of: Optional[Callable[[str], list[str]]] = None  # task -> every template the run uses
     classes_of: Optional[Callable[[str], list[str]]] = None  # task -> the class names the run uses
     tokenizer: Any = None                                  # the model's (open_clip) tokenizer, if any
+    train_head: str = "linear"                             # train.head as the strategy trains it

@@ -24,6 +24,8 @@ class FoundationModel(nn.Module):
     # and channels_last inputs for CNNs on CUDA.
     autocast_dtype: Optional[torch.dtype] = None
     channels_last: bool = False
+    # True once parameter-efficient modules are installed (benchmark/models/adapters): only theirs train
+    adapters_only: bool = False
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], freeze_bn: bool = True):
         super().__init__()
@@ -55,9 +57,13 @@ class FoundationModel(nn.Module):
         leave it out."""
         return copy.deepcopy(self)
 
+    def towers(self) -> dict[str, str]:
+        """Each tower's name prefix in `named_modules()` (where adapters may be installed)."""
+        return {"image": ""}
+
     def train(self, mode: bool = True) -> "FoundationModel":
         super().train(mode)
-        if mode and self.freeze_bn:
+        if mode and (self.freeze_bn or self.adapters_only):  # adapters leave the statistics frozen too
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import CfbenchError
+from .adapters import is_adapter_parameter
 from .base import FoundationModel
 from .catalog import CONFIGS_ENV
 from .weights import require_cached
@@ -66,9 +67,14 @@ class CLIPModel(FoundationModel):
         """Frozen (False), the text side stays bit-identical: no gradients, so no optimizer, penalty
         or decay touches it (the official LDIFS code deletes the text transformer from the trained
         encoder, modeling.py:88-89). logit_scale never trains (ZSCL excludes it too, finetune.py:82)."""
-        for p in self.text_parameters():
-            p.requires_grad_(trainable)
+        text = {id(p) for p in self.text_parameters()}
+        for name, p in self.named_parameters():
+            if id(p) in text:  # with adapters installed, only theirs train (benchmark/models/adapters)
+                p.requires_grad_(trainable and (not self.adapters_only or is_adapter_parameter(name)))
         self.clip.logit_scale.requires_grad_(False)
+
+    def towers(self) -> dict[str, str]:
+        return {"image": "clip.visual.", "text": "clip.transformer."}
 
     def image_tower_copy(self) -> "CLIPModel":
         """A copy with the image tower only: the text transformer, embeddings, projection, logit_scale

@@ -76,6 +76,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     seed_everything(cfg.seed)
     with _run_log() as log_into:  # lines logged before the run folder exists are kept for its log.txt
         encoder = build_model(cfg.model)
+        strategies.adapt_model(strategy, params, encoder, _plugin_context(cfg, encoder, trained, strategy))
         check_text_needs(cfg, strategy, encoder.has_text)
         check_batchnorm(cfg.model, ranks.size, encoder)
         cfg = cfg.replace(model=replace(cfg.model, image_size=encoder.image_size), strategies=[strategy],
@@ -83,7 +84,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
                           train=replace(cfg.train, head=strategies.train_head(strategy, cfg.train.head)),
                           strategy_params={**cfg.strategy_params, **params})  # all of them: config.yaml reloads as is
         cfg = cfg.replace(cache_format=choose_cache_format(cfg, trained, trained + eval_only))
-        plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained))
+        plugins = strategies.build_plugins(strategy, params, _plugin_context(cfg, encoder, trained, strategy))
         settings = cfg.to_dict()
         # a resumed run's checkpoint must be of this config (checked before the folder is touched)
         state = load_checkpoint(run_dir, settings, trained, trained + eval_only, matrix_kinds(encoder.has_text),
@@ -201,8 +202,9 @@ def within_kinds(cfg: RunConfig, has_text: bool) -> list[str]:
     return [k for k in ("zs", "head", "lp") if k in wanted and (k != "zs" or has_text)]
 
 
-def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...]) -> strategies.BuildContext:
+def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...], strategy: str) -> strategies.BuildContext:
     return strategies.BuildContext(
+        train_head=strategies.train_head(strategy, cfg.train.head),
         image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
         cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split,
         template_of=lambda n: task_templates(n, cfg.eval.templates)[0],

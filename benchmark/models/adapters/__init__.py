@@ -1,0 +1,30 @@
+"""Parameter-efficient modules installed into a built encoder (LoRA, MoE-Adapters' routed experts,
+DIKI's prefix attention). Each module keeps the layer it wraps, frozen, and names its own
+parameters with a prefix of ADAPTER_PREFIXES, so the encoder can tell what may train."""
+from __future__ import annotations
+
+from torch import nn
+
+ADAPTER_PREFIXES = ("lora_", "moe_", "prefix_")
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """Whether a parameter name (as in `named_parameters()`) belongs to an installed adapter."""
+    return any(part.startswith(ADAPTER_PREFIXES) for part in name.split("."))
+
+
+def train_adapters_only(module: nn.Module) -> list[str]:
+    """Every parameter frozen but the adapters'; returns the names of those that train."""
+    trainable = []
+    for name, p in module.named_parameters():
+        p.requires_grad_(is_adapter_parameter(name))
+        if p.requires_grad:
+            trainable.append(name)
+    return trainable
+
+
+def count_parameters(module: nn.Module, trainable: bool) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
+
+
+__all__ = ["ADAPTER_PREFIXES", "is_adapter_parameter", "train_adapters_only", "count_parameters"]
