@@ -179,6 +179,28 @@ register_strategy(StrategySpec("lora", "LoRA: the encoder frozen, a low-rank upd
                                allowed={"rank": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(min=0, max=0.999),
                                         "towers": Allowed(choices=("auto", "image", "both"))}))
 
+register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP frozen, per block of both towers 22 "
+                               "adapter experts beside the MLP with per-task noisy top-2 routers; the most used "
+                               "experts frozen after each task; an autoencoder selector picks each eval batch's "
+                               "router or zero-shot CLIP", "moe_adapters:build",
+                               {"experts": 22, "top_k": 2, "freeze_top": 2, "bottleneck": 64, "extractor": "alexnet",
+                                "threshold": 0.0655, "reference_task": None, "reference_iterations": 1000,
+                                "selector_iterations": 300, "selector_batch_size": 64},
+                               adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
+                               head="text",
+                               not_data_parallel="its routers draw gating noise per sample from each process's own "
+                                                 "generator, and evaluation routes whole batches",
+                               notes="extractor alexnet needs torchvision's AlexNet ImageNet weights cached (the "
+                                     "official selector); clip: the frozen CLIP image embedding (not the paper's; "
+                                     "set threshold for it); alexnet-random: tests only. reference_task: the "
+                                     "selector's zero-shot slot (TinyImageNet officially; null: left untrained). "
+                                     "Accuracy depends on eval.batch_size: the selector picks one task per batch",
+                               allowed={"experts": AT_LEAST_ONE, "top_k": AT_LEAST_ONE, "freeze_top": NON_NEGATIVE,
+                                        "bottleneck": AT_LEAST_ONE, "threshold": POSITIVE,
+                                        "extractor": Allowed(choices=("alexnet", "clip", "alexnet-random")),
+                                        "reference_iterations": NON_NEGATIVE, "selector_iterations": NON_NEGATIVE,
+                                        "selector_batch_size": AT_LEAST_ONE}))
+
 CAPTIONS_BYTES = 256 * 1024 ** 2  # Conceptual Captions' 3.3 M training captions are ~190 MB
 
 

@@ -15,7 +15,7 @@ from tasks.registry import cache_root
 
 from ..errors import CfbenchError, CfbenchProblems
 from ..models.catalog import OFFLINE_MODELS, check_model, pretrained_tags
-from ..models.weights import require_cached
+from ..models.weights import require_alexnet, require_cached
 from .plan import RunPlan, check_per_task_values, check_text_needs, plan_tasks
 from .schema import ModelConfig, RunConfig
 from .templates import task_class_names, task_templates
@@ -172,6 +172,8 @@ def check_run_files(cfg: RunConfig, names: tuple[str, ...]) -> None:
         for component, params in strategies.resolve_params(combo, cfg.strategy_params).items():
             if params.get("reference_texts"):
                 strategies.read_captions(params["reference_texts"])
+            if component == "moe-adapters" and params["extractor"] == "alexnet":
+                require_alexnet()
 
 
 def check_data(names: tuple[str, ...], data_root) -> None:

@@ -175,8 +175,14 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
     result = RoundResult()
     want = set(kinds) if kinds is not None else {"lp", "zs", "head"}
     encoder, batch_size = model.encoder, settings.batch_size
+    routed = getattr(encoder, "batch_router", None) is not None
     for i, ds in enumerate(progress.bar(datasets, desc=desc, leave=False, unit="dataset")):
-        test_f = extract_features(encoder, ds.test.x, batch_size, device)
+        if routed:  # the text side of zs and head follows each test batch's route
+            test_f, routed_logits = routed_test_pass(model, ds, trained.get(ds.name), batch_size, device,
+                                                     zs="zs" in want and encoder.has_text and not zero_shot,
+                                                     head="head" in want)
+        else:
+            test_f, routed_logits = extract_features(encoder, ds.test.x, batch_size, device), {}
         if "lp" in want:
             work = ProbeWork(extract_features(encoder, ds.probe_train.x, batch_size, device), ds.probe_train.y,
                              refit_on_val=ds.refit_on_val)
@@ -188,14 +194,43 @@ def evaluate_round(model: MultiHeadClassifier, datasets: list[EvalDataset], trai
             result.cells["lp"][ds.name] = accuracy(logits, ds.test.y)
             result.cells["lp_ece"][ds.name] = expected_calibration_error(logits, ds.test.y)
         if encoder.has_text and "zs" in want:
-            classifier = zero_shot[ds.name] if zero_shot else ZeroShotClassifier.build(encoder, ds, device)
-            zs = classifier.logits(test_f)
+            if "zs" in routed_logits:
+                zs = routed_logits["zs"]
+            else:
+                classifier = zero_shot[ds.name] if zero_shot else ZeroShotClassifier.build(encoder, ds, device)
+                zs = classifier.logits(test_f)
             result.cells["zs"][ds.name] = accuracy(zs, ds.test.y)
             result.cells["zs_ece"][ds.name] = expected_calibration_error(zs, ds.test.y)
         if "head" in want:
             result.cells["head"][ds.name] = None
             if ds.name in trained:
                 with torch.no_grad():
-                    head_logits = model.head_logits(trained[ds.name], test_f.to(device)).cpu()
+                    head_logits = routed_logits["head"] if "head" in routed_logits else \
+                        model.head_logits(trained[ds.name], test_f.to(device)).cpu()
                 result.cells["head"][ds.name] = accuracy(head_logits, ds.test.y)
     return result
+
+
+@torch.no_grad()
+def routed_test_pass(model: MultiHeadClassifier, ds: EvalDataset, task_label: Optional[int], batch_size: int,
+                     device: str, zs: bool, head: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Test features of an encoder that routes each batch (`batch_router`: MoE-Adapters, DIKI), with the
+    zero-shot and task-head logits of each batch computed under that batch's route (its text tower
+    too): {"zs": ..., "head": ...} as asked. One process: these strategies do not train data-parallel."""
+    encoder = model.encoder
+    was_training = encoder.training
+    encoder.eval()
+    features, logits, classifiers = [], {"zs": [], "head": []}, {}
+    for start in range(0, len(ds.test.x), batch_size):
+        f = encoder(gather(ds.test.x, slice(start, start + batch_size), device).to(device)).float()
+        route = encoder.last_route
+        features.append(f.cpu())
+        if zs:
+            if route not in classifiers:  # a route's class embeddings, built under it
+                classifiers[route] = ZeroShotClassifier.build(encoder, ds, device)
+            logits["zs"].append(classifiers[route].logits(f.cpu()))
+        if head and task_label is not None:
+            logits["head"].append(model.head_logits(task_label, f).cpu())
+    encoder.train(was_training)
+    empty = torch.empty(0, getattr(encoder, "feature_dim", 0))
+    return torch.cat(features) if features else empty, {k: torch.cat(v) for k, v in logits.items() if v}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -26,6 +26,10 @@ class FoundationModel(nn.Module):
     channels_last: bool = False
     # True once parameter-efficient modules are installed (benchmark/models/adapters): only theirs train
     adapters_only: bool = False
+    # Set by adapters that pick a task per batch (MoE-Adapters, DIKI): called at evaluation with the
+    # normalized batch before it is encoded; returns the route, kept in `last_route` for the text side
+    batch_router: Optional[Callable[["FoundationModel", torch.Tensor], Any]] = None
+    last_route: Any = None
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], freeze_bn: bool = True):
         super().__init__()
@@ -41,10 +45,13 @@ class FoundationModel(nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        if self.batch_router is not None and not self.training:
+            self.last_route = self.batch_router(self, x)
         if self.autocast_dtype is None:
-            return self.encode_image(self.normalize(x))
+            return self.encode_image(x)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            return self.encode_image(self.normalize(x)).float()
+            return self.encode_image(x).float()
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

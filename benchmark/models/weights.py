@@ -101,3 +101,24 @@ def check_model_tag(name: str, tag: str) -> None:
     tags = pretrained_tags(name)
     if tag not in tags:
         raise CfbenchError(f"model {name}: no pretrained tag {tag!r}; its tags are {tags or 'none'}")
+
+
+ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's AlexNet_Weights.IMAGENET1K_V1
+
+
+def torch_hub_checkpoints() -> Path:
+    """torch.hub's checkpoint folder, as torch.hub.get_dir() finds it ($TORCH_HOME/hub, else
+    $XDG_CACHE_HOME/torch/hub, else ~/.cache/torch/hub), without importing torch."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(home).expanduser() / "hub" / "checkpoints"
+
+
+def require_alexnet() -> str:
+    """MoE-Adapters' selector features: torchvision's cached AlexNet ImageNet weights, or one line."""
+    path = torch_hub_checkpoints() / ALEXNET_FILE
+    if not path.is_file():
+        raise CfbenchError(f"moe-adapters: the selector's AlexNet ImageNet weights are not on this machine ({path}); "
+                           "on one with internet run python -c \"import torchvision; torchvision.models.alexnet("
+                           "weights='DEFAULT')\" (233 MB), or set strategy_params.moe-adapters.extractor: clip (the "
+                           "frozen CLIP image embedding; not the paper's)")
+    return str(path)

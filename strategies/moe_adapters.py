@@ -1,0 +1,160 @@
+"""MoE-Adapters (Yu et al., CVPR 2024; github JiazuoYu/MoE-Adapters4CL, mtil/ at 4572d97, the CVPR
+version -- later commits, from 568fbdf, are "MoE-Adapters++"): CLIP frozen; in every block of both
+towers 22 adapter experts beside the MLP, routed per sample by the current task's noisy top-2
+router (benchmark/models/adapters/moe.py cites the model code). Per task:
+- before training: the task's router is the one that trains and routes (task_id k ->
+  router_list[k], clip/model.py:479-480); experts frozen by earlier tasks stay frozen
+  (finetune.py:84-114); the selector's autoencoder of the task is fitted on its training images
+  (300 steps; the reference slot, 1000 steps, before the first task: train_full_shot_router11_
+  experts22_1000iters.sh:23-50);
+- the training step: logit_scale.exp() * cos(image, text of the task's classes, one template),
+  the text tower run first (the noise and dropout draws in the official order), logit_scale frozen,
+  the run's CE with label smoothing (finetune.py:31-34, :172-182) -- the protocol row sets AdamW,
+  the per-task lr list, 1000 iterations, batch 64, smoothing 0.2, warm-up 100;
+- after training: the `freeze_top` experts each block routed most samples to (image and text
+  forwards of the task's training) are frozen for good (finetune.py:195-220).
+Evaluation routes each batch through the selector (benchmark/models/adapters/selector.py): its
+task's router, or pure CLIP -- so accuracy depends on the evaluation batch (eval.batch_size, in the
+run's config; the official 128, args.py:12)."""
+from __future__ import annotations
+
+import logging
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from torch import nn
+
+from tasks.compact import gather
+
+from benchmark.models.adapters import count_parameters, train_adapters_only
+from benchmark.models.adapters.moe import BYPASS, install_moe, moe_layers, set_route
+from benchmark.models.adapters.selector import TaskSelector, alexnet_features
+from benchmark.models.weights import require_alexnet
+
+from .context import BuildContext
+from .references import reference_images
+
+log = logging.getLogger("cfbench")
+EXTRACTORS = ("alexnet", "clip", "alexnet-random")
+
+
+class _ClipImageFeatures(nn.Module):
+    """The pretrained image tower, frozen: the selector's `extractor: clip`."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower.encode_image(images)
+
+
+def _extractor(encoder, kind: str, seed: int) -> nn.Module:
+    if kind == "clip":
+        return _ClipImageFeatures(encoder.image_tower_copy().eval().requires_grad_(False))
+    if kind == "alexnet-random":  # tests only: random weights, from the run's seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return alexnet_features(None)
+    return alexnet_features(require_alexnet())
+
+
+class SelectorRoute:
+    """The encoder's per-batch route at evaluation: the selector's task (or BYPASS) on every MoE
+    layer of both towers; `encoder.last_route` keeps it for the text side of the same batch."""
+
+    def __init__(self, selector: TaskSelector):
+        self.selector = selector
+
+    def __call__(self, encoder, images: torch.Tensor) -> int:
+        task = self.selector.choose(images)
+        set_route(encoder, task)
+        return task
+
+
+def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top: int, bottleneck: int,
+            extractor: str, threshold: float, reference_task: Optional[str], reference_iterations: int,
+            selector_iterations: int, selector_batch_size: int) -> None:
+    clip = getattr(encoder, "clip", None)
+    if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
+        raise ValueError("needs an open_clip ViT CLIP (experts go into both towers' transformer blocks)")
+    if not context.tasks:
+        raise ValueError("needs the run's trained tasks (one router each)")
+    features = _extractor(encoder, extractor, context.seed)  # before the experts: the clip extractor is pretrained CLIP alone
+    generator = torch.Generator().manual_seed(context.seed)
+    layers = [layer for tower in (clip.visual.transformer, clip.transformer)
+              for layer in install_moe(tower.resblocks, len(context.tasks), experts, top_k, generator=generator,
+                                       bottleneck=bottleneck)]
+    with torch.no_grad():
+        dims = features(torch.zeros(1, 3, encoder.image_size, encoder.image_size)).flatten(1).shape[1]
+    encoder.selector = TaskSelector(features, dims, len(context.tasks), threshold, seed=context.seed)
+    encoder.batch_router = SelectorRoute(encoder.selector)
+    encoder.adapters_only = True
+    train_adapters_only(encoder)
+    log.info("MoE-Adapters: %d experts (top-%d) in %d blocks, %d routers each; selector on %s features (%d): "
+             "%d trainable parameters, %d frozen", experts, top_k, len(layers), len(context.tasks), extractor, dims,
+             count_parameters(encoder, True), count_parameters(encoder, False))
+
+
+class MoEAdaptersPlugin(SupervisedPlugin):
+    def __init__(self, context: BuildContext, freeze_top: int, reference_task: Optional[str],
+                 reference_iterations: int, selector_iterations: int, selector_batch_size: int):
+        super().__init__()
+        self.context, self.freeze_top = context, freeze_top
+        self.reference_task, self.reference_iterations = reference_task, reference_iterations
+        self.selector_iterations, self.selector_batch_size = selector_iterations, selector_batch_size
+        self.frozen_log: list[list[int]] = []  # per task, per block: the experts frozen after it
+
+    def before_training_exp(self, strategy, **kwargs):
+        encoder = strategy.model.encoder
+        t = strategy.experience.current_experience
+        for layer in moe_layers(encoder):
+            layer.apply_frozen()
+            layer.usage.zero_()
+        selector = encoder.selector
+        if self.reference_task and not bool(selector.trained[0]):
+            images = reference_images(self.context, self.reference_task, "train")
+            self._fit(encoder, 0, images, self.reference_iterations, seed=self.context.seed * 1000 - 1)
+        self._fit(encoder, t + 1, strategy.train_splits[t].x, self.selector_iterations,
+                  seed=self.context.seed * 1000 + t)
+        set_route(encoder, t)
+
+    def _fit(self, encoder, slot: int, images, iterations: int, seed: int) -> None:
+        count = len(images)
+        per_epoch = -(-count // self.selector_batch_size)
+        generator = torch.Generator().manual_seed(seed)
+        device = next(encoder.parameters()).device
+
+        def batches() -> Iterator[torch.Tensor]:
+            order = torch.randperm(count, generator=generator)
+            for k in range(per_epoch):
+                index = order[k * self.selector_batch_size:(k + 1) * self.selector_batch_size]
+                yield encoder.normalize(gather(images, index, device))
+
+        loss = encoder.selector.fit_slot(slot, batches, per_epoch, iterations)
+        log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)
+
+    def training_forward(self, strategy) -> torch.Tensor:
+        """The task's text head, with the text tower run before the image tower as the official step
+        does (finetune.py:172-181): the gating noise and expert dropout are drawn in its order."""
+        encoder = strategy.model.encoder
+        head = strategy.model.heads[str(strategy.experience.current_experience)]
+        text = F.normalize(encoder.encode_text(head.tokens).float(), dim=-1)
+        image = F.normalize(encoder(strategy.mb_x).float(), dim=-1)
+        return encoder.clip.logit_scale.exp() * image @ text.T
+
+    def after_training_exp(self, strategy, **kwargs):
+        frozen = [layer.freeze_most_used(self.freeze_top) for layer in moe_layers(strategy.model.encoder)]
+        self.frozen_log.append(frozen)
+        set_route(strategy.model.encoder, BYPASS)
+
+
+def build(context: BuildContext, experts: int = 22, top_k: int = 2, freeze_top: int = 2, bottleneck: int = 64,
+          extractor: str = "alexnet", threshold: float = 0.0655, reference_task: Optional[str] = None,
+          reference_iterations: int = 1000, selector_iterations: int = 300, selector_batch_size: int = 64) -> list:
+    if top_k > experts or freeze_top > experts:
+        raise ValueError(f"top_k ({top_k}) and freeze_top ({freeze_top}) must not exceed experts ({experts})")
+    return [MoEAdaptersPlugin(context, freeze_top, reference_task, reference_iterations, selector_iterations,
+                              selector_batch_size)]
