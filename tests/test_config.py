@@ -3,6 +3,7 @@ import yaml
 
 from benchmark.cli import main
 from benchmark.config import RunConfig, dump_config, list_protocols, load_config, protocol_settings, resolve
+from benchmark.config.overrides import override_layer
 from benchmark.errors import CfbenchError
 
 
@@ -109,3 +110,31 @@ def test_sweep_axes_and_command_line_settings_share_one_path_check():
         {"model": {"image_size": 32}, "strategy_params": {"ewc": {"mode": "online"}}}
     with pytest.raises(CfbenchError, match="unknown setting 'model.size'.*'size' is no setting of model"):
         override_layer(["model.size=32"])
+
+
+def test_rows_give_one_strategys_runs_their_own_settings_and_the_users_settings_win_where_given():
+    """RunConfig.rows: zscl-mtil's moe-adapters row (its per-task lr) for that strategy alone, folded into
+    its runs' config; a setting the user gives holds for every strategy, exactly where given."""
+    from benchmark.config.deviations import protocol_deviations
+
+    cfg = resolve({"protocol": "zscl-mtil"})
+    assert cfg.for_strategy("moe-adapters").train.lr_for("eurosat_mtil") == 1e-4
+    assert cfg.for_strategy("zscl").train.lr_for("eurosat_mtil") == 1e-5
+    assert protocol_deviations(cfg.for_strategy("moe-adapters"), ["moe-adapters"]) == \
+        protocol_deviations(cfg, ["moe-adapters"])  # a run's own config (row folded) against its row
+    given = resolve({"protocol": "zscl-mtil"}, {"train": {"lr": {"mnist": 7e-3}}})
+    moe = given.for_strategy("moe-adapters")
+    assert (moe.train.lr_for("mnist"), moe.train.lr_for("aircraft")) == (7e-3, 5e-3)
+    assert given.for_strategy("ft").train.lr_for("mnist") == 7e-3
+    assert resolve({"protocol": "zscl-mtil"}, {"train": {"lr": 2e-4}}).for_strategy("moe-adapters").train.lr == 2e-4
+    own = resolve({"protocol": "zscl-mtil"}, override_layer(["rows.moe-adapters.train.lr={mnist: 3e-3}"]))
+    assert own.for_strategy("moe-adapters").train.lr_for("mnist") == 3e-3
+    assert own.for_strategy("ft").train.lr_for("mnist") == 5e-5
+    found = [d.key for d in protocol_deviations(own)]
+    assert found == ["zscl: strategy_params.zscl.reference_texts", "moe-adapters: train.lr.mnist"], found
+    with pytest.raises(CfbenchError, match="may set train, eval, strategy_params only"):
+        resolve({"rows": {"ft": {"tasks": ["digits"]}}})
+    with pytest.raises(CfbenchError, match="train.lr"):
+        resolve({"rows": {"ft": {"train": {"lr": -1}}}})
+    with pytest.raises(CfbenchError, match="rows.<strategy>"):
+        override_layer(["rows.ft.tasks=[digits]"])

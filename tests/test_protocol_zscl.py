@@ -99,7 +99,14 @@ def test_zscl_mtil_preset():
     assert (z["reference_task"], z["l2"], z["avg_freq"], z["text_loss"], z["ref_batch_size"]) == ("imagenet", 1.0, 100,
                                                                                                    True, 64)
     assert cfg.strategy_params["wise-ft"] == {"beta": 0.8}
-    assert cfg.strategies == ["ft", "lwf-clip", "icarl", "lwf-vr", "wise-ft", "zscl"]
+    assert cfg.strategies == ["ft", "lwf-clip", "icarl", "lwf-vr", "wise-ft", "zscl", "moe-adapters"]
+    # the MoE-Adapters row: its own per-task lr (order I's list, kept per dataset), the rest as the protocol's
+    moe = cfg.for_strategy("moe-adapters")
+    assert [moe.train.lr_for(n) for n in tasks.SEQUENCES["mtil-order1"].tasks] == \
+        [5e-3, 1e-3, 5e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-4, 1e-3, 1e-3, 1e-3]
+    assert moe.rows == {} and moe.train.iterations == 1001 and moe.train.label_smoothing == 0.2
+    assert cfg.for_strategy("zscl").train.lr_for("aircraft") == 5e-5 and cfg.for_strategy("zscl").rows == {}
+    assert cfg.strategy_params["moe-adapters"]["threshold"] == 0.0655
     assert "eurosat_mtil" in tasks.SEQUENCES["mtil-order1"].tasks
 
 

@@ -13,7 +13,7 @@ is a change when left null.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import strategies
@@ -26,7 +26,8 @@ from .protocols import protocol_supplied
 from .schema import MACHINE_SETTINGS, RunConfig, per_task
 
 NOT_COMPARED = (*MACHINE_SETTINGS, "cache_format", "cache_budget_gb", "out", "loggers", "figures", "checkpoints", "seed",
-                "protocol", "strategies", "sequence")  # sequence: compared as the tasks it resolves to
+                "protocol", "strategies", "sequence",  # sequence: compared as the tasks it resolves to
+                "rows")  # compared as the settings they give each strategy's runs
 PER_TASK = ("epochs", "lr")  # train settings given as one value or {task: value, default: value}
 _MISSING = object()
 
@@ -49,6 +50,13 @@ def protocol_deviations(cfg: RunConfig, combos: Optional[Sequence[str]] = None) 
     not its protocol's, in schema order."""
     combos = list(combos or cfg.strategies)
     preset = resolve({"protocol": cfg.protocol, "data_root": cfg.data_root})
+    if len(combos) > 1 and (cfg.rows or preset.rows):  # rows: what differs for some strategies is named so
+        each = {combo: protocol_deviations(cfg, [combo]) for combo in combos}
+        common = [d for d in each[combos[0]] if all(d in found for found in each.values())]
+        return common + [replace(d, key=f"{combo}: {d.key}") for combo, found in each.items()
+                         for d in found if d not in common]
+    if len(combos) == 1:  # one strategy's runs: its row of the protocol against its row of the config
+        preset, cfg = preset.for_strategy(combos[0]), cfg.for_strategy(combos[0])
     protocol, run = _effective(preset, combos), _effective(cfg, combos)
     trained = tuple(run["tasks"] or ())
     for key in PER_TASK:  # a map on either side: compared task by task, for the tasks this run trains

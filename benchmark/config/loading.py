@@ -35,8 +35,26 @@ def resolve(*layers: dict) -> RunConfig:
         name = name if layer.get("protocol") is None else layer["protocol"]
     merged = preset_tree(name)
     for layer in layers:
+        rows = merged.get("rows") or {}
+        for path in _leaf_paths({k: v for k, v in layer.items() if k not in ("rows", "protocol")}):
+            for row in rows.values():  # a setting the user gives holds for every strategy's runs
+                _prune(row, path)
         merged = merge(merged, layer)
     return build_config(merged)
+
+
+def _leaf_paths(tree: dict, prefix: tuple = ()) -> list[tuple]:
+    return [path for key, value in tree.items()
+            for path in (_leaf_paths(value, (*prefix, key)) if isinstance(value, dict) and value
+                         else [(*prefix, key)])]
+
+
+def _prune(row: Any, path: tuple) -> None:
+    """Removes `path` (and what is under it) from a row's nested mapping, in place."""
+    for key in path[:-1]:
+        row = row.get(key) if isinstance(row, dict) else None
+    if isinstance(row, dict):
+        row.pop(path[-1], None)
 
 
 def preset_tree(protocol: str) -> dict:

@@ -11,7 +11,7 @@ import strategies
 
 from ..errors import CfbenchError
 from ..files import parse_yaml
-from .schema import RunConfig, _sections
+from .schema import ROW_SECTIONS, RunConfig, _sections
 
 MAX_OVERRIDE_CHARS = 10_000
 
@@ -20,6 +20,12 @@ def setting_parts(key: str, what: str = "setting", known: str = "") -> list[str]
     """The parts of a dotted path that names one setting of RunConfig (or one strategy parameter:
     strategy_params.<strategy>.<parameter>); one line naming the first wrong part otherwise."""
     parts = key.split(".")
+    if parts[0] == "rows":  # rows.<strategy>.<setting of a row section>
+        if len(parts) < 4 or parts[2] not in ROW_SECTIONS:
+            raise CfbenchError(f"{key}: name one setting of a strategy's row, rows.<strategy>.<"
+                               f"{'|'.join(ROW_SECTIONS)}>.<setting>")
+        strategies.parse_strategy(parts[1])
+        return parts[:2] + setting_parts(".".join(parts[2:]), what, known)
     if parts[0] == "strategy_params":
         if len(parts) != 3:
             raise CfbenchError(f"{key}: name one parameter, strategy_params.<strategy>.<parameter>")

@@ -1,5 +1,5 @@
 """Protocols: named presets of every setting, as data (benchmark/protocols/NAME.yaml): `settings`
-(the preset laid under a user's config), `supplied` (what the user must give: a file the
+(the preset laid under a user's config), `rows` (settings of one strategy's runs alone: RunConfig.rows), `supplied` (what the user must give: a file the
 protocol cannot ship) and a description. A protocol is named, never given as a path."""
 from __future__ import annotations
 
@@ -34,10 +34,11 @@ def protocol_settings(name: str) -> dict:
 @functools.lru_cache(maxsize=None)
 def _settings(name: str) -> dict:
     """A packaged protocol's settings, read once per process (callers get a copy)."""
-    settings = read_yaml_mapping(PROTOCOL_DIR / f"{name}.yaml").get("settings") or {}
-    if not isinstance(settings, dict):
-        raise CfbenchError(f"{PROTOCOL_DIR / name}.yaml: settings must be a mapping")
-    return settings
+    data = read_yaml_mapping(PROTOCOL_DIR / f"{name}.yaml")
+    settings, rows = data.get("settings") or {}, data.get("rows") or {}
+    if not isinstance(settings, dict) or not isinstance(rows, dict):
+        raise CfbenchError(f"{PROTOCOL_DIR / name}.yaml: settings and rows must be mappings")
+    return {**settings, "rows": rows} if rows else settings
 
 
 def protocol_supplied(name: str) -> dict[str, str]:

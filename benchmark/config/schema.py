@@ -23,6 +23,7 @@ DEFAULT_PROTOCOL = "demo"
 # settings that describe the machine a run is on, not the experiment: a resumed run may change
 # them, and runs that differ only in them (and the seed / output folder) are one experiment
 MACHINE_SETTINGS = ("device", "threads", "data_root", "cache_dir")
+ROW_SECTIONS = ("train", "eval", "strategy_params")  # what RunConfig.rows may set
 
 # field metadata: {"min": x} / {"max": x} bounds (inclusive), {"positive": True} strictly > 0. Every
 # number is also finite, and every integer fits a C int (INT_MAX): torch, numpy and the CUDA
@@ -157,6 +158,10 @@ class RunConfig:
     # your own datasets: {name: folder holding train/<class>/ and test/<class>/ (val/ optional)};
     # each name is then a task for `tasks` / `eval_only` (tasks/folders.py)
     image_folders: dict[str, str] = field(default_factory=dict)
+    # settings for one strategy's runs alone, laid over the rest: {strategy: {train: ..., eval: ...,
+    # strategy_params: ...}} -- a protocol's rows whose official code trains differently (zscl-mtil's
+    # moe-adapters); a run's config.yaml holds its row folded in (rows: {})
+    rows: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
@@ -164,9 +169,21 @@ class RunConfig:
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(copy.deepcopy(self), **changes)
 
+    def for_strategy(self, combo: str) -> "RunConfig":
+        """The config of `combo`'s runs: its row laid over the rest, rows folded away."""
+        row = self.rows.get(combo)
+        if not row:
+            return self.replace(rows={}) if self.rows else self
+        return build_config(merge({**self.to_dict(), "rows": {}}, row))
+
     def check(self) -> None:
         if not self.strategies:
             raise CfbenchError("config: strategies must be a non-empty list")
+        for combo, row in self.rows.items():
+            if not isinstance(row, dict) or set(row) - set(ROW_SECTIONS):
+                raise CfbenchError(f"config: rows.{combo} may set {', '.join(ROW_SECTIONS)} only (a row changes how "
+                                   f"one strategy trains and is evaluated, not what)")
+            self.for_strategy(combo)  # its settings' types and ranges, one line each
         for key in ("strategies", "tasks", "eval_only"):
             _refuse_repeats(getattr(self, key) or [], key)
         self.train.augment.check("train.augment")

@@ -64,6 +64,7 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
     """Train `strategy` over the sequence (`plan`: the config's, made here unless validation made
     it); `stop_after=k` ends after k tasks as an interruption would; `on_start()` is called once
     every check has passed, just before the run folder is held."""
+    cfg = cfg.for_strategy(strategy)  # its row of the protocol, if it has one (RunConfig.rows)
     plan = plan or make_plan(cfg)
     trained, eval_only = plan.trained, plan.eval_only
     ranks = world()  # several processes (torchrun): rank 0 alone writes (benchmark/distributed.py)
