@@ -165,42 +165,6 @@ register_strategy(StrategySpec("flyp-ce", "FLYP-CE: cross-entropy over one rando
                                                  "must run",
                                replaces=("forward",)))
 
-register_strategy(StrategySpec("lora", "LoRA: the encoder frozen, a low-rank update scale * B A trained in its "
-                               "attention and MLP projections (ViT) or ungrouped convolutions (CNN)", "lora:build",
-                               {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto", "towers": "auto",
-                                "merge": False},
-                               adapts="lora:install", replaces=("parameters",),
-                               notes="scale = alpha / rank; target_modules auto or a regular expression fully "
-                                     "matching module names (`named_modules()` of the encoder); towers auto: the "
-                                     "image tower, and the text tower when train.head is text; merge: fold B A "
-                                     "into the weights after each task and start a fresh adapter; dropout acts on "
-                                     "Linear and Conv2d targets (attention's update is a weight delta, as in peft); "
-                                     "with wise-ft set merge true (interpolating A and B is not interpolating B A)",
-                               allowed={"rank": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(min=0, max=0.999),
-                                        "towers": Allowed(choices=("auto", "image", "both"))}))
-
-register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP frozen, per block of both towers 22 "
-                               "adapter experts beside the MLP with per-task noisy top-2 routers; the most used "
-                               "experts frozen after each task; an autoencoder selector picks each eval batch's "
-                               "router or zero-shot CLIP", "moe_adapters:build",
-                               {"experts": 22, "top_k": 2, "freeze_top": 2, "bottleneck": 64, "extractor": "alexnet",
-                                "threshold": 0.0655, "reference_task": None, "reference_iterations": 1000,
-                                "selector_iterations": 300, "selector_batch_size": 64},
-                               adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
-                               head="text",
-                               not_data_parallel="its routers draw gating noise per sample from each process's own "
-                                                 "generator, and evaluation routes whole batches",
-                               notes="extractor alexnet needs torchvision's AlexNet ImageNet weights cached (the "
-                                     "official selector); clip: the frozen CLIP image embedding (not the paper's; "
-                                     "set threshold for it); alexnet-random: tests only. reference_task: the "
-                                     "selector's zero-shot slot (TinyImageNet officially; null: left untrained). "
-                                     "Accuracy depends on eval.batch_size: the selector picks one task per batch",
-                               allowed={"experts": AT_LEAST_ONE, "top_k": AT_LEAST_ONE, "freeze_top": NON_NEGATIVE,
-                                        "bottleneck": AT_LEAST_ONE, "threshold": POSITIVE,
-                                        "extractor": Allowed(choices=("alexnet", "clip", "alexnet-random")),
-                                        "reference_iterations": NON_NEGATIVE, "selector_iterations": NON_NEGATIVE,
-                                        "selector_batch_size": AT_LEAST_ONE}))
-
 CAPTIONS_BYTES = 256 * 1024 ** 2  # Conceptual Captions' 3.3 M training captions are ~190 MB
 
 
@@ -255,6 +219,59 @@ register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the 
                                allowed={"memory_size": AT_LEAST_ONE, "max_candidates": AT_LEAST_ONE,
                                         "selection": Allowed(choices=ICARL_SELECTIONS), "temperature": POSITIVE,
                                         "weight": NON_NEGATIVE, "ref_batch_size": AT_LEAST_ONE}))
+
+
+# the 2024 rows: parameter-efficient modules on a frozen encoder (benchmark/models/adapters)
+register_strategy(StrategySpec("lora", "LoRA: the encoder frozen, a low-rank update scale * B A trained in its "
+                               "attention and MLP projections (ViT) or ungrouped convolutions (CNN)", "lora:build",
+                               {"rank": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "auto", "towers": "auto",
+                                "merge": False},
+                               adapts="lora:install", replaces=("parameters",),
+                               notes="scale = alpha / rank; target_modules auto or a regular expression fully "
+                                     "matching module names (`named_modules()` of the encoder); towers auto: the "
+                                     "image tower, and the text tower when train.head is text; merge: fold B A "
+                                     "into the weights after each task and start a fresh adapter; dropout acts on "
+                                     "Linear and Conv2d targets (attention's update is a weight delta, as in peft); "
+                                     "with wise-ft set merge true (interpolating A and B is not interpolating B A)",
+                               allowed={"rank": AT_LEAST_ONE, "alpha": POSITIVE, "dropout": Allowed(min=0, max=0.999),
+                                        "towers": Allowed(choices=("auto", "image", "both"))}))
+
+register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP frozen, per block of both towers 22 "
+                               "adapter experts beside the MLP with per-task noisy top-2 routers; the most used "
+                               "experts frozen after each task; an autoencoder selector picks each eval batch's "
+                               "router or zero-shot CLIP", "moe_adapters:build",
+                               {"experts": 22, "top_k": 2, "freeze_top": 2, "bottleneck": 64, "extractor": "alexnet",
+                                "threshold": 0.0655, "reference_task": None, "reference_iterations": 1000,
+                                "selector_iterations": 300, "selector_batch_size": 64},
+                               adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
+                               head="text",
+                               not_data_parallel="its routers draw gating noise per sample from each process's own "
+                                                 "generator, and evaluation routes whole batches",
+                               notes="extractor alexnet needs torchvision's AlexNet ImageNet weights cached (the "
+                                     "official selector); clip: the frozen CLIP image embedding (not the paper's; "
+                                     "set threshold for it); alexnet-random: tests only. reference_task: the "
+                                     "selector's zero-shot slot (TinyImageNet officially; null: left untrained). "
+                                     "Accuracy depends on eval.batch_size: the selector picks one task per batch",
+                               allowed={"experts": AT_LEAST_ONE, "top_k": AT_LEAST_ONE, "freeze_top": NON_NEGATIVE,
+                                        "bottleneck": AT_LEAST_ONE, "threshold": POSITIVE,
+                                        "extractor": Allowed(choices=("alexnet", "clip", "alexnet-random")),
+                                        "reference_iterations": NON_NEGATIVE, "selector_iterations": NON_NEGATIVE,
+                                        "selector_batch_size": AT_LEAST_ONE}))
+
+register_strategy(StrategySpec("diki", "DIKI (ECCV 2024): CLIP frozen, per-task prefix keys and values in the first "
+                               "blocks of both towers behind their own softmax, added before out_proj; per-task "
+                               "Gaussians on frozen CLIP features pick each eval batch's prefix and weigh it per "
+                               "sample", "diki:build",
+                               {"depth": 8, "length": 8, "calibration_scale": 512.0, "calibration_shift": 1.0,
+                                "best_epoch": True},
+                               adapts="diki:install", replaces=("parameters",), needs_text=True, head="text",
+                               not_data_parallel="its best epoch is chosen on a validation pass and evaluation "
+                                                 "routes whole batches, neither shared out among ranks yet",
+                               notes="calibration weight sigmoid(log-likelihood / calibration_scale - "
+                                     "calibration_shift) (the official 512 and 1); best_epoch: keep the prefixes of "
+                                     "the epoch best on the task's validation split. Accuracy depends on "
+                                     "eval.batch_size: one prefix per batch (its majority task)",
+                               allowed={"depth": AT_LEAST_ONE, "length": AT_LEAST_ONE, "calibration_scale": POSITIVE}))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from tasks.compact import gather
 
-from benchmark.models.adapters import count_parameters, train_adapters_only
+from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only
 from benchmark.models.adapters.moe import BYPASS, install_moe, moe_layers, set_route
 from benchmark.models.adapters.selector import TaskSelector, alexnet_features
 from benchmark.models.weights import require_alexnet
@@ -40,20 +40,9 @@ log = logging.getLogger("cfbench")
 EXTRACTORS = ("alexnet", "clip", "alexnet-random")
 
 
-class _ClipImageFeatures(nn.Module):
-    """The pretrained image tower, frozen: the selector's `extractor: clip`."""
-
-    def __init__(self, tower: nn.Module):
-        super().__init__()
-        self.tower = tower
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.tower.encode_image(images)
-
-
 def _extractor(encoder, kind: str, seed: int) -> nn.Module:
     if kind == "clip":
-        return _ClipImageFeatures(encoder.image_tower_copy().eval().requires_grad_(False))
+        return FrozenImageFeatures(encoder.image_tower_copy())
     if kind == "alexnet-random":  # tests only: random weights, from the run's seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

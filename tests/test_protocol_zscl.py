@@ -99,7 +99,7 @@ def test_zscl_mtil_preset():
     assert (z["reference_task"], z["l2"], z["avg_freq"], z["text_loss"], z["ref_batch_size"]) == ("imagenet", 1.0, 100,
                                                                                                    True, 64)
     assert cfg.strategy_params["wise-ft"] == {"beta": 0.8}
-    assert cfg.strategies == ["ft", "lwf-clip", "icarl", "lwf-vr", "wise-ft", "zscl", "moe-adapters"]
+    assert cfg.strategies == ["ft", "lwf-clip", "icarl", "lwf-vr", "wise-ft", "zscl", "moe-adapters", "diki"]
     # the MoE-Adapters row: its own per-task lr (order I's list, kept per dataset), the rest as the protocol's
     moe = cfg.for_strategy("moe-adapters")
     assert [moe.train.lr_for(n) for n in tasks.SEQUENCES["mtil-order1"].tasks] == \

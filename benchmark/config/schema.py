@@ -59,6 +59,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = field(default=0.9, metadata={"min": 0, "max": 0.999})  # sgd only (DIKI: 0)
     lr: Union[float, dict[str, float]] = field(default=1e-3, metadata={"positive": True, "max": 100})  # or {task: lr, default: lr}
     weight_decay: float = field(default=0.1, metadata={"min": 0, "max": 100})
     batch_size: int = field(default=64, metadata={"positive": True, "max": 2 ** 20})
@@ -71,6 +72,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata={"min": 0})  # < 1 (check)
     head_init: Literal["lp", "zs", "zero"] = "lp"  # linear heads only
     warmup_steps: int = field(default=20, metadata={"min": 0})
+    lr_floor: float = field(default=0.0, metadata={"min": 0, "max": 1})  # the cosine ends at lr * lr_floor (DIKI: 1e-3)
     grad_clip: Optional[float] = field(default=None, metadata=_POSITIVE)  # max global gradient norm
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import torch
@@ -221,6 +221,8 @@ def routed_test_pass(model: MultiHeadClassifier, ds: EvalDataset, task_label: Op
     was_training = encoder.training
     encoder.eval()
     features, logits, classifiers = [], {"zs": [], "head": []}, {}
+    if getattr(encoder, "route_templates", None):  # DIKI classifies with the first template alone
+        ds = replace(ds, templates=list(ds.templates)[:encoder.route_templates])
     for start in range(0, len(ds.test.x), batch_size):
         f = encoder(gather(ds.test.x, slice(start, start + batch_size), device).to(device)).float()
         route = encoder.last_route

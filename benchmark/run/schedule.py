@@ -9,23 +9,25 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
+def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
     """Multiplier of the base learning rate at 0-indexed `step` of `total`: (step + 1) / warmup
     during the warm-up -- for the whole task when it is shorter than the warm-up, as the official
-    cosine_lr (ldifs_code train_utils.py:30-47; ZSCL mtil/src/utils.py) -- then cosine to 0."""
+    cosine_lr (ldifs_code train_utils.py:30-47; ZSCL mtil/src/utils.py) -- then cosine to `floor`
+    (DIKI's build_cosine_scheduler: floor + (1 - floor) * (1 + cos(pi i / N)) / 2, DIKI/utils.py:10-25)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 class WarmupCosinePlugin(SupervisedPlugin):
     """base_lr: one value, or one per experience (a per-task learning rate). horizon: the steps the
     cosine spans (None: the task's steps); ZSCL's loop runs horizon + 1 steps, the last at lr 0."""
 
-    def __init__(self, base_lr: Union[float, Sequence[float]], warmup_steps: int, horizon: Optional[int] = None):
+    def __init__(self, base_lr: Union[float, Sequence[float]], warmup_steps: int, horizon: Optional[int] = None,
+                 floor: float = 0.0):
         super().__init__()
-        self.base_lrs, self.warmup, self.horizon = base_lr, warmup_steps, horizon
+        self.base_lrs, self.warmup, self.horizon, self.floor = base_lr, warmup_steps, horizon, floor
         self.base_lr, self.step, self.total = 0.0, 0, 1
 
     def before_training_exp(self, strategy, **kwargs):
@@ -34,7 +36,7 @@ class WarmupCosinePlugin(SupervisedPlugin):
         self.base_lr = lrs if isinstance(lrs, (int, float)) else lrs[strategy.experience.current_experience]
 
     def before_training_iteration(self, strategy, **kwargs):
-        lr = self.base_lr * warmup_cosine(self.step, self.total, self.warmup)
+        lr = self.base_lr * warmup_cosine(self.step, self.total, self.warmup, self.floor)
         for group in strategy.optimizer.param_groups:
             group["lr"] = lr
         self.step += 1

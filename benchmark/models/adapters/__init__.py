@@ -3,6 +3,7 @@ DIKI's prefix attention). Each module keeps the layer it wraps, frozen, and name
 parameters with a prefix of ADAPTER_PREFIXES, so the encoder can tell what may train."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 ADAPTER_PREFIXES = ("lora_", "moe_", "prefix_")
@@ -27,4 +28,20 @@ def count_parameters(module: nn.Module, trainable: bool) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
 
 
-__all__ = ["ADAPTER_PREFIXES", "is_adapter_parameter", "train_adapters_only", "count_parameters"]
+class FrozenImageFeatures(nn.Module):
+    """A frozen copy of the pretrained image tower (taken before adapters go in): what MoE-Adapters'
+    `extractor: clip` and DIKI's task identification read."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenImageFeatures":
+        return super().train(False)  # always evaluating
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.tower.encode_image(images)
+
+
+__all__ = ["ADAPTER_PREFIXES", "is_adapter_parameter", "train_adapters_only", "count_parameters",
+           "FrozenImageFeatures"]
