@@ -242,7 +242,8 @@ register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP f
                                "router or zero-shot CLIP", "moe_adapters:build",
                                {"experts": 22, "top_k": 2, "freeze_top": 2, "bottleneck": 64, "extractor": "alexnet",
                                 "threshold": 0.0655, "reference_task": None, "reference_iterations": 1000,
-                                "selector_iterations": 300, "selector_batch_size": 64},
+                                "selector_iterations": 300, "selector_batch_size": 64, "selector_lr": 0.01,
+                                "selector_lr_decay": True},
                                adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
                                head="text",
                                not_data_parallel="its routers draw gating noise per sample from each process's own "
@@ -256,22 +257,24 @@ register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP f
                                         "bottleneck": AT_LEAST_ONE, "threshold": POSITIVE,
                                         "extractor": Allowed(choices=("alexnet", "clip", "alexnet-random")),
                                         "reference_iterations": NON_NEGATIVE, "selector_iterations": NON_NEGATIVE,
-                                        "selector_batch_size": AT_LEAST_ONE}))
+                                        "selector_batch_size": AT_LEAST_ONE, "selector_lr": POSITIVE}))
 
 register_strategy(StrategySpec("diki", "DIKI (ECCV 2024): CLIP frozen, per-task prefix keys and values in the first "
                                "blocks of both towers behind their own softmax, added before out_proj; per-task "
                                "Gaussians on frozen CLIP features pick each eval batch's prefix and weigh it per "
                                "sample", "diki:build",
                                {"depth": 8, "length": 8, "calibration_scale": 512.0, "calibration_shift": 1.0,
-                                "best_epoch": True},
+                                "best_epoch": True, "val_per_class": 0},
                                adapts="diki:install", replaces=("parameters",), needs_text=True, head="text",
                                not_data_parallel="its best epoch is chosen on a validation pass and evaluation "
                                                  "routes whole batches, neither shared out among ranks yet",
                                notes="calibration weight sigmoid(log-likelihood / calibration_scale - "
                                      "calibration_shift) (the official 512 and 1); best_epoch: keep the prefixes of "
-                                     "the epoch best on the task's validation split. Accuracy depends on "
+                                     "the epoch best on the task's validation split (val_per_class images of each class; 0: all of it). "
+                                     "Accuracy depends on "
                                      "eval.batch_size: one prefix per batch (its majority task)",
-                               allowed={"depth": AT_LEAST_ONE, "length": AT_LEAST_ONE, "calibration_scale": POSITIVE}))
+                               allowed={"depth": AT_LEAST_ONE, "length": AT_LEAST_ONE, "calibration_scale": POSITIVE,
+                                        "val_per_class": NON_NEGATIVE}))
 
 
 def parse_strategy(combo: str) -> list[StrategySpec]:

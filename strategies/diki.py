@@ -52,7 +52,7 @@ class DIKIRoute:
 
 
 def install(encoder, context: BuildContext, depth: int, length: int, calibration_scale: float,
-            calibration_shift: float, best_epoch: bool) -> None:
+            calibration_shift: float, best_epoch: bool, val_per_class: int) -> None:
     clip = getattr(encoder, "clip", None)
     if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
         raise ValueError("needs an open_clip ViT CLIP (prefixes go into both towers' attention)")
@@ -75,9 +75,9 @@ def install(encoder, context: BuildContext, depth: int, length: int, calibration
 
 
 class DIKIPlugin(SupervisedPlugin):
-    def __init__(self, context: BuildContext, best_epoch: bool):
+    def __init__(self, context: BuildContext, best_epoch: bool, val_per_class: int = 0):
         super().__init__()
-        self.context, self.best_epoch = context, best_epoch
+        self.context, self.best_epoch, self.val_per_class = context, best_epoch, val_per_class
         self._best: tuple[float, int, list[torch.Tensor]] = (-1.0, -1, [])
         self._epoch = 0
         self.chosen_epochs: list[int] = []  # per task, the epoch whose prefixes were kept
@@ -107,8 +107,8 @@ class DIKIPlugin(SupervisedPlugin):
     def _validation_accuracy(self, strategy) -> float:
         model, t = strategy.model, strategy.experience.current_experience
         ctx = self.context
-        val = load_split(ctx.tasks[t], "val", ctx.image_size, ctx.data_root, None, ctx.seed, ctx.cache_dir,
-                         ctx.cache_format)
+        val = load_split(ctx.tasks[t], "val", ctx.image_size, ctx.data_root, self.val_per_class or None, ctx.seed,
+                         ctx.cache_dir, ctx.cache_format)
         was_training = model.training
         model.eval()
         device = strategy.device
@@ -135,5 +135,5 @@ class DIKIPlugin(SupervisedPlugin):
 
 
 def build(context: BuildContext, depth: int = 8, length: int = 8, calibration_scale: float = 512.0,
-          calibration_shift: float = 1.0, best_epoch: bool = True) -> list:
-    return [DIKIPlugin(context, best_epoch)]
+          calibration_shift: float = 1.0, best_epoch: bool = True, val_per_class: int = 0) -> list:
+    return [DIKIPlugin(context, best_epoch, val_per_class)]

@@ -65,7 +65,8 @@ class SelectorRoute:
 
 def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top: int, bottleneck: int,
             extractor: str, threshold: float, reference_task: Optional[str], reference_iterations: int,
-            selector_iterations: int, selector_batch_size: int) -> None:
+            selector_iterations: int, selector_batch_size: int, selector_lr: float = 0.01,
+            selector_lr_decay: bool = True) -> None:
     clip = getattr(encoder, "clip", None)
     if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
         raise ValueError("needs an open_clip ViT CLIP (experts go into both towers' transformer blocks)")
@@ -89,8 +90,10 @@ def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top
 
 class MoEAdaptersPlugin(SupervisedPlugin):
     def __init__(self, context: BuildContext, freeze_top: int, reference_task: Optional[str],
-                 reference_iterations: int, selector_iterations: int, selector_batch_size: int):
+                 reference_iterations: int, selector_iterations: int, selector_batch_size: int,
+                 selector_lr: float = 0.01, selector_lr_decay: bool = True):
         super().__init__()
+        self.selector_lr, self.selector_lr_decay = selector_lr, selector_lr_decay
         self.context, self.freeze_top = context, freeze_top
         self.reference_task, self.reference_iterations = reference_task, reference_iterations
         self.selector_iterations, self.selector_batch_size = selector_iterations, selector_batch_size
@@ -122,7 +125,7 @@ class MoEAdaptersPlugin(SupervisedPlugin):
                 index = order[k * self.selector_batch_size:(k + 1) * self.selector_batch_size]
                 yield encoder.normalize(gather(images, index, device))
 
-        loss = encoder.selector.fit_slot(slot, batches, per_epoch, iterations)
+        loss = encoder.selector.fit_slot(slot, batches, per_epoch, iterations, self.selector_lr, self.selector_lr_decay)
         log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)
 
     def training_forward(self, strategy) -> torch.Tensor:
@@ -142,8 +145,9 @@ class MoEAdaptersPlugin(SupervisedPlugin):
 
 def build(context: BuildContext, experts: int = 22, top_k: int = 2, freeze_top: int = 2, bottleneck: int = 64,
           extractor: str = "alexnet", threshold: float = 0.0655, reference_task: Optional[str] = None,
-          reference_iterations: int = 1000, selector_iterations: int = 300, selector_batch_size: int = 64) -> list:
+          reference_iterations: int = 1000, selector_iterations: int = 300, selector_batch_size: int = 64,
+          selector_lr: float = 0.01, selector_lr_decay: bool = True) -> list:
     if top_k > experts or freeze_top > experts:
         raise ValueError(f"top_k ({top_k}) and freeze_top ({freeze_top}) must not exceed experts ({experts})")
     return [MoEAdaptersPlugin(context, freeze_top, reference_task, reference_iterations, selector_iterations,
-                              selector_batch_size)]
+                              selector_batch_size, selector_lr, selector_lr_decay)]

@@ -34,6 +34,10 @@ SEQUENCES: dict[str, Sequence] = {
     "mtil-order2": Sequence("mtil-order2", ("cars", "food101", "mnist", "pets", "flowers", "sun397", "aircraft",
                                             "caltech101", "dtd", "eurosat_mtil", "cifar100"), (),
                             "ZSCL's MTIL order II (needs --data-root)"),
+    # DIKI (Tang et al. 2024) MTIL-FS: order I without EuroSAT, MNIST and Oxford Pets (DIKI/datasets.py:33-34)
+    "mtil-fs-diki": Sequence("mtil-fs-diki", ("aircraft", "caltech101", "cifar100", "dtd", "flowers", "food101",
+                                              "cars", "sun397"), (),
+                             "DIKI's few-shot MTIL-FS: MTIL order I without EuroSAT, MNIST, Pets (needs --data-root)"),
 }
 
 

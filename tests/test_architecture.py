@@ -12,8 +12,8 @@ FLOORS = [
     ("ground", ("benchmark.errors", "benchmark.limits", "benchmark.files", "benchmark.records", "benchmark.progress",
                 "benchmark.distributed")),
     ("tasks", ("tasks",)),
-    ("strategies", ("strategies",)),
     ("models", ("benchmark.models",)),
+    ("strategies", ("strategies",)),  # above the encoders: a strategy may install adapters into one
     ("config", ("benchmark.config",)),
     ("evaluation", ("benchmark.evaluation",)),
     ("report", ("benchmark.report",)),

@@ -244,7 +244,7 @@ def test_diki_two_tasks_match_the_official_code(diki_run):
     ours = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
 
     io = CLIPModel(open_clip.create_model("cfbench-tiny-vit", pretrained=path), open_clip.get_tokenizer("cfbench-tiny-vit"))
-    install(io, BuildContext(seed=SEED, tasks=TASKS), DEPTH, LENGTH, 512.0, 1.0, True)
+    install(io, BuildContext(seed=SEED, tasks=TASKS), DEPTH, LENGTH, 512.0, 1.0, True, 0)
     model = official_model(path)
     official_layers = model[2]["image"] + model[2]["text"]
     assert len(official_layers) == len(prefix_layers(io)) == DEPTH + 1

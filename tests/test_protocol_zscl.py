@@ -318,3 +318,25 @@ def test_lwf_vr_reference_texts_are_zscls_random_vocabulary():
     assert tokens0.shape == (1000, 77) and not torch.equal(tokens0, tokens1)  # drawn anew per task
     assert torch.equal(plugin.reference_for(0)[1], tokens0)  # seeded: a resumed run draws the same
     assert len(images0) == len(load_split("digits", "train", 16))
+
+
+def test_the_few_shot_protocols_print_their_shots_and_iterations(capsys):
+    """mtil-fewshot: MoE-Adapters' few-shot script (5 shots, 500 iterations, its lr list and test threshold);
+    diki-mtil-fs: DIKI's MTIL-FS (16 shots of eight datasets, 4 per class for the best epoch)."""
+    from benchmark.cli import main
+
+    assert main(["run", "--protocol", "mtil-fewshot", "--print-config"]) == 2  # the data is not here
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["train"]["max_train_per_class"], printed["train"]["iterations"],
+            printed["train"]["schedule_steps"]) == (5, 501, 500)
+    assert printed["rows"]["moe-adapters"]["train"]["lr"]["aircraft"] == 8e-3
+    assert printed["strategy_params"]["moe-adapters"]["threshold"] == 0.06
+    few = resolve({"protocol": "mtil-fewshot", "sequence": "mtil-order2"})
+    assert few.for_strategy("moe-adapters").train.lr_for("cifar100") == 2e-4 and few.train.lr_for("mnist") == 5e-5
+    assert main(["run", "--protocol", "diki-mtil-fs", "--print-config"]) == 2
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert (printed["sequence"], printed["strategies"], printed["train"]["max_train_per_class"]) == \
+        ("mtil-fs-diki", ["diki"], 16)
+    assert printed["strategy_params"]["diki"]["val_per_class"] == 4 and printed["eval"]["batch_size"] == 256
+    assert tasks.SEQUENCES["mtil-fs-diki"].tasks == ("aircraft", "caltech101", "cifar100", "dtd", "flowers",
+                                                     "food101", "cars", "sun397")

@@ -74,9 +74,10 @@ class TaskSelector(nn.Module):
         return BYPASS if best == 0 or best_loss > self.threshold else best - 1
 
     def fit_slot(self, slot: int, batches: Callable[[], Iterator[torch.Tensor]], batches_per_epoch: int,
-                 iterations: int, lr: float = 0.01, weight_decay: float = 1e-4) -> float:
+                 iterations: int, lr: float = 0.01, decay: bool = True, weight_decay: float = 1e-4) -> float:
         """Trains autoencoder `slot` on normalised images from `batches()` (a fresh pass each time it
-        runs out); returns the last loss."""
+        runs out); returns the last loss. decay false: `lr` throughout (the few-shot script's
+        autoencoders: few_shot_AutoEncoder.py:193, :211 count epochs of the whole train loader)."""
         model = self.autoencoders[slot].requires_grad_(True).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.003, weight_decay=weight_decay)
         stream, loss = batches(), torch.zeros(())
@@ -88,7 +89,7 @@ class TaskSelector(nn.Module):
                 stream = batches()
                 images = next(stream)
             for group in optimizer.param_groups:
-                group["lr"] = lr * 0.1 ** ((step // batches_per_epoch) // 10)
+                group["lr"] = lr * 0.1 ** ((step // batches_per_epoch) // 10) if decay else lr
             s = self.signature(images)
             loss = F.mse_loss(model(s), s)
             optimizer.zero_grad()
