@@ -274,7 +274,7 @@ def cmd_list(args) -> int:
 
 
 def _list_references() -> None:
-    from .report.references import list_references, load_reference
+    from .report.references import UNPUBLISHED, list_references, load_reference
 
     for name in list_references():
         ref = load_reference(name)
@@ -283,6 +283,9 @@ def _list_references() -> None:
         print(f"{ref.name}\n  {ref.table}\n  paper: {ref.paper}\n  protocol {ref.protocol}, sequence {ref.sequence}, "
               f"{ref.kind} matrix; source {ref.source['repository']}@{ref.source['commit'][:7]} {ref.source['file']}"
               f"\n  rows (cfbench strategy): {rows}")
+    print("no published numbers (compare without --reference):")
+    for strategy, why in UNPUBLISHED.items():
+        print(f"  {strategy}: {why}")
     print("cfbench compare RUN... --reference NAME sets runs beside a reference's published numbers")
 
 

@@ -62,7 +62,7 @@ def test_each_mean_is_the_mean_of_its_dataset_values_within_rounding(name):
             assert published.datasets[0] is not None or key == "transfer"
 
 
-@pytest.mark.parametrize("name", list_references())
+@pytest.mark.parametrize("name", [n for n in list_references() if load_reference(n).zero_shot])
 def test_the_zero_shot_row_has_avg_equal_to_last(name):
     zero_shot = load_reference(name).zero_shot
     assert zero_shot.method == "Zero-shot" and zero_shot.strategy is None
@@ -106,6 +106,38 @@ def test_a_malformed_reference_is_one_clear_error(change, message):
         parse_reference({**good, **change}, "x.yaml")
 
 
+@pytest.mark.parametrize("name", [n for n in list_references() if load_reference(n).matrix])
+def test_a_reference_computed_from_its_source_matrix_is_cfbenchs_metrics_of_it(name):
+    """MoE-Adapters(++)'s logs print a matrix, not metrics: every stored value (rounded to 0.01) is
+    cfbench's compute_metrics / per-dataset definition of the stored matrix."""
+    ref = load_reference(name)
+    A = np.array(ref.matrix)
+    assert A.shape == (len(ref.datasets), len(ref.datasets))
+    matrix = Matrix(list(ref.datasets), list(ref.datasets), A.tolist())
+    measured = compute_metrics(matrix)
+    (row,) = ref.rows
+    for key in METRICS:
+        assert row.metrics[key].mean == pytest.approx(measured[key], abs=0.005), (name, key)
+    per_dataset = {"transfer": [None] + [A[:j, j].mean() for j in range(1, len(A))], "avg": A.mean(axis=0),
+                   "last": A[-1]}
+    for key, values in per_dataset.items():
+        for published, value in zip(row.metrics[key].datasets, values):
+            assert (published is None) == (value is None)
+            assert value is None or published == pytest.approx(value, abs=0.005), (name, key)
+
+
+def test_moe_adapters_runs_are_compared_with_the_repositorys_moe_adapters_pp_log(tmp_path, capsys):
+    """The MoE-Adapters(++) reference: a moe-adapters run set beside the log's metrics (the hand-made matrix
+    of _fake_run: Transfer 40, Last 80, Avg 7480 / 121)."""
+    run = _fake_run(tmp_path, "moe-adapters-s0", "moe-adapters", "mtil-order1")
+    assert main(["compare", str(run), "--out", str(tmp_path / "cmp"), "--reference", "moe-adapters-pp-order1"]) == 0
+    out = capsys.readouterr().out
+    assert "| moe-adapters-s0 | moe-adapters | zscl-mtil | MoE-Adapters++ (repository log) | Transfer | 69.0 | " \
+           "40.00 | -29.03 |" in out
+    assert "| MoE-Adapters++ (repository log) | Last | 85.9 | 80.00 | -5.93 |" in out
+    assert (tmp_path / "cmp" / "reference_moe-adapters-pp-order1.md").is_file()
+
+
 def test_an_unknown_reference_lists_the_known_ones(capsys):
     with pytest.raises(CfbenchError, match=f"unknown reference 'nope'; known: .*{ORDER1}"):
         load_reference("nope")
@@ -121,6 +153,8 @@ def test_list_references(capsys):
     assert "zscl-table3-order2\n  Table 10 (MTIL, order II" in out
     assert "Zero-shot (the pretrained row), Continual FT (ft), LwF (lwf-clip), iCaRL (icarl)" in out
     assert "ZSCL* (-), ZSCL (zscl)" in out
+    assert "moe-adapters-pp-fewshot-order2\n" in out and "MoE-Adapters++ (repository log) (moe-adapters)" in out
+    assert "no published numbers (compare without --reference):\n" in out and "  diki: lloongx/DIKI (8ef89e7)" in out
 
 
 # A hand-made zero-shot matrix: the pretrained row all 50; after task t, 80 on the tasks trained so

@@ -18,7 +18,7 @@ REFERENCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 METRICS = ("transfer", "avg", "last")  # cfbench's metric keys (benchmark/evaluation/metrics.py)
 ACCURACY_KINDS = ("zs", "lp", "head")  # matrix kinds whose cells are accuracies
 _TOP = {"name", "paper", "table", "source", "protocol", "sequence", "kind", "definitions", "column_order",
-        "checked", "datasets", "rows"}
+        "checked", "datasets", "rows", "matrix"}
 _ROW = {"method", "strategy", "pretrained", "cell", "note", *METRICS}
 
 
@@ -53,6 +53,9 @@ class Reference:
     datasets: tuple[str, ...]   # cfbench task names, in the sequence's training order
     checked: str
     rows: tuple[PublishedRow, ...]
+    # the source's accuracy matrix (row t: after task t, columns: `datasets`) where the metrics were
+    # computed from it here; None where the source prints the metrics themselves
+    matrix: Optional[tuple[tuple[float, ...], ...]] = None
 
     def row_for(self, strategy: str) -> Optional[PublishedRow]:
         """The published row a cfbench strategy reproduces, or None."""
@@ -130,9 +133,28 @@ def parse_reference(data: dict, where: str) -> Reference:
     strategies = [r.strategy for r in parsed if r.strategy is not None]
     if len(set(strategies)) != len(strategies) or sum(r.pretrained for r in parsed) > 1:
         raise CfbenchError(f"{where}: a strategy (or the pretrained model) maps to more than one row")
+    matrix = data.get("matrix")
+    if matrix is not None:
+        if not isinstance(matrix, list) or not matrix or len(matrix) > len(datasets) or \
+                not all(isinstance(r, list) and len(r) == len(datasets) for r in matrix):
+            raise CfbenchError(f"{where}: `matrix` must be a list of rows (one per trained task) of {len(datasets)} "
+                               "accuracies")
+        matrix = tuple(tuple(_number(v, f"{where}, matrix") for v in r) for r in matrix)
     return Reference(_text(data, "name", where), _text(data, "paper", where), _text(data, "table", where),
                      {str(k): str(v).strip() for k, v in source.items()}, _text(data, "protocol", where),
-                     _text(data, "sequence", where), kind, tuple(datasets), _text(data, "checked", where), parsed)
+                     _text(data, "sequence", where), kind, tuple(datasets), _text(data, "checked", where), parsed,
+                     matrix)
+
+
+# strategies whose official repositories publish no numbers to check against: `cfbench list references`
+# says so instead of a table typed in from a paper
+UNPUBLISHED = {
+    "ldifs": "omegafragger/ldifs_code (c7e82a4): a README of commands, no result files",
+    "diki": "lloongx/DIKI (8ef89e7): code, three configs and a plot (docs/intro.png); its README links "
+            "checkpoints on Google Drive, no accuracy matrix or log",
+    "lora": "no official continual-learning code: LoRA (Hu et al. 2022) is a parameter-efficient layer, not a "
+            "published MTIL row",
+}
 
 
 def list_references() -> list[str]:
