@@ -16,6 +16,7 @@ from .base import (
     validation_split
 )
 from . import folders as folder_tasks
+from .coop import coop_tasks
 from .offline import OFFLINE_TASKS
 from .validate import archive_hint, check_loaded
 from .vision import MTIL_TASKS, PAPER_TASKS
@@ -35,6 +36,8 @@ def register_task(task: Task) -> Task:
 
 
 for _task in PAPER_TASKS + MTIL_TASKS + OFFLINE_TASKS:
+    register_task(_task)
+for _task in coop_tasks(TASKS):  # the MTIL datasets on CoOp's split lists (DIKI's)
     register_task(_task)
 
 

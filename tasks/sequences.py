@@ -34,10 +34,20 @@ SEQUENCES: dict[str, Sequence] = {
     "mtil-order2": Sequence("mtil-order2", ("cars", "food101", "mnist", "pets", "flowers", "sun397", "aircraft",
                                             "caltech101", "dtd", "eurosat_mtil", "cifar100"), (),
                             "ZSCL's MTIL order II (needs --data-root)"),
+    # The same orders on CoOp's split lists where they exist (tasks/coop.py; DIKI's splits)
+    "mtil-order1-coop": Sequence("mtil-order1-coop", ("aircraft", "caltech101_coop", "cifar100", "dtd_coop",
+                                                      "eurosat_coop", "flowers_coop", "food101_coop", "mnist",
+                                                      "pets_coop", "cars_coop", "sun397_coop"), (),
+                                 "MTIL order I on CoOp's split_zhou lists, DIKI's data (needs --data-root)"),
+    "mtil-order2-coop": Sequence("mtil-order2-coop", ("cars_coop", "food101_coop", "mnist", "pets_coop",
+                                                      "flowers_coop", "sun397_coop", "aircraft", "caltech101_coop",
+                                                      "dtd_coop", "eurosat_coop", "cifar100"), (),
+                                 "MTIL order II on CoOp's split_zhou lists, DIKI's data (needs --data-root)"),
     # DIKI (Tang et al. 2024) MTIL-FS: order I without EuroSAT, MNIST and Oxford Pets (DIKI/datasets.py:33-34)
-    "mtil-fs-diki": Sequence("mtil-fs-diki", ("aircraft", "caltech101", "cifar100", "dtd", "flowers", "food101",
-                                              "cars", "sun397"), (),
-                             "DIKI's few-shot MTIL-FS: MTIL order I without EuroSAT, MNIST, Pets (needs --data-root)"),
+    "mtil-fs-diki": Sequence("mtil-fs-diki", ("aircraft", "caltech101_coop", "cifar100", "dtd_coop", "flowers_coop",
+                                              "food101_coop", "cars_coop", "sun397_coop"), (),
+                             "DIKI's few-shot MTIL-FS: MTIL order I without EuroSAT, MNIST, Pets, on CoOp's "
+                             "split lists (needs --data-root)"),
 }
 
 

@@ -277,3 +277,22 @@ def sun397(root: Path, per_class: int = 4) -> dict:
         for k in range(per_class):
             _save(solid(y), base / c.strip("/") / f"sun_{y:03d}{k}.jpg")
     return {"n": 397 * per_class, "names": [c[3:].replace("_", " ") for c in classes]}
+
+
+def coop_dtd(root: Path, per_split: tuple[int, int, int] = (2, 1, 1)) -> dict:
+    """CoOp's DTD layout (tasks/coop.py): dtd/images/<class>/*.jpg and dtd/split_zhou_DescribableTextures.json
+    listing [path under images/, label, class name] per split."""
+    import json
+
+    classes = [f"banded_{i:02d}" for i in range(47)]
+    lists = {}
+    for split, per_class in zip(("train", "val", "test"), per_split):
+        entries = []
+        for y, c in enumerate(classes):
+            for k in range(per_class):
+                name = f"{c}/{c}_{split}{k}.jpg"
+                _save(solid(y), root / "dtd" / "images" / name)
+                entries.append([name, y, c])
+        lists[split] = entries
+    (root / "dtd" / "split_zhou_DescribableTextures.json").write_text(json.dumps(lists))
+    return {"lists": lists, "names": [c.replace("_", " ") for c in classes]}

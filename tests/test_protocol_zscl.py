@@ -338,5 +338,5 @@ def test_the_few_shot_protocols_print_their_shots_and_iterations(capsys):
     assert (printed["sequence"], printed["strategies"], printed["train"]["max_train_per_class"]) == \
         ("mtil-fs-diki", ["diki"], 16)
     assert printed["strategy_params"]["diki"]["val_per_class"] == 4 and printed["eval"]["batch_size"] == 256
-    assert tasks.SEQUENCES["mtil-fs-diki"].tasks == ("aircraft", "caltech101", "cifar100", "dtd", "flowers",
-                                                     "food101", "cars", "sun397")
+    assert tasks.SEQUENCES["mtil-fs-diki"].tasks == ("aircraft", "caltech101_coop", "cifar100", "dtd_coop", "flowers_coop",
+                                                     "food101_coop", "cars_coop", "sun397_coop")
