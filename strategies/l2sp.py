@@ -14,7 +14,12 @@ def l2sp_penalty(encoder: nn.Module, reference: dict[str, torch.Tensor]) -> torc
 
 
 class L2SPPlugin(SupervisedPlugin):
-    checkpoint_attrs = ("reference_params",)
+    @property
+    def checkpoint_attrs(self) -> tuple[str, ...]:
+        """What --resume restores: the pretrained reference (the previous one is taken again when the
+        next task starts)."""
+        return ("reference_params",) if self.reference == "pretrained" else ()
+
     def __init__(self, alpha: float = 0.5, reference: str = "previous"):
         super().__init__()
         if reference not in ("previous", "pretrained"):
