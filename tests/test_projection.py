@@ -23,7 +23,9 @@ def test_every_task_publishes_train_and_test_counts():
     assert counts["eurosat"] == {"train": 16200, "val": 5400, "test": 5400}  # the one fixed val split
     assert counts["imagenet"] == {"train": 1281167, "test": 50000}  # "50,000 val (used as test)"
     assert counts["pets"]["train"] == 3680 and counts["sun397"]["train"] == 87000  # trainval; "~87,000"
-    assert [n for n, c in counts.items() if "val" in c] == ["eurosat"]
+    # the fixed val splits: EuroSAT's split files and CoOp's split lists (tasks/coop.py)
+    assert [n for n, c in counts.items() if "val" in c] == ["eurosat", *[n for n in counts if n.endswith("_coop")]]
+    assert counts["dtd_coop"] == {"train": 2820, "val": 1128, "test": 1692}
     with pytest.raises(ValueError, match="cannot read"):
         published_counts(Task("x", 2, lambda root: None, sizes="lots of images"))
     with pytest.raises(ValueError, match="no train and test"):

@@ -35,9 +35,10 @@ def resolve(*layers: dict) -> RunConfig:
         name = name if layer.get("protocol") is None else layer["protocol"]
     merged = preset_tree(name)
     for layer in layers:
-        rows = merged.get("rows") or {}
+        rows = merged.get("rows")
+        rows = [row for row in rows.values() if isinstance(row, dict)] if isinstance(rows, dict) else []
         for path in _leaf_paths({k: v for k, v in layer.items() if k not in ("rows", "protocol")}):
-            for row in rows.values():  # a setting the user gives holds for every strategy's runs
+            for row in rows:  # a setting the user gives holds for every strategy's runs
                 _prune(row, path)
         merged = merge(merged, layer)
     return build_config(merged)
