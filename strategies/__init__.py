@@ -91,6 +91,8 @@ class StrategySpec:
     # "module:function" installing parameter-efficient modules into the built encoder before anything
     # else sees it: function(encoder, context, **params); what trains is then the adapters alone
     adapts: Optional[str] = None
+    # evaluation chooses a task per batch (MoE-Adapters' selector, DIKI's Gaussians) for both towers
+    routes_eval_batches: bool = False
 
     def make(self, context: BuildContext, **params) -> list:
         """The strategy's plugins for one run (imports the strategy's module)."""
@@ -245,7 +247,7 @@ register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP f
                                 "selector_iterations": 300, "selector_batch_size": 64, "selector_lr": 0.01,
                                 "selector_lr_decay": True},
                                adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
-                               head="text",
+                               head="text", routes_eval_batches=True,
                                not_data_parallel="its routers draw gating noise per sample from each process's own "
                                                  "generator, and evaluation routes whole batches",
                                notes="extractor alexnet needs torchvision's AlexNet ImageNet weights cached (the "
@@ -266,6 +268,7 @@ register_strategy(StrategySpec("diki", "DIKI (ECCV 2024): CLIP frozen, per-task 
                                {"depth": 8, "length": 8, "calibration_scale": 512.0, "calibration_shift": 1.0,
                                 "best_epoch": True, "val_per_class": 0},
                                adapts="diki:install", replaces=("parameters",), needs_text=True, head="text",
+                               routes_eval_batches=True,
                                not_data_parallel="its best epoch is chosen on a validation pass and evaluation "
                                                  "routes whole batches, neither shared out among ranks yet",
                                notes="calibration weight sigmoid(log-likelihood / calibration_scale - "

@@ -205,6 +205,12 @@ def _cases(tmp, clip_path):
         ("run-ls-with-label-smoothing", ["run", bad("ls_smoothing", {"strategies": ["ls"],
                                                                      "train": {"label_smoothing": 0.3}})],
          'is not used by ls'),
+        ("run-routed-with-pretrained-zs", ["run", bad("routed_zs", {
+            "strategies": ["diki"], "model": {"name": "cfbench-tiny-vit", "pretrained": clip_path},
+            "eval": {"zs_text": "pretrained"}})],
+         'routes each evaluation batch'),
+        ("run-row-out-of-range", ["run", bad("row_lr", {"rows": {"ft": {"train": {"lr": -1.0}}}})], 'train.lr'),
+        ("run-rows-not-a-mapping", ["run", bad("rows_bool", {"rows": True})], "'rows' must be a mapping"),
         ("run-template-second-field", ["run", bad("templates_field", {"eval": {"templates": _yaml(
             tmp / "two_fields.yaml", {"digits": ["a photo of the digit {} in {place}."]})}})], 'no other format field'),
         ("perf-projection-samples-huge", ["perf", "--projection", "demo", "--samples", "100000"],

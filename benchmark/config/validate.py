@@ -93,10 +93,11 @@ def check_run(cfg: RunConfig, load_checkpoint: bool = False) -> RunPlan:
         strategies.parse_strategy(combo)
     problems = Problems()
     for combo in cfg.strategies:
+        own = cfg.for_strategy(combo)  # its row of the protocol, if it has one
         with problems.collect():
-            strategies.check_params(combo, cfg.strategy_params)
+            strategies.check_params(combo, own.strategy_params)
         with problems.collect():
-            check_settings_used(cfg, combo)
+            check_settings_used(own, combo)
     plan = plan_tasks(cfg)  # unknown tasks stop here: nothing below can be checked without them
     with problems.collect():
         check_per_task_values(cfg, plan.trained)
@@ -154,12 +155,18 @@ def check_not_in_a_run_folder(out: Path) -> None:
 
 def check_settings_used(cfg: RunConfig, combo: str) -> None:
     """A setting the combination's own loss replaces would be recorded as a change that changes
-    nothing: train.label_smoothing under a strategy that replaces the loss (ls, flyp)."""
+    nothing: train.label_smoothing under a strategy that replaces the loss (ls, flyp); and fixed
+    pretrained zero-shot classifiers cannot follow a strategy that routes each evaluation batch."""
     owner = next((s.name for s in strategies.parse_strategy(combo) if "loss" in s.replaces), None)
     if owner and cfg.train.label_smoothing:
         hint = " (its own smoothing is strategy_params.ls.smoothing)" if owner == "ls" else ""
         raise CfbenchError(f"train.label_smoothing {cfg.train.label_smoothing:g} is not used by {combo}: {owner} "
                            f"replaces the loss{hint}; leave train.label_smoothing at 0")
+    router = next((s.name for s in strategies.parse_strategy(combo) if s.routes_eval_batches), None)
+    if router and cfg.eval.zs_text == "pretrained":
+        raise CfbenchError(f"eval.zs_text pretrained would classify {combo}'s images with the pretrained text "
+                           f"tower, but {router} routes each evaluation batch through both towers; set eval.zs_text: "
+                           "current")
 
 
 def check_run_files(cfg: RunConfig, names: tuple[str, ...]) -> None:
