@@ -66,3 +66,25 @@ def plant_hub_file(hub: Path, repo_folder: str, filename: str) -> Path:
     (Path(hub) / repo_folder / "refs" / "main").write_text("0123abcd")
     (snapshot / filename).write_bytes(b"weights")
     return snapshot / filename
+
+
+def parity_machine(tmp_path, seed: int) -> dict:
+    """The machine settings of a parity test's tiny runs: fixture data, CPU, two threads, its own output."""
+    return {"data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "seed": seed,
+            "out": str(tmp_path / "results")}
+
+
+def assert_resumed_run_is_the_uninterrupted_one(full: Path, part: Path, marker: str) -> None:
+    """`part`, stopped after its first task and resumed with `cfbench run --resume`, equals `full` bit for
+    bit: every tensor of the final state.pt (which holds `marker`, the strategy's own state) and its zs,
+    lp and head matrices."""
+    from benchmark.cli import main
+    from benchmark.report.run_folder import CHECKPOINT
+
+    assert main(["run", "--resume", str(part)]) == 0
+    a = torch.load(full / CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(part / CHECKPOINT, weights_only=True)["model"]
+    assert a.keys() == b.keys() and any(marker in k for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    for name in ("zs", "lp", "head"):
+        assert (part / f"matrices/{name}.csv").read_bytes() == (full / f"matrices/{name}.csv").read_bytes(), name

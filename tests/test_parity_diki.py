@@ -23,7 +23,6 @@ import yaml
 from torch import nn
 from torch.distributions import MultivariateNormal
 
-from benchmark.cli import main
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
 from benchmark.evaluation.evaluate import zero_shot_weights
@@ -34,6 +33,7 @@ from benchmark.run.runner import run_strategy
 from strategies.context import BuildContext
 from strategies.diki import install
 from tasks.loading import load_split
+from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine
 
 TASKS = ("digits", "faces")
 PER_CLASS = 12     # faces: 24 images, more than the tiny CLIP's 16 feature dimensions (a full-rank Gaussian)
@@ -219,8 +219,7 @@ def _config(tmp_path, path):
         "model": {"name": "cfbench-tiny-vit", "pretrained": path},
         "rows": {"diki": {"train": {"epochs": EPOCHS, "batch_size": BATCH, "max_train_per_class": PER_CLASS}}},
         "eval": {"probe_max_per_class": 2, "test_max_per_class": 4, "batch_size": EVAL_BATCH},
-        "data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "seed": SEED,
-        "out": str(tmp_path / "results")})
+        **parity_machine(tmp_path, SEED)})
 
 
 @pytest.fixture(scope="module")
@@ -302,10 +301,4 @@ def test_diki_resumed_after_its_first_task_is_the_uninterrupted_run(diki_run):
     """Prefixes, Gaussians and the routed matrices, bit for bit."""
     path, tmp_path, cfg, full = diki_run
     part = run_strategy(cfg.replace(strategies=["diki"]), "diki", tmp_path / "part", stop_after=1)
-    assert main(["run", "--resume", str(part)]) == 0
-    a = torch.load(full / CHECKPOINT, weights_only=True)["model"]
-    b = torch.load(part / CHECKPOINT, weights_only=True)["model"]
-    assert a.keys() == b.keys() and "encoder.diki_identifier.means" in a
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    for name in ("zs", "lp", "head"):
-        assert (part / f"matrices/{name}.csv").read_bytes() == (full / f"matrices/{name}.csv").read_bytes(), name
+    assert_resumed_run_is_the_uninterrupted_one(full, part, "diki_identifier.means")

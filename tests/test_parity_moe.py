@@ -23,7 +23,6 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from benchmark.cli import main
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
 from benchmark.models.adapters.moe import MoELayer, moe_layers
@@ -34,6 +33,7 @@ from benchmark.run.runner import run_strategy
 from strategies.context import BuildContext
 from strategies.moe_adapters import install
 from tasks.loading import load_split
+from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine
 from tests.test_parity_ldifs import official_cosine_lr
 
 TASKS = ("digits", "faces")
@@ -259,8 +259,7 @@ def _config(tmp_path, path, **moe):
         "train": {"lr": {**LRS, "default": 1e-3}, "iterations": ITERATIONS + 1, "schedule_steps": ITERATIONS,
                   "warmup_steps": WARMUP, "max_train_per_class": PER_CLASS, "augment": {"kind": "none"}},
         "eval": {"probe_max_per_class": 2, "test_max_per_class": 4, "batch_size": 8},
-        "data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "seed": SEED,
-        "out": str(tmp_path / "results")})
+        **parity_machine(tmp_path, SEED)})
 
 
 @pytest.fixture(scope="module")
@@ -355,10 +354,4 @@ def test_moe_adapters_resumed_after_its_first_task_is_the_uninterrupted_run(moe_
     path, tmp_path, full = moe_run
     cfg = _config(tmp_path, path)
     part = run_strategy(cfg.replace(strategies=["moe-adapters"]), "moe-adapters", tmp_path / "part", stop_after=1)
-    assert main(["run", "--resume", str(part)]) == 0
-    a = torch.load(full / CHECKPOINT, weights_only=True)["model"]
-    b = torch.load(part / CHECKPOINT, weights_only=True)["model"]
-    assert a.keys() == b.keys() and any(k.endswith(".moe.frozen") for k in a)
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    for name in ("zs", "lp", "head"):
-        assert (part / f"matrices/{name}.csv").read_bytes() == (full / f"matrices/{name}.csv").read_bytes(), name
+    assert_resumed_run_is_the_uninterrupted_one(full, part, ".moe.frozen")

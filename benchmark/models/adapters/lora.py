@@ -52,12 +52,8 @@ class _LoraLayer(nn.Module):
         return (b.flatten(1) @ a.flatten(1)).reshape(shape) * self.scale
 
 
-class LoraLinear(_LoraLayer):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__(base, rank, alpha)
-        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(base.weight.new_empty(base.out_features, rank))
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+class _OneWeightLora(_LoraLayer):
+    """A layer with one weight (Linear, Conv2d) and one pair of factors, lora_A and lora_B."""
 
     @property
     def weight(self) -> torch.Tensor:  # open_clip reads c_fc.weight.dtype for its cast dtype
@@ -73,12 +69,20 @@ class LoraLinear(_LoraLayer):
     def merged_weights(self):
         return [self.base.weight]
 
+
+class LoraLinear(_OneWeightLora):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__(base, rank, alpha)
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(base.weight.new_empty(base.out_features, rank))
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         update = F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
         return self.base(x) + update * self.scale
 
 
-class LoraConv2d(_LoraLayer):
+class LoraConv2d(_OneWeightLora):
     """A: a convolution like the base one into `rank` channels; B: 1x1 back (peft's Conv2d layout)."""
 
     def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float = 0.0):
@@ -89,16 +93,6 @@ class LoraConv2d(_LoraLayer):
         self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_channels, *base.kernel_size))
         self.lora_B = nn.Parameter(base.weight.new_empty(base.out_channels, rank, 1, 1))
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    def factors(self):
-        return [(self.lora_A, self.lora_B)]
-
-    def merged_weights(self):
-        return [self.base.weight]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base
