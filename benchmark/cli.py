@@ -666,6 +666,16 @@ def _terminated(signum, frame) -> None:
     raise err
 
 
+def _dropped_interruption(unraisable) -> None:
+    """sys.unraisablehook: a SIGTERM that lands while Python runs a weakref callback or a __del__ raises
+    its KeyboardInterrupt there, where Python drops it (printing a traceback) and carries on. It is
+    delivered again 10 ms later, outside (SIGALRM runs the same handler), as often as it is dropped."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and getattr(unraisable.exc_value, "signal_name", None):
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def _interruption_status(err: KeyboardInterrupt) -> int:
     """The shell's convention: 128 + the signal's number (SIGTERM 15, SIGINT 2)."""
     return 143 if getattr(err, "signal_name", "") == "SIGTERM" else 130
@@ -691,6 +701,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
+    if in_main_thread:
+        previous_alarm, previous_hook = signal.signal(signal.SIGALRM, _terminated), sys.unraisablehook
+        sys.unraisablehook = _dropped_interruption
     try:
         if os.environ.get("CFBENCH_LAUNCHED"):  # run/launch.py LAUNCHED_ENV, read without importing torch
             return _as_launched_rank(args)
@@ -716,7 +729,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return _interrupted(err)
     finally:
         if in_main_thread:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGALRM, previous_alarm)
+            sys.unraisablehook = previous_hook
         ranks = sys.modules.get("benchmark.distributed")  # imported whole: a process group may be open
         if ranks is not None and hasattr(ranks, "shutdown"):  # (never re-import torch after an interrupted import)
             ranks.shutdown()

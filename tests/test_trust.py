@@ -256,3 +256,35 @@ def test_shell_hints_quote_what_they_paste(tmp_path, capfd):
     assert all(f"--data-root '{root}'`" in line for line in lines[1:]), lines
     assert main(["data", "check", "--tasks", "cifar10", "--data-root", str(root)]) == 1
     assert f"cfbench data download --tasks cifar10 --data-root '{root}'`" in capfd.readouterr().out
+
+
+def test_a_sigterm_dropped_inside_a_weakref_callback_is_delivered_again(capfd):
+    """SIGTERM's KeyboardInterrupt raised while Python runs a weakref callback is dropped there (Python
+    prints a traceback and carries on): a rank's neighbour, stopped by the launcher, printed one and kept
+    training. What main() installs delivers it again outside, with no traceback."""
+    import weakref
+
+    from benchmark import cli
+
+    class Thing:
+        pass
+
+    def callback(_ref):
+        cli._terminated(signal.SIGTERM, None)  # the handler, run inside the callback
+
+    previous_alarm, previous_hook = signal.signal(signal.SIGALRM, cli._terminated), sys.unraisablehook
+    sys.unraisablehook = cli._dropped_interruption
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            thing = Thing()
+            ref = weakref.ref(thing, callback)
+            del thing  # the callback runs here; its KeyboardInterrupt cannot leave it
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                time.sleep(0.001)
+        assert caught.value.signal_name == "SIGTERM" and ref() is None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_alarm)
+        sys.unraisablehook = previous_hook
+    assert "Traceback" not in capfd.readouterr().err
