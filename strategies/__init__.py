@@ -273,7 +273,8 @@ register_strategy(StrategySpec("diki", "DIKI (ECCV 2024): CLIP frozen, per-task 
                                                  "routes whole batches, neither shared out among ranks yet",
                                notes="calibration weight sigmoid(log-likelihood / calibration_scale - "
                                      "calibration_shift) (the official 512 and 1); best_epoch: keep the prefixes of "
-                                     "the epoch best on the task's validation split (val_per_class images of each class; 0: all of it). "
+                                     "the epoch best on the task's validation split (val_per_class images of "
+                                     "each class; 0: all of it). "
                                      "Accuracy depends on "
                                      "eval.batch_size: one prefix per batch (its majority task)",
                                allowed={"depth": AT_LEAST_ONE, "length": AT_LEAST_ONE, "calibration_scale": POSITIVE,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 
-from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only
+from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only, vit_towers
 from benchmark.models.adapters.gaussian import GaussianTaskIdentifier
 from benchmark.models.adapters.moe import BYPASS
 from benchmark.models.adapters.prefix import install_prefixes, prefix_layers, set_prefix_route
@@ -53,16 +53,14 @@ class DIKIRoute:
 
 def install(encoder, context: BuildContext, depth: int, length: int, calibration_scale: float,
             calibration_shift: float, best_epoch: bool, val_per_class: int) -> None:
-    clip = getattr(encoder, "clip", None)
-    if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
-        raise ValueError("needs an open_clip ViT CLIP (prefixes go into both towers' attention)")
+    image_tower, text_tower = vit_towers(encoder, "prefixes")
     if not context.tasks:
         raise ValueError("needs the run's trained tasks (one prefix each)")
     encoder.diki_features = FrozenImageFeatures(encoder.image_tower_copy())  # before the prefixes
     generator = torch.Generator().manual_seed(context.seed)
     tasks = len(context.tasks)
-    encoder.diki_image_layers = install_prefixes(clip.visual.transformer.resblocks, depth, tasks, length, generator)
-    encoder.diki_text_layers = install_prefixes(clip.transformer.resblocks, depth, tasks, length, generator)
+    encoder.diki_image_layers = install_prefixes(image_tower.resblocks, depth, tasks, length, generator)
+    encoder.diki_text_layers = install_prefixes(text_tower.resblocks, depth, tasks, length, generator)
     encoder.diki_identifier = GaussianTaskIdentifier(encoder.feature_dim, tasks, calibration_scale,
                                                      calibration_shift)
     encoder.batch_router = DIKIRoute()

@@ -28,7 +28,7 @@ from torch import nn
 
 from tasks.compact import gather
 
-from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only
+from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only, vit_towers
 from benchmark.models.adapters.moe import BYPASS, install_moe, moe_layers, set_route
 from benchmark.models.adapters.selector import TaskSelector, alexnet_features
 from benchmark.models.weights import require_alexnet
@@ -37,7 +37,6 @@ from .context import BuildContext
 from .references import reference_images
 
 log = logging.getLogger("cfbench")
-EXTRACTORS = ("alexnet", "clip", "alexnet-random")
 
 
 def _extractor(encoder, kind: str, seed: int) -> nn.Module:
@@ -67,14 +66,12 @@ def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top
             extractor: str, threshold: float, reference_task: Optional[str], reference_iterations: int,
             selector_iterations: int, selector_batch_size: int, selector_lr: float = 0.01,
             selector_lr_decay: bool = True) -> None:
-    clip = getattr(encoder, "clip", None)
-    if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
-        raise ValueError("needs an open_clip ViT CLIP (experts go into both towers' transformer blocks)")
+    towers = vit_towers(encoder, "experts")
     if not context.tasks:
         raise ValueError("needs the run's trained tasks (one router each)")
-    features = _extractor(encoder, extractor, context.seed)  # before the experts: the clip extractor is pretrained CLIP alone
+    features = _extractor(encoder, extractor, context.seed)  # before the experts: `clip` reads pretrained CLIP
     generator = torch.Generator().manual_seed(context.seed)
-    layers = [layer for tower in (clip.visual.transformer, clip.transformer)
+    layers = [layer for tower in towers
               for layer in install_moe(tower.resblocks, len(context.tasks), experts, top_k, generator=generator,
                                        bottleneck=bottleneck)]
     with torch.no_grad():

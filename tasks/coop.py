@@ -23,15 +23,18 @@ LIST_BYTES = 64 * 1024 ** 2
 COOP = {
     "caltech101_coop": ("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", 100, "caltech101",
                         "4,128 train / 1,649 val / 2,465 test"),
-    "dtd_coop": ("dtd", "images", "split_zhou_DescribableTextures.json", 47, "dtd", "2,820 train / 1,128 val / 1,692 test"),
+    "dtd_coop": ("dtd", "images", "split_zhou_DescribableTextures.json", 47, "dtd",
+                 "2,820 train / 1,128 val / 1,692 test"),
     "eurosat_coop": ("eurosat", "2750", "split_zhou_EuroSAT.json", 10, "eurosat_mtil",
                      "13,500 train / 5,400 val / 8,100 test"),
     "flowers_coop": ("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", 102, "flowers",
                      "4,093 train / 1,633 val / 2,463 test"),
     "food101_coop": ("food-101", "images", "split_zhou_Food101.json", 101, "food101",
                      "50,500 train / 20,200 val / 30,300 test"),
-    "pets_coop": ("oxford_pets", "images", "split_zhou_OxfordPets.json", 37, "pets", "2,944 train / 736 val / 3,669 test"),
-    "cars_coop": ("stanford_cars", "", "split_zhou_StanfordCars.json", 196, "cars", "6,509 train / 1,635 val / 8,041 test"),
+    "pets_coop": ("oxford_pets", "images", "split_zhou_OxfordPets.json", 37, "pets",
+                  "2,944 train / 736 val / 3,669 test"),
+    "cars_coop": ("stanford_cars", "", "split_zhou_StanfordCars.json", 196, "cars",
+                  "6,509 train / 1,635 val / 8,041 test"),
     "sun397_coop": ("sun397", "SUN397", "split_zhou_SUN397.json", 397, "sun397",
                     "15,880 train / 3,970 val / 19,850 test"),
 }
@@ -44,7 +47,8 @@ def _entries(data, split: str, where: Path) -> list:
     for entry in entries:
         if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and
                 isinstance(entry[1], int) and not isinstance(entry[1], bool) and isinstance(entry[2], str)):
-            raise TaskIncomplete(f"{where}: each {split} entry must be [path, label, class name], not {str(entry)[:80]}")
+            raise TaskIncomplete(f"{where}: each {split} entry must be [path, label, class name], "
+                                 f"not {str(entry)[:80]}")
     return entries
 
 

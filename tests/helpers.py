@@ -88,3 +88,9 @@ def assert_resumed_run_is_the_uninterrupted_one(full: Path, part: Path, marker: 
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     for name in ("zs", "lp", "head"):
         assert (part / f"matrices/{name}.csv").read_bytes() == (full / f"matrices/{name}.csv").read_bytes(), name
+
+
+def tiny_clip_model(checkpoint: str) -> CLIPModel:
+    """The registered tiny CLIP (`cfbench-tiny-vit`) with a checkpoint's weights and its tokenizer."""
+    return CLIPModel(open_clip.create_model("cfbench-tiny-vit", pretrained=checkpoint),
+                     open_clip.get_tokenizer("cfbench-tiny-vit"))

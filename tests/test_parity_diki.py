@@ -27,13 +27,12 @@ from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
 from benchmark.evaluation.evaluate import zero_shot_weights
 from benchmark.models.adapters.prefix import prefix_layers
-from benchmark.models.clip import CLIPModel
 from benchmark.report.run_folder import CHECKPOINT
 from benchmark.run.runner import run_strategy
 from strategies.context import BuildContext
 from strategies.diki import install
 from tasks.loading import load_split
-from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine
+from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine, tiny_clip_model
 
 TASKS = ("digits", "faces")
 PER_CLASS = 12     # faces: 24 images, more than the tiny CLIP's 16 feature dimensions (a full-rank Gaussian)
@@ -242,7 +241,7 @@ def test_diki_two_tasks_match_the_official_code(diki_run):
     state = torch.load(run_dir / CHECKPOINT, weights_only=True)
     ours = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
 
-    io = CLIPModel(open_clip.create_model("cfbench-tiny-vit", pretrained=path), open_clip.get_tokenizer("cfbench-tiny-vit"))
+    io = tiny_clip_model(path)
     install(io, BuildContext(seed=SEED, tasks=TASKS), DEPTH, LENGTH, 512.0, 1.0, True, 0)
     model = official_model(path)
     official_layers = model[2]["image"] + model[2]["text"]

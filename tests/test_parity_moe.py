@@ -27,13 +27,12 @@ from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
 from benchmark.models.adapters.moe import MoELayer, moe_layers
 from benchmark.models.adapters.selector import TaskSelector, alexnet_features
-from benchmark.models.clip import CLIPModel
 from benchmark.report.run_folder import CHECKPOINT
 from benchmark.run.runner import run_strategy
 from strategies.context import BuildContext
 from strategies.moe_adapters import install
 from tasks.loading import load_split
-from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine
+from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, parity_machine, tiny_clip_model
 from tests.test_parity_ldifs import official_cosine_lr
 
 TASKS = ("digits", "faces")
@@ -279,7 +278,7 @@ def test_moe_adapters_two_tasks_match_the_official_code(moe_run):
     ours = {k.removeprefix("encoder."): v for k, v in state["model"].items() if k.startswith("encoder.")}
 
     # the starting point: cfbench's installed experts and autoencoders (their initial draws), copied
-    io = CLIPModel(open_clip.create_model("cfbench-tiny-vit", pretrained=path), open_clip.get_tokenizer("cfbench-tiny-vit"))
+    io = tiny_clip_model(path)
     install(io, BuildContext(seed=SEED, tasks=TASKS), EXPERTS, TOP_K, 2, 64, EXTRACTOR, THRESHOLD, REFERENCE,
             AE_REFERENCE_STEPS, AE_STEPS, AE_BATCH)
     model = official_model(path)

@@ -28,6 +28,15 @@ def count_parameters(module: nn.Module, trainable: bool) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
 
 
+def vit_towers(encoder, what: str) -> tuple[nn.Module, nn.Module]:
+    """(image transformer, text transformer) of an open_clip ViT CLIP encoder, whose blocks adapters go
+    into; a ValueError naming `what` goes into them for any other encoder."""
+    clip = getattr(encoder, "clip", None)
+    if clip is None or not hasattr(clip.visual, "transformer") or not hasattr(clip, "transformer"):
+        raise ValueError(f"needs an open_clip ViT CLIP ({what} go into both towers' transformer blocks)")
+    return clip.visual.transformer, clip.transformer
+
+
 class FrozenImageFeatures(nn.Module):
     """A frozen copy of the pretrained image tower (taken before adapters go in): what MoE-Adapters'
     `extractor: clip` and DIKI's task identification read."""
@@ -44,4 +53,4 @@ class FrozenImageFeatures(nn.Module):
 
 
 __all__ = ["ADAPTER_PREFIXES", "is_adapter_parameter", "train_adapters_only", "count_parameters",
-           "FrozenImageFeatures"]
+           "vit_towers", "FrozenImageFeatures"]

@@ -80,7 +80,7 @@ class TaskSelector(nn.Module):
         autoencoders: few_shot_AutoEncoder.py:193, :211 count epochs of the whole train loader)."""
         model = self.autoencoders[slot].requires_grad_(True).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.003, weight_decay=weight_decay)
-        stream, loss = batches(), torch.zeros(())
+        stream, loss = iter(()), torch.zeros(())  # a fresh pass starts at step 0
         for step in range(iterations + 1):
             if step % batches_per_epoch == 0:
                 stream = batches()
