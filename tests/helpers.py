@@ -69,9 +69,10 @@ def plant_hub_file(hub: Path, repo_folder: str, filename: str) -> Path:
 
 
 def parity_machine(tmp_path, seed: int) -> dict:
-    """The machine settings of a parity test's tiny runs: fixture data, CPU, two threads, its own output."""
+    """The machine settings of a parity test's tiny runs: fixture data, CPU, two threads, its own output
+    (tables only: the comparisons read weights and matrices)."""
     return {"data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "seed": seed,
-            "out": str(tmp_path / "results")}
+            "out": str(tmp_path / "results"), "figures": False}
 
 
 def assert_resumed_run_is_the_uninterrupted_one(full: Path, part: Path, marker: str) -> None:

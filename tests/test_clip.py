@@ -77,7 +77,7 @@ def test_zscl_runs_through_the_cli_on_a_tiny_clip(tiny_checkpoint, tmp_path):
         "strategies": ["zscl"], "out": str(tmp_path), "threads": THREADS,
         "strategy_params": {"zscl": {"reference_task": "photo_patches", "ref_batch_size": 8, "avg_freq": 1}},
         "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
-        "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}))
+        "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "figures": False}))
     assert main(["run", str(cfg_path)]) == 0
     (run,) = tmp_path.glob("*/zscl-s0")
     assert Matrix.load(run / "matrices/zs.csv").rows == ["pretrained", "digits", "faces"]

@@ -141,7 +141,8 @@ def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
     batches decoded ahead in a thread, LP-init, evaluation) gives the raw run's matrices."""
     out = {}
     small = tmp_path / "small.yaml"
-    small.write_text("train: {max_train_per_class: 24}\neval: {probe_max_per_class: 16, test_max_per_class: 16}\n")
+    small.write_text("train: {max_train_per_class: 24}\neval: {probe_max_per_class: 16, test_max_per_class: 16}\n"
+                     "figures: false\n")
     for form in ("raw", "compact"):
         folder = tmp_path / form
         assert main(["run", str(small), "--tasks", "photo_patches", "--eval-only", "faces", "--image-size", "40", "--epochs", "1",

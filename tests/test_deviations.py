@@ -80,7 +80,7 @@ def tiny_protocol(tmp_path, monkeypatch):
     settings = {**{k: v for k, v in tiny_layer(tmp_path).items() if k not in ("out", "threads")},
                 "tasks": ["digits"], "eval_only": [], "model": {"image_size": 32},
                 "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 16, "warmup_steps": 2},
-                "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}
+                "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "figures": False}
     (folder / "tiny.yaml").write_text(yaml.safe_dump({"description": "tests", "settings": settings}))
     monkeypatch.setattr(config, "PROTOCOL_DIR", folder)
     return {"protocol": "tiny", "out": str(tmp_path / "results"), "threads": THREADS}

@@ -18,7 +18,7 @@ from tests.helpers import THREADS, tiny_config
 
 # the smallest run that still trains both offline tasks and probes every column
 SMALL = {"model": {"image_size": 32}, "train": {"max_train_per_class": 8},
-         "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}}
+         "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "figures": False}
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_a_finished_run_keeps_its_last_weights_alone_or_drops_them(finished, tmp
     from benchmark.run.checkpoint import keep_finished_checkpoint
 
     cfg = tiny_config(tmp_path, {"strategies": ["ft", "ldifs"], "model": {"image_size": 64},
-                                 "train": {"warmup_steps": 2}, "checkpoints": "last"})
+                                 "train": {"warmup_steps": 2}, "checkpoints": "last", "figures": False})
     run = run_strategy(cfg, "ft", tmp_path / "ft-s0")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["model.pt"]
     weights = torch.load(run / "checkpoints/model.pt", weights_only=True)

@@ -122,7 +122,7 @@ def test_ls_run_equals_ft_with_the_same_label_smoothing(tmp_path):
     from tests.helpers import tiny_config
 
     small = {"model": {"image_size": 32}, "eval_only": [], "train": {"max_train_per_class": 8, "iterations": 3},
-             "eval": {"probe_max_per_class": 4, "test_max_per_class": 4}}
+             "eval": {"probe_max_per_class": 4, "test_max_per_class": 4}, "figures": False}
     ls = run_strategy(tiny_config(tmp_path, small, {"strategy_params": {"ls": {"smoothing": 0.3}}}), "ls",
                       tmp_path / "ls")
     ft = run_strategy(tiny_config(tmp_path, small, {"train": {**small["train"], "label_smoothing": 0.3}}), "ft",
@@ -233,7 +233,7 @@ def test_ldifs_protocol_flyp_runs_equal_the_official_loops(strategy, tiny_clip_c
         "train": {"lr": LR, "batch_size": 64, "epochs": EPOCHS, "max_train_per_class": 3,
                   "warmup_steps": WARMUP, "augment": {"kind": "none"}},
         "eval": {"probe_max_per_class": 2, "test_max_per_class": 2, "probe_iterations": 2, "templates": one_template},
-        "out": str(tmp_path / "results"), "device": "cpu", "threads": 1})
+        "out": str(tmp_path / "results"), "device": "cpu", "threads": 1, "figures": False})
     assert cfg.train.weight_decay == WD and cfg.train.grad_clip == CLIP_NORM and cfg.train.label_smoothing == 0
     try:
         run = run_strategy(cfg, strategy, tmp_path / strategy)

@@ -159,7 +159,8 @@ def test_icarl_run_writes_matrices_and_resumes_exactly(tiny_clip_checkpoint, tmp
         "strategies": ["icarl"], "model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
         "train": {"batch_size": 8, "iterations": 3, "schedule_steps": 2, "warmup_steps": 1, "max_train_per_class": 8},
         "eval": {"probe_max_per_class": 4, "test_max_per_class": 4, "templates": None, "classnames": None},
-        "strategy_params": {"icarl": {"memory_size": 6, "max_candidates": 24, "ref_batch_size": 4}}})
+        "strategy_params": {"icarl": {"memory_size": 6, "max_candidates": 24, "ref_batch_size": 4}},
+        "figures": False})
     full = run_strategy(cfg, "icarl", tmp_path / "full")
     part = run_strategy(cfg, "icarl", tmp_path / "part", stop_after=1)
     for i, memory in enumerate([[torch.tensor([0, 10 ** 6])], [torch.tensor([1, 1])], [torch.tensor([0.5])],

@@ -156,7 +156,7 @@ def test_lora_l2sp_penalises_the_factors_alone_and_the_encoder_base_never_moves(
     """lora+l2sp over two tasks of the tiny demo run (merge on): the frozen weights change only by
     the merges, each equal to the sum of the tasks' scale * B A."""
     cfg = tiny_config(tmp_path, {"strategy_params": {"lora": {"merge": True}, "l2sp": {"reference": "pretrained"}},
-                                 "eval_only": []})
+                                 "eval_only": [], "figures": False})
     run = run_strategy(cfg.replace(strategies=["lora+l2sp"]), "lora+l2sp", tmp_path / "run")
     state = torch.load(run / "checkpoints/state.pt", weights_only=True)
     assert any("lora_A" in k for k in state["model"]) and not any(state["model"][k].any()

@@ -198,7 +198,7 @@ def test_ldifs_protocol_run_equals_the_official_training_loop(tiny_clip_checkpoi
         # one thread: on 2 cores shared with other jobs, 2 threads made every small op wait at
         # OpenMP barriers (measured 28-38 s for this test instead of 3.5 s); the restore_threads fixture
         # puts the count back for the tests after this one
-        "out": str(tmp_path / "results"), "device": "cpu", "threads": 1})
+        "out": str(tmp_path / "results"), "device": "cpu", "threads": 1, "figures": False})
     # what must stay the protocol's own
     assert cfg.train.weight_decay == WD and cfg.train.grad_clip == CLIP_NORM and cfg.train.optimizer == "adamw"
     assert cfg.train.precision == "fp32" and cfg.strategy_params["ldifs"] == {"alpha": ALPHA, "reference": "previous"}

@@ -158,7 +158,8 @@ def test_zscl_mtil_two_tasks_match_the_official_loop(tiny_clip_checkpoint, tmp_p
         "train": {"lr": LR, "iterations": ITERATIONS + 1, "schedule_steps": ITERATIONS, "warmup_steps": WARMUP,
                   "max_train_per_class": PER_CLASS, "augment": {"kind": "none"}},
         "eval": {"probe_max_per_class": 2, "test_max_per_class": 2},
-        "data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "out": str(tmp_path / "results")})
+        "data_root": str(tmp_path / "data"), "device": "cpu", "threads": 2, "out": str(tmp_path / "results"),
+        "figures": False})
     run_dir = run_strategy(cfg, "zscl", tmp_path / "run")
     ran = yaml.safe_load((run_dir / "config.yaml").read_text())
     state = torch.load(run_dir / CHECKPOINT, weights_only=True)

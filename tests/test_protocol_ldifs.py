@@ -361,7 +361,7 @@ def test_ldifs_templates_are_the_official_codes_and_default_stays_clip_benchmark
 def _clip_layer(path: str) -> dict:
     return {"model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
             "train": {"max_train_per_class": 8, "batch_size": 8, "warmup_steps": 1},
-            "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "eval_only": []}
+            "eval": {"probe_max_per_class": 6, "test_max_per_class": 5}, "eval_only": [], "figures": False}
 
 
 @pytest.mark.parametrize("strategy", ["l2sp", "ewc", "ldifs"])
@@ -436,7 +436,7 @@ def _fixture_protocol_run(tmp_path, checkpoint: str, mnist_epochs: int, probe_it
         "protocol": "ldifs", "tasks": ["mnist", "eurosat"], "eval_only": [],
         "model": {"name": "cfbench-tiny-vit", "pretrained": checkpoint},
         "train": {"batch_size": 8, "warmup_steps": 4, "epochs": {"mnist": mnist_epochs, "eurosat": 1}},
-        "eval": {"probe_iterations": probe_iterations}, "threads": THREADS, **extra}))
+        "eval": {"probe_iterations": probe_iterations}, "threads": THREADS, "figures": False, **extra}))
     return config, root
 
 

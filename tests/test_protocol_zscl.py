@@ -280,7 +280,8 @@ def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpo
         "model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
         "train": {"batch_size": 8, "iterations": 4, "schedule_steps": 3, "warmup_steps": 1, "max_train_per_class": 8},
         "eval": {"probe_max_per_class": 4, "test_max_per_class": 4, "templates": None, "classnames": None},
-        "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 4}}})
+        "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 4}},
+        "figures": False})
     full = run_strategy(cfg, "zscl", tmp_path / "full")
     part = run_strategy(cfg, "zscl", tmp_path / "part", stop_after=1)
     assert main(["run", "--resume", str(part)]) == 0

@@ -19,7 +19,7 @@ from benchmark.run.runner import run_strategy
 
 SOAK = {"tasks": ["digits", "faces"], "eval_only": [], "strategies": ["ldifs"], "model": {"image_size": 32},
         "train": {"epochs": 2, "max_train_per_class": 12, "batch_size": 8, "warmup_steps": 2},
-        "eval": {"probe_max_per_class": 8, "test_max_per_class": 8}, "threads": 1}
+        "eval": {"probe_max_per_class": 8, "test_max_per_class": 8}, "threads": 1, "figures": False}
 
 
 def test_invocations_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def test_tensor_batches_cover_each_sample_once_with_avalanches_layout():
 
 def test_bf16_autocast_run_trains_with_fp32_features(tiny_cfg, tmp_path):
     cfg = tiny_config(tmp_path, {"strategies": ["ldifs"], "tasks": ["digits"], "eval_only": ["faces"],
-                                 "train": {"precision": "bf16"}})
+                                 "train": {"precision": "bf16"}, "figures": False})
     run = run_strategy(cfg, "ldifs", tmp_path / "bf16")
     lp = Matrix.load(run / "matrices/lp.csv")
     assert lp.rows == ["pretrained", "digits"] and all(0 <= v <= 100 for row in lp.values for v in row)

@@ -46,12 +46,13 @@ def test_curve_csv_round_trip_and_strict_reading(tmp_path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """ft over two tasks: with curves, without, and with curves stopped after task 1 then resumed."""
+    """ft over two tasks: with curves, without, and with curves stopped after task 1 then resumed
+    (the first alone draws its figures)."""
     tmp = tmp_path_factory.mktemp("within")
     with_curves = tiny_config(tmp, SMALL, WITHIN, {"eval_only": []})
     full = run_strategy(with_curves, "ft", tmp / "full")
-    plain = run_strategy(tiny_config(tmp, SMALL, {"eval_only": []}), "ft", tmp / "plain")
-    part = run_strategy(with_curves, "ft", tmp / "part", stop_after=1)
+    plain = run_strategy(tiny_config(tmp, SMALL, {"eval_only": [], "figures": False}), "ft", tmp / "plain")
+    part = run_strategy(with_curves.replace(figures=False), "ft", tmp / "part", stop_after=1)
     partial = (part / "matrices/within_lp.csv").read_text()
     assert main(["run", "--resume", str(part)]) == 0
     return full, plain, part, partial

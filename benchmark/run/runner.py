@@ -324,10 +324,13 @@ def _learner(cfg: RunConfig, model, train_splits, plugins: list, trained, device
 
 def _pretrained_round(cfg: RunConfig, model, eval_sets, zero_shot, device: str, keep: Sequence[str]) -> RoundResult:
     """The pretrained row, shared by every strategy of one invocation (it depends on no strategy);
-    the probe work of `keep` is kept by the strategy that evaluates it first."""
+    the probe work of `keep` is kept by the strategy that evaluates it first. Keyed by everything the
+    row is computed from, the cache format included: a compact run in the same process as a raw one
+    evaluates its own images."""
     settings = cfg.to_dict()
     key = json.dumps({"model": settings["model"], "eval": settings["eval"], "data_root": cfg.data_root,
-                      "seed": cfg.seed, "datasets": [d.name for d in eval_sets]}, sort_keys=True)
+                      "cache_format": cfg.cache_format, "seed": cfg.seed,
+                      "datasets": [d.name for d in eval_sets]}, sort_keys=True)
     if key not in _PRETRAINED_ROUNDS:
         _PRETRAINED_ROUNDS[key] = evaluate_round(model, eval_sets, {}, cfg.eval, device, cfg.seed, zero_shot,
                                                  desc="eval pretrained", keep=keep)
