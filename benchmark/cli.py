@@ -697,7 +697,7 @@ def _interrupted(err: KeyboardInterrupt) -> int:
 
 def main(argv: Optional[list[str]] = None) -> int:
     _quiet_imports()
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
@@ -736,6 +736,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         ranks = sys.modules.get("benchmark.distributed")  # imported whole: a process group may be open
         if ranks is not None and hasattr(ranks, "shutdown"):  # (never re-import torch after an interrupted import)
             ranks.shutdown()
+
+
+def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
+    """The command line; `run`'s KEY=VALUE settings may also follow its flags (argparse takes a
+    positional list once: `run CONFIG --seed 7 train.lr=1e-4` left train.lr=1e-4 unrecognized)."""
+    parser = build_parser()
+    args, stray = parser.parse_known_args(argv)
+    if stray and args.command == "run" and not any(item.startswith("-") for item in stray):
+        args.config += stray  # one config file at most, the rest settings: checked by _config_and_settings
+    elif stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    return args
 
 
 def _as_launched_rank(args) -> int:

@@ -103,6 +103,24 @@ def test_command_line_settings_are_typed_as_yaml_and_laid_over_the_file(tmp_path
     assert load_config(str(config)).train.lr == 1e-3  # the exponent without a dot, in a file too
 
 
+def test_command_line_settings_may_follow_the_flags(tmp_path, capsys):
+    """`run CONFIG --seed 7 train.lr=1e-4` as `run CONFIG train.lr=1e-4 --seed 7` (argparse alone refused
+    a positional after an option: "unrecognized arguments"); anything else after the flags still is."""
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {lr: 1e-3}\n")
+    assert main(["run", str(config), "--seed", "7", "train.lr=1e-4", "--print-config", "figures=false"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["lr"] == 1e-4 and printed["seed"] == 7 and printed["figures"] is False
+    assert main(["run", str(config), "--seed", "7", str(config), "--print-config"]) == 2
+    assert "run takes one config file, not 2" in capsys.readouterr().err
+    for argv, unknown in ((["run", str(config), "--print-config", "--sed", "7"], "--sed 7"),
+                          (["run", str(config), "--print-config", "-x"], "-x"),
+                          (["list", "strategies", "train.lr=1e-4"], "train.lr=1e-4")):  # settings are run's alone
+        with pytest.raises(SystemExit) as exit_:  # argparse's one line
+            main(argv)
+        assert exit_.value.code == 2 and f"unrecognized arguments: {unknown} " in capsys.readouterr().err
+
+
 def test_sweep_axes_and_command_line_settings_share_one_path_check():
     from benchmark.config.overrides import override_layer
 
