@@ -36,6 +36,10 @@ REAL_STRATEGIES = ["ft", "lpft", "l2sp", "ldifs", "ewc", "lwf", "wise-ft", "ls",
 # 7.2e-6; l2sp 3.8e-3 / 3.7e-5; ewc 3.0e-4 / 6.6e-5; lwf 3.1e-3 / 1.1e-4; ldifs 0.20 / 5.9e-2 (lp cell
 # 3.75 points). 2 ranks measured: <= 3.4e-5 / 4.1e-6, but ldifs 1.8e-3 / 9.7e-5 and lwf 1.6e-3 / 9.8e-5.
 # FT and L2SP are held to 1e-4 (the 1e-5 is below one process's own thread spread, 3.4e-5).
+# Measured with 8 test images per class; 4 since 2026-12-07 (the test images reach no weight: ldifs's
+# and lpft's final weights checked bit-identical at 8 and 4; the probe, which fits LP-init heads, keeps
+# 10). The probe and test caps together were tried smaller too: 6 probe images moved ldifs's 2 ranks
+# from 1.8e-3 to 0.19 (LDIFS is chaotic on this config, see above).
 REAL_TOLERANCE = {"ldifs": (5e-3, 3e-4), "lwf": (5e-3, 3e-4), "lora+ldifs": (5e-3, 3e-4)}
 REAL_DEFAULT_TOLERANCE = (1e-4, 2e-5)
 
@@ -45,7 +49,7 @@ def _real_config(folder: Path) -> Path:
            "model": {"image_size": 64},
            "train": {"epochs": 1, "max_train_per_class": 8, "batch_size": 15, "warmup_steps": 2,
                      "lr": {"digits": 1e-12, "default": 1e-3}},
-           "eval": {"probe_max_per_class": 10, "test_max_per_class": 8}, "threads": 1, "figures": False,
+           "eval": {"probe_max_per_class": 10, "test_max_per_class": 4}, "threads": 1, "figures": False,
            # LoRA merged after each task: the next adapter's A is drawn alike in every rank and on resume
            "strategy_params": {"lora": {"merge": True}}}
     path = folder / "demo-real.yaml"
