@@ -25,6 +25,27 @@ def test_packaged_weights_recognise_a_real_photo():
     assert set(top) <= {281, 282, 283, 284, 285}
 
 
+def test_a_weights_file_is_read_once_per_process_until_it_changes(tmp_path):
+    """The encoder of every strategy of an invocation loads the same file: read once, and read again
+    when it is rewritten (same size, new values)."""
+    import os
+
+    from benchmark.models.efficientnet import _read_weights, packaged_weights_path
+
+    path = tmp_path / "weights.pt"
+    torch.save(torch.load(packaged_weights_path(), weights_only=True), path)
+    first = EfficientNetLite0(pretrained=str(path), image_size=32)
+    hits = _read_weights.cache_info().hits
+    again = EfficientNetLite0(pretrained=str(path), image_size=32)
+    assert _read_weights.cache_info().hits == hits + 1
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in torch.load(path, weights_only=True).items()}
+    torch.save(changed, path)
+    os.utime(path, ns=(1, 1))  # a new modification time even within the clock's resolution
+    rewritten = EfficientNetLite0(pretrained=str(path), image_size=32)
+    assert torch.equal(rewritten.net.conv_stem.weight, first.net.conv_stem.weight + 1)
+
+
 def _probe_accuracy(encoder, name):
     train = load_split(name, "train", 64, max_per_class=60)
     test = load_split(name, "test", 64, max_per_class=30)

