@@ -136,9 +136,16 @@ def test_stale_temporary_files_of_dead_builds_are_removed(tmp_path):
     assert not stale.exists() and alive.exists()
 
 
-def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
+def test_compact_run_equals_raw_run_for_array_sources(tmp_path, monkeypatch):
     """Array sources are resized by the same code in both formats, so a whole run (training
-    batches decoded ahead in a thread, LP-init, evaluation) gives the raw run's matrices."""
+    batches decoded ahead in a thread, LP-init, evaluation) gives the raw run's matrices. Each run
+    evaluates its own pretrained row (the row shared by the runs of one process is keyed by the
+    format too: the compact run once reused the raw run's)."""
+    import benchmark.run.runner as runner
+
+    rounds, evaluate_round = [], runner.evaluate_round
+    monkeypatch.setattr(runner, "_PRETRAINED_ROUNDS", {})
+    monkeypatch.setattr(runner, "evaluate_round", lambda *a, **k: rounds.append(k["desc"]) or evaluate_round(*a, **k))
     out = {}
     small = tmp_path / "small.yaml"
     small.write_text("train: {max_train_per_class: 24}\neval: {probe_max_per_class: 16, test_max_per_class: 16}\n"
@@ -154,6 +161,7 @@ def test_compact_run_equals_raw_run_for_array_sources(tmp_path):
         out[form] = {p.name: p.read_bytes() for p in (run / "matrices").glob("*.csv")}
         tasks.clear_memory()
     assert out["raw"] and out["raw"] == out["compact"]
+    assert rounds.count("eval pretrained") == 2
 
 
 def test_sizes_are_reported_before_anything_is_built(tmp_path, capsys):
