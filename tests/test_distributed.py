@@ -214,10 +214,16 @@ class _Killed:
 def _kill_rank_1_in_the_second_task(config: Path, out: Path, configs: str) -> _Killed:
     job = _launch(config, out, configs, "--strategy=ft", wait=False)
     deadline = time.monotonic() + 300
-    while not list(out.glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
-        time.sleep(0.05)
-    os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
+    try:
+        while not list(out.glob("*/ft-s0/checkpoints/state.pt")):  # the first task finished
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the first task did not finish in 300 s"
+            time.sleep(0.05)
+        os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
+    except BaseException:  # a failed wait must not leave the job training through the rest of the suite
+        job.kill()  # its ranks die with it
+        job.communicate()
+        raise
     (folder,) = out.glob("*/ft-s0")
     return _Killed(job, folder)
 
