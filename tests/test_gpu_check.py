@@ -10,7 +10,7 @@ def test_the_gpu_check_runs_every_part_tiny_on_the_cpu_and_writes_its_report(tmp
     assert list(report["parts"]) == list(PARTS) and report["tiny"] is True
     parts = {name: part["result"] for name, part in report["parts"].items()}
     assert set(parts["training"]) == {"ldifs/ft", "ldifs/ldifs", "zscl-mtil/zscl"}
-    assert all(r["images_per_s"] > 0 and r["batch"] == 4 for r in parts["training"].values())
+    assert all(r["images_per_s"] > 0 and r["batch"] == 4 and r["peak_gib"] > 0 for r in parts["training"].values())
     assert parts["compact_reads"]["images_per_s"] > 0
     probe = parts["official_probe"]
     # 6,000 full-batch steps (five lrs and the refit, 1,000 each), from the rounded per-step time

@@ -9,9 +9,9 @@ from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.config.plan import make_plan
 from benchmark.models.factory import create_model
-from benchmark.perf import rates as rates_module
+from benchmark.perf import projection as projection_module
 from benchmark.perf.projection import HOURS, dataset_sizes, project, text
-from benchmark.perf.rates import Rates
+from benchmark.perf.projection.rates import Rates
 from tasks import TASKS
 from tasks.base import Task, published_counts
 
@@ -88,7 +88,7 @@ def test_iterations_trainval_and_the_sklearn_probe_under_zscl_mtil():
 def test_projection_command_runs_end_to_end_and_prints_json(tiny_clip_checkpoint, monkeypatch, capsys):
     """The whole command on a tiny CLIP (the protocol's own ViT-B/32 would take minutes here): every
     rate measured, every row projected from them, JSON that parses."""
-    monkeypatch.setattr(rates_module, "random_encoder", lambda cfg: create_model("cfbench-tiny-vit", None))
+    monkeypatch.setattr(projection_module, "random_encoder", lambda cfg: create_model("cfbench-tiny-vit", None))
     threads = torch.get_num_threads()
     try:  # one thread: two processes spinning on two shared cores make tiny steps 100x slower
         assert main(["perf", "--projection", "ldifs", "--samples", "4", "--device", "cpu", "--threads", "1",
@@ -112,7 +112,19 @@ def test_projection_command_runs_end_to_end_and_prints_json(tiny_clip_checkpoint
         assert [r["task"] for r in rows] == ["pretrained", *plan.trained]
         assert rows == [pytest.approx(r.to_dict()) for r in p.rows]
         assert all(r["ratio"] > 0 for r in rows)
+    memory, tiny = result["memory"], create_model("cfbench-tiny-vit", None)
+    assert memory["train_measured_at"] == [2, 4] and memory["train_batch"] == 128
+    # what stays on the device through a round: at least the weights, at most a whole training step
+    weights = sum(p.numel() * 4 for p in tiny.parameters()) / 2 ** 30
+    assert weights <= memory["resident_gib"] <= memory["train_gib"]["ldifs"]
+    # LDIFS's step holds the previous task's encoder on top of everything FT's step holds
+    assert 0 < memory["train_gib"]["ft"] < memory["train_gib"]["ldifs"]
+    probe = memory["probe"]  # ImageNet's train split less the hold-out: the largest features and logits
+    assert (probe["dataset"], probe["features"], probe["classes"]) == ("imagenet", 1_261_167, 1000)
+    # at least the features, their normalized copy, the logits and the logits' gradient, in fp32
+    assert probe["gib"] >= 1_261_167 * (2 * probe["width"] + 2 * 1000) * 4 / 2 ** 30
     table = text(result, projections)
+    assert "peak memory of a training step at batch 128: ft" in table and "on imagenet (1,261,167 x" in table
     assert table.startswith("# cfbench perf --projection ldifs: CPU") and "scaled linearly" in table
     assert "\nimagenet " in table and "\ntotal " in table and "ratio" in table
 

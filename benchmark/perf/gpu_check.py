@@ -4,7 +4,7 @@
 
 1. training: cfbench's training step (FastNaive, the strategy's plugins, schedule, clipping and the
    protocol's precision) for FT and LDIFS (`ldifs` protocol) and ZSCL (`zscl-mtil` protocol), on the
-   protocols' ViT-B-32 architecture (random weights) at 224 px, batch 128;
+   protocols' ViT-B-32 architecture (random weights) at 224 px, batch 128: images/s and peak memory;
 2. compact reads: random batches of the compact (JPEG) cache decoded on the device (nvJPEG on CUDA);
 3. the official probe at ImageNet's real size: full-batch AdamW steps on 1,261,167 x 512 features
    and 1,000 classes, and the 6,000 steps of its lr search and refit projected from them;
@@ -43,7 +43,8 @@ from ..evaluation.probe import _fit_torch_lr
 from ..files import atomic_write_json, atomic_write_text
 from .cache import load_photos, photo_files
 from .projection import run_projection
-from .rates import describe_device, random_encoder, train_rate
+from .projection.memory import peak_bytes
+from .projection.rates import describe_device, random_encoder, train_rate
 
 IMAGENET_TRAIN, FEATURES, CLASSES = 1_281_167 - 20_000, 512, 1000  # ImageNet train less cfbench's val hold-out
 OFFICIAL_PROBE_STEPS = 6 * 1000  # five lrs of the search and the refit, 1,000 full-batch steps each
@@ -80,9 +81,11 @@ def training(tiny: bool, device: str) -> dict:
         size = encoder.image_size
         data = TensorSplit(torch.randint(0, 256, (batch * (steps + 1), 3, size, size), dtype=torch.uint8, generator=g),
                            torch.arange(batch * (steps + 1)) % 10)
-        rate = train_rate(cfg, encoder, combo, data, 10, batch, steps, device)
+        rate: list[float] = []
+        peak = peak_bytes(lambda: rate.append(train_rate(cfg, encoder, combo, data, 10, batch, steps, device)), device)
         out[f"{protocol}/{combo}"] = {"model": cfg.model.name, "image_size": size, "batch": batch,
-                                      "precision": cfg.train.precision, "images_per_s": round(rate, 1)}
+                                      "precision": cfg.train.precision, "images_per_s": round(rate[0], 1),
+                                      "peak_gib": round(peak / 2 ** 30, 3)}
     return out
 
 

@@ -28,18 +28,18 @@ from tasks import TensorSplit
 from tasks.base import FileSource
 from tasks.cache import cached_images
 
-from ..config import RunConfig
-from ..config.plan import RunPlan
-from ..evaluation.evaluate import extract_features
-from ..evaluation.multihead import MultiHeadClassifier
-from ..evaluation.probe import OFFICIAL_LRS, fit_official_probe, fit_probe
-from ..models.base import FoundationModel
-from ..models.factory import create_model
-from ..models.clip import wants_quick_gelu
-from ..run.augment import build_augment
-from ..run.runner import _benchmark, _silent_evaluator, make_optimizer
-from ..run.schedule import GradClipPlugin, WarmupCosinePlugin
-from ..run.training import FastNaive, configure_for_device
+from ...config import RunConfig
+from ...config.plan import RunPlan
+from ...evaluation.evaluate import extract_features
+from ...evaluation.multihead import MultiHeadClassifier
+from ...evaluation.probe import OFFICIAL_LRS, fit_official_probe, fit_probe
+from ...models.base import FoundationModel
+from ...models.factory import create_model
+from ...models.clip import wants_quick_gelu
+from ...run.augment import build_augment
+from ...run.runner import _benchmark, _silent_evaluator, make_optimizer
+from ...run.schedule import GradClipPlugin, WarmupCosinePlugin
+from ...run.training import FastNaive, configure_for_device
 from . import official
 
 CPU_TRAIN_STEPS = 2         # timed training steps after one warm-up step, on a CPU
@@ -194,14 +194,13 @@ def describe_device(device: str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {threads} thread{'s' if threads != 1 else ''})"
 
 
-def measure_rates(cfg: RunConfig, plan: RunPlan, combos: list[str], samples: int, device: str,
-                  probe_counts: dict[str, int], cache_format: str = "raw") -> Rates:
+def measure_rates(cfg: RunConfig, plan: RunPlan, encoder: FoundationModel, combos: list[str], samples: int,
+                  device: str, probe_counts: dict[str, int], cache_format: str = "raw") -> Rates:
     """Every rate the projection of `combos` over `plan` needs, on `device`, from `samples` photos
     (at least a batch) cached as the run would cache them at full scale (`cache_format`: compact
     stores decode every batch); probe_counts: each evaluated dataset's probe training features
-    (the size a GPU measures at)."""
+    (the size a GPU measures at); encoder: the protocol's architecture (random_encoder)."""
     scaled = device != "cuda"
-    encoder = random_encoder(cfg)
     classes = tasks.get_task(plan.trained[0]).num_classes
     batch = min(cfg.train.batch_size, samples) if scaled else cfg.train.batch_size
     steps = CPU_TRAIN_STEPS if scaled else max(GPU_TRAIN_STEPS, math.ceil(samples / batch))

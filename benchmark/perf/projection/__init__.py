@@ -1,7 +1,7 @@
 """`cfbench perf --projection PROTOCOL`: a protocol's wall time on this device, projected from the
 tasks' published split sizes and the rates `rates.py` measures, for cfbench and for the official
 code's path. This module holds the arithmetic, the report and the command's flow; rates.py and
-official.py measure.
+official.py measure the rates, memory.py the peak memory.
 
 Per strategy (each is a run of its own): one evaluation round of the pretrained model, then per
 task its LP-init head (where the strategy's head is LP-initialised), its training steps and the
@@ -19,12 +19,13 @@ import strategies
 import tasks
 from tasks.base import holdout_size, published_counts
 
-from ..config import RunConfig, load_config
-from ..config.plan import RunPlan, check_text_needs, make_plan
-from ..errors import CfbenchError
-from ..models import OFFLINE_MODELS, default_image_size
+from ...config import RunConfig, load_config
+from ...config.plan import RunPlan, check_text_needs, make_plan
+from ...errors import CfbenchError
+from ...models import OFFLINE_MODELS, default_image_size
 from . import official
-from .rates import PROBE_FITS, Rates, describe_device, measure_rates
+from .memory import measure_memory
+from .rates import PROBE_FITS, Rates, describe_device, measure_rates, random_encoder, say
 
 # fits an LP-init head costs beyond the round before its task: it reuses that round's features and
 # lr search (runner._lp_init_head), so only the refit on the train split runs -- none where the round's
@@ -230,8 +231,26 @@ def text(result: dict, projections: list[Projection]) -> str:
                  + "; official train " + ", ".join(f"{k} {'-' if v is None else format(v, '.1f')}"
                                                    for k, v in r["official_train"].items())
                  + f"; extraction cfbench {r['extract']:.1f}, official {r['official_extract']:.1f}")
+    lines += memory_lines(result["memory"], h["scaled"])
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
+
+
+def memory_lines(memory: dict, scaled: bool) -> list[str]:
+    """The peak tensor memory, and how it was measured."""
+    how = ("counted storages on this CPU" if scaled else "the GPU allocator's peak") + ", extended linearly from " \
+        f"batches {memory['train_measured_at'][0]} and {memory['train_measured_at'][1]}"
+    steps = ", ".join(f"{combo} {gib:.2f} GiB" for combo, gib in memory["train_gib"].items())
+    lines = [f"peak memory of a training step at batch {memory['train_batch']}: {steps} (tensors: {how}; a GPU adds "
+             "its CUDA context, library workspaces and allocator slack)"]
+    probe = memory.get("probe")
+    if probe:
+        lines.append(f"peak memory of the official probe's full-batch fit on {probe['dataset']} ({probe['features']:,} "
+                     f"x {probe['width']} features, {probe['classes']:,} classes): {probe['gib']:.2f} GiB, plus up to "
+                     f"{memory['resident_gib']:.2f} GiB the training leaves on the device (weights, gradients, "
+                     f"optimizer state, references; measured at {probe['measured_at'][0]:,} and "
+                     f"{probe['measured_at'][1]:,} features, extended linearly)")
+    return lines
 
 
 def _measurable(cfg: RunConfig, chosen: bool) -> tuple[list[str], list[str]]:
@@ -294,7 +313,12 @@ def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, dev
     combos, skipped = _measurable(cfg, bool(chosen))
     sizes = {name: dataset_sizes(name, cfg) for name in plan.evaluated}
     form = cache_format(cfg, sizes)
-    rates = measure_rates(cfg, plan, combos, samples, device, {n: s.probe_train for n, s in sizes.items()}, form)
+    probe_counts = {n: s.probe_train for n, s in sizes.items()}
+    encoder = random_encoder(cfg)
+    rates = measure_rates(cfg, plan, encoder, combos, samples, device, probe_counts, form)
+    say("peak memory of the training steps and the largest probe ...")
+    memory = measure_memory(cfg, encoder, combos, tasks.get_task(plan.trained[0]).num_classes, samples, device,
+                            probe_counts)
     projections = [project(cfg, plan, combo, rates) for combo in combos]
     scaled = device != "cuda"
     header = {"protocol": protocol, "device": describe_device(device), "model": cfg.model.name,
@@ -309,4 +333,5 @@ def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, dev
         skipped.append(f"official training not emulated for {', '.join(unofficial)} (emulated: "
                        f"{', '.join(official.OFFICIAL_STEPS)} with linear heads): no official hours for them")
     result = report(header, rates, projections, _notes(cfg, header) + skipped)
+    result["memory"] = memory
     return result, text(result, projections)

@@ -21,8 +21,8 @@ from torchvision import transforms as T
 
 from tasks.offline import PHOTOS, _photo
 
-from ..evaluation.probe import OFFICIAL_LRS
-from ..models.base import FoundationModel
+from ...evaluation.probe import OFFICIAL_LRS
+from ...models.base import FoundationModel
 
 # num_workers of every official loader (datasets/*.py, datasets/registry.py:get_dataset), capped at the cores here
 OFFICIAL_WORKERS = 16
