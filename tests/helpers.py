@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import open_clip
+import psutil
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -95,3 +96,18 @@ def tiny_clip_model(checkpoint: str) -> CLIPModel:
     """The registered tiny CLIP (`cfbench-tiny-vit`) with a checkpoint's weights and its tokenizer."""
     return CLIPModel(open_clip.create_model("cfbench-tiny-vit", pretrained=checkpoint),
                      open_clip.get_tokenizer("cfbench-tiny-vit"))
+
+
+def launcher_ranks(launcher: int) -> dict[int, int]:
+    """{rank: pid} of a `cfbench run --nproc` / torchrun launcher's worker processes (RANK in their
+    environment). A child that is already a zombie, or gone, is no rank (seen once: a short-lived
+    helper whose environment could not be read)."""
+    found = {}
+    for child in psutil.Process(launcher).children():
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.NoSuchProcess:  # ZombieProcess included
+            continue
+        if rank is not None:
+            found[int(rank)] = child.pid
+    return found

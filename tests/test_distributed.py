@@ -21,7 +21,7 @@ from benchmark.models.factory import check_batchnorm
 from benchmark.run.launch import after_restart
 from benchmark.distributed import World, shard, shard_weight
 from benchmark.run.augment import RandomResizedCropBatch
-from tests.helpers import tiny_clip_rn, tiny_clip_vit
+from tests.helpers import launcher_ranks, tiny_clip_rn, tiny_clip_vit
 
 STRATEGIES = ["ft", "ldifs", "ewc", "l2sp", "zscl"]
 KINDS = ("lp", "zs", "head")  # accuracies: equal; calibration (ECE) follows weights that differ by ~1e-7
@@ -178,17 +178,6 @@ def test_two_gloo_ranks_train_every_strategy_as_one_process_with_augmentation(pe
     _assert_same_runs(one, two)
 
 
-def _ranks_of(launcher: int) -> dict[int, int]:
-    """{rank: pid} of the launcher's worker processes."""
-    found = {}
-    for pid in subprocess.run(["pgrep", "-P", str(launcher)], capture_output=True, text=True).stdout.split():
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        rank = [e for e in env if e.startswith(b"RANK=")]
-        if rank:
-            found[int(rank[0][5:])] = int(pid)
-    return found
-
-
 def test_a_killed_rank_ends_the_job_in_one_line_and_resume_under_the_launcher_is_exact(perturbed_clip, plain_runs,
                                                                                       tmp_path):
     configs = perturbed_clip[1]
@@ -219,7 +208,7 @@ def _kill_rank_1_in_the_second_task(config: Path, out: Path, configs: str) -> _K
             assert job.poll() is None, job.communicate()[1][-3000:]
             assert time.monotonic() < deadline, "the first task did not finish in 300 s"
             time.sleep(0.05)
-        os.kill(_ranks_of(job.pid)[1], signal.SIGKILL)
+        os.kill(launcher_ranks(job.pid)[1], signal.SIGKILL)
     except BaseException:  # a failed wait must not leave the job training through the rest of the suite
         job.kill()  # its ranks die with it
         job.communicate()

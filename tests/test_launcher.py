@@ -8,11 +8,13 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
 from benchmark.errors import CfbenchError
 from benchmark.run.launch import launch_local, prepare_rank_logs
+from tests.helpers import launcher_ranks
 
 # A rank of a job with a real rendezvous: it joins the gloo group, reduces twice, and on the first
 # attempt rank 1 is killed between the two reductions (mid-run); each finished rank leaves a file.
@@ -91,21 +93,6 @@ def _launcher(tmp_path: Path, launched: list) -> subprocess.Popen:
     return launched[-1]
 
 
-def _ranks(launcher: subprocess.Popen) -> list[int]:
-    """The launcher's rank processes. Another child may be a zombie until it is reaped (seen once: a
-    short-lived helper process), whose command line cannot be read: it is no rank."""
-    import psutil
-
-    ranks = []
-    for child in psutil.Process(launcher.pid).children():
-        try:
-            if "benchmark" in " ".join(child.cmdline()):
-                ranks.append(child.pid)
-        except psutil.NoSuchProcess:  # ZombieProcess included
-            continue
-    return ranks
-
-
 def _wait_for(condition, launcher: subprocess.Popen, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -117,10 +104,8 @@ def test_the_launcher_ends_in_one_line_on_sigterm_and_takes_its_ranks_down_on_si
     """SIGTERM of `cfbench run --nproc 2` once its ranks run: exit 143 and the documented one line,
     no traceback (torch's launcher takes the signal over). kill -9 of another: no rank left after
     15 s (they died with it; without PR_SET_PDEATHSIG both were still training)."""
-    import psutil
-
     job = _launcher(tmp_path / "term", launched)
-    _wait_for(lambda: len(_ranks(job)) == 2, job)
+    _wait_for(lambda: len(launcher_ranks(job.pid)) == 2, job)
     time.sleep(1)
     job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=60)
@@ -129,8 +114,8 @@ def test_the_launcher_ends_in_one_line_on_sigterm_and_takes_its_ranks_down_on_si
     assert "Traceback" not in err and err.rstrip().endswith(lines[0])
 
     job = _launcher(tmp_path / "kill", launched)
-    _wait_for(lambda: len(_ranks(job)) == 2, job)
-    ranks = [psutil.Process(pid) for pid in _ranks(job)]
+    _wait_for(lambda: len(launcher_ranks(job.pid)) == 2, job)
+    ranks = [psutil.Process(pid) for pid in launcher_ranks(job.pid).values()]
     job.kill()
     job.wait()
     gone, alive = psutil.wait_procs(ranks, timeout=15)
