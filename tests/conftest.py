@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*QP solver.*")
-from tests.helpers import THREADS  # noqa: E402
+from tests.helpers import THREADS, no_job_outlives_the_block  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
@@ -26,6 +26,12 @@ def private_cache(tmp_path_factory):
         os.environ.pop("CFBENCH_CACHE", None)
     else:
         os.environ["CFBENCH_CACHE"] = old
+
+
+@pytest.fixture(autouse=True)
+def no_cfbench_job_outlives_its_test():
+    with no_job_outlives_the_block():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,12 @@
-"""Tiny random-weight models for tests only (never used as a pretrained default)."""
+"""What tests share: tiny random-weight models (never used as a pretrained default), configs, and the
+processes a test starts (a launcher's ranks; no cfbench job outlives its test)."""
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
 import psutil
+import pytest
 import torch
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
@@ -111,3 +114,41 @@ def launcher_ranks(launcher: int) -> dict[int, int]:
         if rank is not None:
             found[int(rank)] = child.pid
     return found
+
+
+def _cfbench_job(process: psutil.Process) -> bool:
+    """`python -m benchmark...` (cfbench, its ranks, a sweep's worker), the `cfbench` script, or torchrun."""
+    try:
+        argv = process.cmdline()
+    except psutil.Error:
+        return False
+    return (any(a == "-m" and b.split(".")[0] == "benchmark" for a, b in zip(argv, argv[1:]))
+            or any(Path(a).name in ("cfbench", "torchrun") for a in argv[:2]) or "torch.distributed.run" in argv)
+
+
+def _jobs() -> dict[int, psutil.Process]:
+    return {p.pid: p for p in psutil.Process().children(recursive=True) if _cfbench_job(p)}
+
+
+@contextmanager
+def no_job_outlives_the_block(grace_s: float = 15.0):
+    """A cfbench job started inside the block and still running grace_s after it ends is killed, with
+    its children, and reported as a failure: a job a failed test leaves behind trains on through the
+    rest of the suite (once: pytest 440 -> 615 s)."""
+    before = set(_jobs())
+    yield
+    left = [p for pid, p in _jobs().items() if pid not in before]
+    _, alive = psutil.wait_procs(left, timeout=grace_s) if left else ([], [])
+    if not alive:
+        return
+    described = []
+    for process in alive:
+        try:
+            described.append(" ".join(process.cmdline()))
+            for child in [*process.children(recursive=True), process]:
+                child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    pytest.fail(f"{len(alive)} cfbench job(s) outlived the test and were killed: " + "; ".join(described),
+                pytrace=False)

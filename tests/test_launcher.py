@@ -14,7 +14,7 @@ import yaml
 
 from benchmark.errors import CfbenchError
 from benchmark.run.launch import launch_local, prepare_rank_logs
-from tests.helpers import launcher_ranks
+from tests.helpers import launcher_ranks, no_job_outlives_the_block
 
 # A rank of a job with a real rendezvous: it joins the gloo group, reduces twice, and on the first
 # attempt rank 1 is killed between the two reductions (mid-run); each finished rank leaves a file.
@@ -161,3 +161,27 @@ def test_the_failure_line_names_the_rank_that_failed_first():
     assert failure_line({0: first, 1: killed}, 2).startswith("rank 1 of 2 (pid 4242) was killed by SIGKILL")
     stopped = failure(-15, "", name="SIGTERM")  # the launcher's own stop of the others
     assert failure_line({0: stopped, 1: first}, 2).startswith("rank 1 of 2 failed")
+
+
+def test_a_job_a_test_leaves_running_is_killed_and_reported():
+    """The suite's guard (conftest): a cfbench job started in the block and still running after its
+    grace is killed and fails the test; a job that ends within the grace, another program and a job
+    started before the block are left alone."""
+    def start(*code_and_args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", *code_and_args])
+
+    earlier = start("import time; time.sleep(120)", "-m", "benchmark", "run")
+    try:
+        with pytest.raises(pytest.fail.Exception, match=r"^1 cfbench job\(s\) outlived the test and were killed: "
+                                                        r".*time.sleep\(120\) -m benchmark run$"):
+            with no_job_outlives_the_block(grace_s=1.0):
+                ending = start("import time; time.sleep(0.2)", "-m", "benchmark", "run")
+                stuck = start("import time; time.sleep(120)", "-m", "benchmark", "run")
+                other = start("import time; time.sleep(120)")
+        # the guard reaped both (their exit codes went to psutil): gone within seconds, not 120
+        assert not psutil.pid_exists(stuck.pid) and not psutil.pid_exists(ending.pid)
+        assert other.poll() is None and earlier.poll() is None
+    finally:
+        for job in (earlier, other):
+            job.kill()
+            job.wait()
