@@ -25,8 +25,8 @@ from torch import nn
 
 from benchmark.config import resolve
 from benchmark.config.templates import task_class_names, task_templates
-from benchmark.models.adapters.moe import MoELayer, moe_layers
-from benchmark.models.adapters.selector import TaskSelector, alexnet_features
+from benchmark.models.adapters.moe import moe_layers
+from benchmark.models.adapters.selector import TaskSelector
 from benchmark.report.run_folder import CHECKPOINT
 from benchmark.run.runner import run_strategy
 from strategies.context import BuildContext

@@ -13,7 +13,7 @@ from ..config.deviations import count_label
 from ..errors import CfbenchError
 from ..evaluation.matrix import PRETRAINED, Matrix
 from ..evaluation.metrics import METRIC_KEYS, compute_metrics
-from ..evaluation.within import PREFIX, Curve, curve_files, matrix_files
+from ..evaluation.within import PREFIX, Curve, matrix_files
 from ..files import atomic_write_json, atomic_write_text
 from ..records import read_deviations, read_metrics, read_progress, read_run_config_for_reports
 from .figures import comparison_figure, curves_figure, describe_runs, group_runs
