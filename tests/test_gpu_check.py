@@ -15,6 +15,7 @@ def test_the_gpu_check_runs_every_part_tiny_on_the_cpu_and_writes_its_report(tmp
     probe = parts["official_probe"]
     # 6,000 full-batch steps (five lrs and the refit, 1,000 each), from the rounded per-step time
     assert probe["features"] == 2000 and abs(probe["projected_probe_s"] - probe["seconds_per_step"] * 6000) <= 0.35
+    assert probe["peak_gib"] >= round(2000 * (16 + 10) * 4 / 2 ** 30, 4)  # the features' copy and the logits
     assert parts["one_rank_group"]["backend"] == "gloo"
     assert parts["projection"]["header"]["protocol"] == "ldifs"
     assert parts["projection"]["header"]["model"] == "cfbench-gpu-check-tiny"  # the protocol's ViT-B/32: 25 s more
