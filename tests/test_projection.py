@@ -123,7 +123,12 @@ def test_projection_command_runs_end_to_end_and_prints_json(tiny_clip_checkpoint
     assert (probe["dataset"], probe["features"], probe["classes"]) == ("imagenet", 1_261_167, 1000)
     # at least the features, their normalized copy, the logits and the logits' gradient, in fp32
     assert probe["gib"] >= 1_261_167 * (2 * probe["width"] + 2 * 1000) * 4 / 2 ** 30
+    floor = result["compute_floor"]  # the ldifs protocol trains in fp32
+    assert floor["precision"] == "fp32" and floor["datasheet_tflops"] == {"H100 SXM": 67.0, "A100 SXM": 19.5}
+    assert 0 < floor["train_flops"]["ft"] < floor["train_flops"]["ldifs"] < floor["flops"]["ldifs"]
+    assert floor["hours"]["ft"]["H100 SXM"] == pytest.approx(floor["flops"]["ft"] / 67e12 / 3600)
     table = text(result, projections)
+    assert "compute floor at a GPU's datasheet peak (fp32 TFLOP/s in brackets): ft " in table
     assert "peak memory of a training step at batch 128: ft" in table and "on imagenet (1,261,167 x" in table
     assert table.startswith("# cfbench perf --projection ldifs: CPU") and "scaled linearly" in table
     assert "\nimagenet " in table and "\ntotal " in table and "ratio" in table

@@ -1,6 +1,6 @@
 """The README's first screen, as a newcomer reads it: the two commands come first, and the paper
 protocol's size figures are the ones cfbench computes -- images and raw cache from the published
-counts, the ImageNet probe's memory from its counted tensors. (The training steps' 5.9 / 6.6 GiB
+counts, the ImageNet probe's memory from its counted tensors, the hours' floor from counted FLOPs. (The training steps' 5.9 / 6.6 GiB
 take a minute and a half on the protocol's ViT-B/32: BENCHMARKS.md has the command.)"""
 import re
 from pathlib import Path
@@ -11,7 +11,8 @@ import tasks
 from benchmark.config import load_config
 from benchmark.config.plan import make_plan
 from benchmark.perf.projection.memory import GIB, probe_peak
-from benchmark.perf.projection import dataset_sizes
+from benchmark.perf.projection.rates import random_encoder
+from benchmark.perf.projection import compute_floor, dataset_sizes
 from tasks.base import published_counts
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -36,4 +37,16 @@ def test_the_ldifs_protocols_images_disk_and_probe_memory_are_what_cfbench_compu
     width = open_clip.get_model_config(cfg.model.name)["embed_dim"]
     probe = probe_peak(width, tasks.get_task("imagenet").num_classes, features, "cpu").at(features) / GIB
     assert f"{features / 1e6:.2f} M training features: {probe:.1f} GiB" in front
-    assert "cfbench perf --projection ldifs" in front and "GPU hours are a projection only" in front
+    assert "cfbench perf --projection ldifs" in front and "GPU hours have not been measured yet" in front
+
+
+def test_the_ldifs_protocols_compute_floor_is_what_cfbench_counts():
+    """The floor under its GPU hours: the FLOPs flops.py counts on the protocol's ViT-B/32 (random
+    weights; 10 s here) at the datasheet peaks."""
+    cfg = load_config(None, {"protocol": "ldifs"})
+    floor = compute_floor(cfg, make_plan(cfg), random_encoder(cfg), ["ft", "ldifs"])
+    hours = floor["hours"]
+    front = " ".join(FRONT.split())
+    assert (f"take {hours['ft']['H100 SXM']:.1f} h (FT) and {hours['ldifs']['H100 SXM']:.1f} h (LDIFS) at an H100 "
+            f"SXM's fp32 datasheet peak, {hours['ft']['A100 SXM']:.1f} h and {hours['ldifs']['A100 SXM']:.1f} h at "
+            "an A100's") in front

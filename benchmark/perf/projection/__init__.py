@@ -24,6 +24,7 @@ from ...config.plan import RunPlan, check_text_needs, make_plan
 from ...errors import CfbenchError
 from ...models import OFFLINE_MODELS, default_image_size
 from . import official
+from .flops import DATASHEET_TFLOPS, floor_hours, flop_rates, probe_classes
 from .memory import measure_memory
 from .rates import PROBE_FITS, Rates, describe_device, measure_rates, random_encoder, say
 
@@ -232,6 +233,7 @@ def text(result: dict, projections: list[Projection]) -> str:
                                                    for k, v in r["official_train"].items())
                  + f"; extraction cfbench {r['extract']:.1f}, official {r['official_extract']:.1f}")
     lines += memory_lines(result["memory"], h["scaled"])
+    lines += floor_lines(result["compute_floor"])
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
 
@@ -251,6 +253,29 @@ def memory_lines(memory: dict, scaled: bool) -> list[str]:
                      f"optimizer state, references; measured at {probe['measured_at'][0]:,} and "
                      f"{probe['measured_at'][1]:,} features, extended linearly)")
     return lines
+
+
+def compute_floor(cfg: RunConfig, plan: RunPlan, encoder, combos: list[str]) -> dict:
+    """Each strategy's counted FLOPs over the plan (flops.py) and their hours at GPUs' datasheet peaks."""
+    say("counting the FLOPs of the training steps, the extraction and the probes ...")
+    rates = flop_rates(cfg, encoder, combos, tasks.get_task(plan.trained[0]).num_classes, probe_classes(plan.evaluated))
+    precision = "fp32" if cfg.train.precision == "fp32" else "bf16"
+    flops = {combo: project(cfg, plan, combo, rates).total.cost for combo in combos}
+    return {"precision": precision, "datasheet_tflops": {gpu: peaks[precision] for gpu, peaks in DATASHEET_TFLOPS.items()},
+            "flops": {combo: c.train + c.eval for combo, c in flops.items()},
+            "train_flops": {combo: c.train for combo, c in flops.items()},
+            "hours": {combo: floor_hours(c.train + c.eval, precision) for combo, c in flops.items()}}
+
+
+def floor_lines(floor: dict) -> list[str]:
+    peaks = floor["datasheet_tflops"]
+    per_strategy = "; ".join(
+        f"{combo} {floor['flops'][combo]:.2e} FLOP: " + ", ".join(f"{h:,.1f} h on an {gpu} ({peaks[gpu]:g})"
+                                                                  for gpu, h in floor["hours"][combo].items())
+        for combo in floor["flops"])
+    return [f"compute floor at a GPU's datasheet peak ({floor['precision']} TFLOP/s in brackets): {per_strategy} -- "
+            "counted matrix products and convolutions only, so a real run takes longer (memory traffic, kernel "
+            "launches, data loading, text passes); a floor, not a projection"]
 
 
 def _measurable(cfg: RunConfig, chosen: bool) -> tuple[list[str], list[str]]:
@@ -334,4 +359,5 @@ def run_projection(protocol: str, chosen: Optional[list[str]], samples: int, dev
                        f"{', '.join(official.OFFICIAL_STEPS)} with linear heads): no official hours for them")
     result = report(header, rates, projections, _notes(cfg, header) + skipped)
     result["memory"] = memory
+    result["compute_floor"] = compute_floor(cfg, plan, encoder, combos)
     return result, text(result, projections)
