@@ -1,7 +1,8 @@
 """`cfbench perf --projection PROTOCOL`: a protocol's wall time on this device, projected from the
 tasks' published split sizes and the rates `rates.py` measures, for cfbench and for the official
-code's path. This module holds the arithmetic, the report and the command's flow; rates.py and
-official.py measure the rates, memory.py the peak memory.
+code's path; beside it the protocol's peak memory (memory.py) and a floor under its GPU hours, its
+counted FLOPs at datasheet peaks (flops.py). This module holds the arithmetic, the report and the
+command's flow; rates.py and official.py measure the rates.
 
 Per strategy (each is a run of its own): one evaluation round of the pretrained model, then per
 task its LP-init head (where the strategy's head is LP-initialised), its training steps and the
