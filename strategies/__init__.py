@@ -201,8 +201,8 @@ register_strategy(StrategySpec("lwf-vr", "ZSCL's LwF-VR baseline: lwf-clip with 
                                {"temperature": 2.0, "weight": 1.0, "text_loss": True, "ref_batch_size": 64},
                                needs_text=True, allowed=_LWF_CLIP_ALLOWED))
 
-# ZSCL's iCaRL baseline (scripts/icarl.sh; strategies/icarl.py cites every value). Exemplars: positions in each
-# task's `train.split` (its cached, un-augmented images); distillation texts: the current task's class prompts.
+# ZSCL's iCaRL baseline (scripts/icarl.sh; strategies/icarl.py cites every value). Exemplars: positions in the
+# images each task trains on (its cached, un-augmented, capped `train.split`); distillation texts: its class prompts.
 register_strategy(StrategySpec("icarl", "ZSCL's iCaRL baseline: a memory of the previous tasks' images (herding) on "
                                "which the pretrained CLIP is distilled against the current task's class prompts",
                                "icarl:build",

@@ -17,6 +17,7 @@ class BuildContext:
     cache_format: str = "raw"
     tasks: tuple[str, ...] = ()                            # the trained tasks, in order
     train_split: str = "train"                             # the split the tasks train on (train.split)
+    train_cap: Optional[int] = None                        # its per-class cap (train.max_train_per_class)
     template_of: Optional[Callable[[str], str]] = None     # task -> the prompt template the run uses
     templates_of: Optional[Callable[[str], list[str]]] = None  # task -> every template the run uses
     classes_of: Optional[Callable[[str], list[str]]] = None  # task -> the class names the run uses

@@ -35,8 +35,8 @@ never added (icarl.py:207-221: the run is fine-tuning); nor --ls 0.2; and --iter
 setting. Table 3's iCaRL row is not fine-tuning's, so the loss was on: `weight` 1 and `text_loss`
 as lwf.sh and ZSCL.sh pass them (--image_loss --text_loss).
 
-cfbench keeps the memory as positions in each task's train split (the split the task trains on,
-its cached un-augmented images), so the checkpoint holds a few integer tensors, and reads the
+cfbench keeps the memory as positions in the images each task trains on (its `train.split` as
+capped by `train.max_train_per_class`: cached, un-augmented), so the checkpoint holds a few integer tensors, and reads the
 images back from the cache. Teacher image features are cached per exemplar within a task (the
 teacher is frozen and exemplars are not augmented, as in ZSCL). Herding features are extracted in
 batches (the official: one image at a time) and not after the last task (the official builds a
@@ -54,7 +54,7 @@ from torch import Tensor
 from tasks.compact import ImageStore, gather
 
 from .context import BuildContext
-from .references import class_prompts, reference_images
+from .references import class_prompts, training_images
 from .zscl import ZSCLPlugin
 
 SELECTIONS = ("official", "herding")
@@ -109,7 +109,7 @@ class ExemplarImages(ImageStore):
 
 
 class ICaRLPlugin(ZSCLPlugin):
-    """ZSCL's iCaRL (module docstring). images_of(t): task t's train split images (tensor or
+    """ZSCL's iCaRL (module docstring). images_of(t): the images task t trains on (tensor or
     compact store); prompts_of(t): its class prompts; num_tasks: the sequence's length (no memory is
     built after the last task). `memory[j]`: the exemplars of task j as positions in images_of(j),
     in picking order (tensors: `--resume` restores them exactly)."""
@@ -220,7 +220,7 @@ class ICaRLPlugin(ZSCLPlugin):
 
 
 def build(ctx: BuildContext, **kw) -> list:
-    """Exemplars: positions in each task's `train.split` (its cached, un-augmented images);
-    distillation texts: the current task's class prompts."""
-    return [ICaRLPlugin(images_of=lambda t: reference_images(ctx, ctx.tasks[t], ctx.train_split),
+    """Exemplars: positions in the images each task trains on (`train.split` as capped, cached and
+    un-augmented); distillation texts: the current task's class prompts."""
+    return [ICaRLPlugin(images_of=lambda t: training_images(ctx, ctx.tasks[t]),
                         prompts_of=lambda t: class_prompts(ctx, ctx.tasks[t]), num_tasks=len(ctx.tasks), **kw)]

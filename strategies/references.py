@@ -17,6 +17,13 @@ def reference_images(ctx: BuildContext, task: str, split: str):
                       cache_format=ctx.cache_format).x
 
 
+def training_images(ctx: BuildContext, task: str):
+    """The images `task` trains on: `train.split` as the run caps it (the same seeded selection), so
+    that distillation on a task's own data (LwF, iCaRL's memory) sees no image the task did not."""
+    return load_split(task, ctx.train_split, ctx.image_size, ctx.data_root, ctx.train_cap, ctx.seed, ctx.cache_dir,
+                      ctx.cache_format).x
+
+
 def class_prompts(ctx: BuildContext, task: str) -> list[str]:
     """One prompt per class: the first template over the class names the run uses."""
     template = ctx.template_of(task) if ctx.template_of else get_task(task).templates[0]

@@ -81,8 +81,8 @@ def parity_machine(tmp_path, seed: int) -> dict:
 
 def assert_resumed_run_is_the_uninterrupted_one(full: Path, part: Path, marker: str) -> None:
     """`part`, stopped after its first task and resumed with `cfbench run --resume`, equals `full` bit for
-    bit: every tensor of the final state.pt (which holds `marker`, the strategy's own state) and its zs,
-    lp and head matrices."""
+    bit: every tensor of the final state.pt (which holds `marker`, the strategy's own state) and every
+    matrix the runs wrote (zs, lp, head, ECE)."""
     from benchmark.cli import main
     from benchmark.report.run_folder import CHECKPOINT
 
@@ -91,8 +91,10 @@ def assert_resumed_run_is_the_uninterrupted_one(full: Path, part: Path, marker: 
     b = torch.load(part / CHECKPOINT, weights_only=True)["model"]
     assert a.keys() == b.keys() and any(marker in k for k in a)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    for name in ("zs", "lp", "head"):
-        assert (part / f"matrices/{name}.csv").read_bytes() == (full / f"matrices/{name}.csv").read_bytes(), name
+    matrices = sorted(p.name for p in (full / "matrices").iterdir())
+    assert {"lp.csv", "head.csv"} <= set(matrices) and matrices == sorted(p.name for p in (part / "matrices").iterdir())
+    for name in matrices:
+        assert (part / "matrices" / name).read_bytes() == (full / "matrices" / name).read_bytes(), name
 
 
 def tiny_clip_model(checkpoint: str) -> CLIPModel:

@@ -270,23 +270,56 @@ def test_zscl_reference_texts_from_a_captions_file(tmp_path):
         build_plugins("zscl", params, BuildContext(image_size=16))
 
 
-def test_resume_with_text_heads_and_zscl_matches_uninterrupted(tiny_clip_checkpoint, tmp_path):
+@pytest.mark.parametrize("strategy", ["zscl", "lwf-clip", "lwf-vr"])
+def test_resume_of_zscl_and_its_lwf_baselines_is_the_uninterrupted_run(tiny_clip_checkpoint, tmp_path, strategy):
+    """A pretrained teacher (zscl) is kept in state.pt; a previous-task teacher (lwf-clip, lwf-vr) is the
+    encoder as the next task starts and is copied again there: the checkpoint holds no second encoder."""
     from benchmark.run.runner import run_strategy
-    from tests.helpers import tiny_config
+    from tests.helpers import assert_resumed_run_is_the_uninterrupted_one, tiny_config
 
     path, _ = tiny_clip_checkpoint
     cfg = tiny_config(tmp_path, {
-        "protocol": "zscl-mtil", "tasks": ["digits", "faces"], "eval_only": [], "strategies": ["zscl"],
+        "protocol": "zscl-mtil", "tasks": ["digits", "faces"], "eval_only": [], "strategies": [strategy],
         "model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
         "train": {"batch_size": 8, "iterations": 4, "schedule_steps": 3, "warmup_steps": 1, "max_train_per_class": 8},
         "eval": {"probe_max_per_class": 4, "test_max_per_class": 4, "templates": None, "classnames": None},
         "strategy_params": {"zscl": {"reference_task": "photo_patches", "avg_freq": 2, "ref_batch_size": 4}},
         "figures": False})
-    full = run_strategy(cfg, "zscl", tmp_path / "full")
-    part = run_strategy(cfg, "zscl", tmp_path / "part", stop_after=1)
-    assert main(["run", "--resume", str(part)]) == 0
-    for kind in ("zs", "lp", "head"):
-        assert (part / f"matrices/{kind}.csv").read_text() == (full / f"matrices/{kind}.csv").read_text(), kind
+    full = run_strategy(cfg, strategy, tmp_path / "full")
+    part = run_strategy(cfg, strategy, tmp_path / "part", stop_after=1)
+    state = torch.load(part / "checkpoints" / "state.pt", weights_only=True)
+    assert {k for plugin in state["plugins"] for k in plugin} == \
+        ({"teacher", "_text_embeddings"} if strategy == "zscl" else set())
+    # every final weight, not the matrices alone: 4 test images per class do not see a wrong teacher
+    assert_resumed_run_is_the_uninterrupted_one(full, part, "text")
+
+
+@pytest.mark.parametrize("strategy", ["lwf-clip", "lwf-vr", "icarl"])
+def test_distillation_on_a_tasks_own_data_sees_only_the_images_it_trains_on(tmp_path, strategy):
+    """LwF's reference set and iCaRL's exemplar candidates are the run's own training images of the
+    task, capped as the run caps them: a 5-shot task (mtil-fewshot) distils on its 5 shots, not on the
+    rest of its split."""
+    from types import SimpleNamespace
+
+    import open_clip
+
+    from benchmark.run.runner import _plugin_context, _read_splits
+    from strategies import build_plugins, resolve_params
+    from tasks.compact import gather
+    from tests.helpers import tiny_config
+
+    trained = ("digits", "faces")
+    cfg = tiny_config(tmp_path, {"protocol": "zscl-mtil", "tasks": list(trained), "eval_only": [],
+                                 "model": {"image_size": 16}, "train": {"max_train_per_class": 8},
+                                 "eval": {"templates": None, "classnames": None}})
+    encoder = SimpleNamespace(image_size=16, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    (plugin,) = build_plugins(strategy, resolve_params(strategy, {}), _plugin_context(cfg, encoder, trained, strategy))
+    train_splits, _ = _read_splits(cfg, trained, ())
+    assert len(train_splits[0]) == 80  # 8 per class of the split's 1,258
+    for t, split in enumerate(train_splits):
+        images = plugin.images_of(t) if strategy == "icarl" else plugin.reference_for(t)[0]
+        everything = slice(0, max(len(images), len(split.x)))
+        assert torch.equal(gather(images, everything, "cpu"), gather(split.x, everything, "cpu")), trained[t]
 
 
 def official_virtual_vocab(encoder_vocab, length=10, n_class=1000):

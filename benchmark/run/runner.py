@@ -208,6 +208,7 @@ def _plugin_context(cfg: RunConfig, encoder, trained: tuple[str, ...], strategy:
         train_head=strategies.train_head(strategy, cfg.train.head),
         image_size=encoder.image_size, seed=cfg.seed, data_root=cfg.data_root, cache_dir=cfg.cache_dir,
         cache_format=cfg.cache_format, tasks=trained, train_split=cfg.train.split,
+        train_cap=cfg.train.max_train_per_class,
         template_of=lambda n: task_templates(n, cfg.eval.templates)[0],
         templates_of=lambda n: list(task_templates(n, cfg.eval.templates)),
         classes_of=lambda n: task_class_names(n, cfg.data_root, cfg.eval.classnames),
