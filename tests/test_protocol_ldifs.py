@@ -515,3 +515,5 @@ def test_lp_init_reuses_the_rounds_probe_and_resumes_byte_identical(tiny_clip_ch
     assert len(searches) == 2  # the round after eurosat; the eurosat head came from the checkpoint
     for kind in ("lp", "head", "zs", "lp_ece"):
         assert (part / f"matrices/{kind}.csv").read_bytes() == (full / f"matrices/{kind}.csv").read_bytes()
+    resumed, uninterrupted = (torch.load(run / "checkpoints/state.pt", weights_only=True)["model"] for run in (part, full))
+    assert [k for k, v in uninterrupted.items() if not torch.equal(resumed[k], v)] == []  # the LP-init head too
