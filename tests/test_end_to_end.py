@@ -14,6 +14,7 @@ from benchmark.cli import main
 from benchmark.config import TrainConfig, load_config
 from benchmark.evaluation.matrix import Matrix
 from benchmark.run.runner import run_strategy
+from tasks.loading import load_split
 from tests.helpers import THREADS, assert_resumed_run_is_the_uninterrupted_one, tiny_config
 
 # the smallest run that still trains both offline tasks and probes every column
@@ -199,6 +200,30 @@ def test_every_image_only_strategy_runs_on_the_offline_tasks(tmp_path, strategy)
     assert lp.rows == ["pretrained", "digits", "faces"]
     assert np.all((lp.array() >= 0) & (lp.array() <= 100))
     assert json.loads((run / "progress.json").read_text())["finished"]
+
+
+@pytest.mark.parametrize("train_cap, probe_cap", [(4, 6), (6, 4)])
+def test_an_lp_init_head_sees_only_the_images_its_task_trains_on(tmp_path, monkeypatch, train_cap, probe_cap):
+    """LP-init fits on the round's probe images while the task trains on all of them (a smaller
+    per-class cap keeps the first of the same seeded draw), else on the task's own training images:
+    a 4-shot task's head is fitted on its 4 shots, not on the probe's 6."""
+    import benchmark.run.runner as runner
+    from tasks.registry import select
+
+    fitted = []
+    fit = runner.lp_init_weights
+    monkeypatch.setattr(runner, "lp_init_weights", lambda s, work, *a: fitted.append(work.train_y.clone()) or
+                        fit(s, work, *a))
+    cfg = tiny_config(tmp_path, SMALL, {"eval_only": [], "train": {"max_train_per_class": train_cap},
+                                        "eval": {"probe_max_per_class": probe_cap}})
+    run_strategy(cfg, "ft", tmp_path / "run")
+    shots = min(train_cap, probe_cap)
+    for name, labels in zip(("digits", "faces"), fitted, strict=True):
+        trained = load_split(name, "train", 32, None, train_cap, cfg.seed)
+        assert torch.equal(labels, load_split(name, "train", 32, None, shots, cfg.seed).y), name
+        assert len(labels) == shots * len(trained.y.unique())
+    small, large = (set(select("digits", "train", None, cap, cfg.seed)[2]) for cap in (4, 6))
+    assert small < large
 
 
 @pytest.mark.parametrize("strategy", ["ewc", "lwf"])

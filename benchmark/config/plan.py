@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import strategies
 import tasks as task_registry
@@ -94,6 +95,17 @@ def split_specs(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str,
     evals = {n: [(n, "train", cap), (n, "test", cfg.eval.test_max_per_class)]
              + ([(n, "val", cap)] if cfg.eval.probe == "official" else []) for n in eval_names}
     return train, evals
+
+
+def lp_init_split(cfg: RunConfig) -> tuple[str, Optional[int]]:
+    """(split, per-class cap) an LP-init head is fitted on: the evaluation probe's train images while the
+    task trains on every one of them (the round's features then serve), else the images the task trains
+    on, so that a head never sees an image its task does not (a 5-shot task's head: its 5 shots). Caps
+    take from one seeded permutation per class: a smaller cap keeps the first of the same images."""
+    train_cap, probe_cap = cfg.train.max_train_per_class, cfg.eval.probe_max_per_class
+    if train_cap is None or (cfg.train.split == "train" and probe_cap is not None and probe_cap <= train_cap):
+        return "train", probe_cap
+    return cfg.train.split, train_cap
 
 
 def choose_cache_format(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]) -> str:

@@ -31,7 +31,7 @@ from tasks.loading import load_split
 
 from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
-from ..config.plan import RunPlan, check_text_needs, choose_cache_format, make_plan, split_specs
+from ..config.plan import RunPlan, check_text_needs, choose_cache_format, lp_init_split, make_plan, split_specs
 from ..config.templates import task_class_names, task_templates
 from ..distributed import barrier, once, rank_environment, world
 from ..errors import CfbenchError, ResumeRefused
@@ -150,6 +150,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
     learner = _learner(cfg, model, train_splits, plugins, trained, device, [*trackers.plugins(plugins), *within])
     stream = _benchmark(train_splits).train_stream
     lp_init = cfg.train.head == "linear" and strategies.head_init(strategy, cfg.train.head_init) == "lp"
+    keep_probe = lp_init and lp_init_split(cfg) == ("train", cfg.eval.probe_max_per_class)  # else fitted apart
 
     def next_lp_head(t: int, result: RoundResult) -> Optional[LPHead]:
         """Task t's LP-init head, from the round just evaluated (the same encoder): its probe work reused."""
@@ -169,7 +170,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         start = 0
         # before any training the current text tower is the pretrained one: its classifiers serve
         pretrained = _pretrained_round(cfg, model, eval_sets, pretrained_zs, device,
-                                       keep=trained[:1] if lp_init else [])
+                                       keep=trained[:1] if keep_probe else [])
         _add_rows(matrices, PRETRAINED, pretrained, trackers)
         for kind, curve in curves.items():
             curve.add(PRETRAINED, 0, 0, pretrained.cells[kind])
@@ -184,7 +185,7 @@ def _train_sequence(cfg: RunConfig, strategy: str, encoder, plugins: list, run_d
         learner.train(stream[t], eval_streams=[], reset_optimizer_state=True)
         result = evaluate_round(model, eval_sets, {trained[i]: i for i in range(t + 1)}, cfg.eval, device,
                                 cfg.seed, zs_for_eval, desc=f"eval after {name}",
-                                keep=trained[t + 1:t + 2] if lp_init else [])
+                                keep=trained[t + 1:t + 2] if keep_probe else [])
         _add_rows(matrices, name, result, trackers)
         next_head = next_lp_head(t + 1, result)
         if writer:
@@ -365,14 +366,15 @@ def _init_head(cfg: RunConfig, strategy: str, model: MultiHeadClassifier, task: 
 def _lp_init_head(cfg: RunConfig, model: MultiHeadClassifier, name: str, kept: Optional[ProbeWork],
                   device: str) -> LPHead:
     """LP-init weights for task `name` from the current encoder: the evaluation round's probe work
-    when it was kept (the same features, the official probe's lr search), else features extracted
-    here; the val features the round's probe did not need (sklearn) are extracted here."""
-    cap, batch = cfg.eval.probe_max_per_class, cfg.eval.batch_size
+    when it was kept (the same features, the official probe's lr search), else features of the
+    images `lp_init_split` names, extracted here; the val features the round's probe did not need
+    (sklearn) are extracted here."""
+    batch = cfg.eval.batch_size
     if kept is None:
-        train = _split(cfg, name, "train", cap)
+        train = _split(cfg, name, *lp_init_split(cfg))
         kept = ProbeWork(extract_features(model.encoder, train.x, batch, device), train.y)
     if kept.val_f is None:
-        val = _split(cfg, name, "val", cap)
+        val = _split(cfg, name, "val", cfg.eval.probe_max_per_class)
         kept.val_f, kept.val_y = extract_features(model.encoder, val.x, batch, device), val.y
     weight, bias, how = once(lambda: lp_init_weights(cfg.eval, kept, task_registry.get_task(name).num_classes,
                                                      cfg.seed, device))  # fitted by rank 0 alone under DDP
