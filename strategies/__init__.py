@@ -245,7 +245,7 @@ register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP f
                                {"experts": 22, "top_k": 2, "freeze_top": 2, "bottleneck": 64, "extractor": "alexnet",
                                 "threshold": 0.0655, "reference_task": None, "reference_iterations": 1000,
                                 "selector_iterations": 300, "selector_batch_size": 64, "selector_lr": 0.01,
-                                "selector_lr_decay": True},
+                                "selector_lr_decay": True, "selector_epoch": "trained"},
                                adapts="moe_adapters:install", replaces=("parameters", "forward"), needs_text=True,
                                head="text", routes_eval_batches=True,
                                not_data_parallel="its routers draw gating noise per sample from each process's own "
@@ -254,12 +254,16 @@ register_strategy(StrategySpec("moe-adapters", "MoE-Adapters (CVPR 2024): CLIP f
                                      "official selector); clip: the frozen CLIP image embedding (not the paper's; "
                                      "set threshold for it); alexnet-random: tests only. reference_task: the "
                                      "selector's zero-shot slot (TinyImageNet officially; null: left untrained). "
-                                     "Accuracy depends on eval.batch_size: the selector picks one task per batch",
+                                     "Accuracy depends on eval.batch_size: the selector picks one task per batch. "
+                                     "selector_epoch: what an epoch of the selector's lr decay counts, the batches of "
+                                     "the images it fits (trained) or of the task's whole train split (split: the "
+                                     "few-shot script)",
                                allowed={"experts": AT_LEAST_ONE, "top_k": AT_LEAST_ONE, "freeze_top": NON_NEGATIVE,
                                         "bottleneck": AT_LEAST_ONE, "threshold": POSITIVE,
                                         "extractor": Allowed(choices=("alexnet", "clip", "alexnet-random")),
                                         "reference_iterations": NON_NEGATIVE, "selector_iterations": NON_NEGATIVE,
-                                        "selector_batch_size": AT_LEAST_ONE, "selector_lr": POSITIVE}))
+                                        "selector_batch_size": AT_LEAST_ONE, "selector_lr": POSITIVE,
+                                        "selector_epoch": Allowed(choices=("trained", "split"))}))
 
 register_strategy(StrategySpec("diki", "DIKI (ECCV 2024): CLIP frozen, per-task prefix keys and values in the first "
                                "blocks of both towers behind their own softmax, added before out_proj; per-task "

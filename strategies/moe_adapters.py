@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from torch import nn
 
+from tasks import split_count
 from tasks.compact import gather
 
 from benchmark.models.adapters import FrozenImageFeatures, count_parameters, train_adapters_only, vit_towers
@@ -65,7 +66,7 @@ class SelectorRoute:
 def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top: int, bottleneck: int,
             extractor: str, threshold: float, reference_task: Optional[str], reference_iterations: int,
             selector_iterations: int, selector_batch_size: int, selector_lr: float = 0.01,
-            selector_lr_decay: bool = True) -> None:
+            selector_lr_decay: bool = True, selector_epoch: str = "trained") -> None:
     towers = vit_towers(encoder, "experts")
     if not context.tasks:
         raise ValueError("needs the run's trained tasks (one router each)")
@@ -88,9 +89,9 @@ def install(encoder, context: BuildContext, experts: int, top_k: int, freeze_top
 class MoEAdaptersPlugin(SupervisedPlugin):
     def __init__(self, context: BuildContext, freeze_top: int, reference_task: Optional[str],
                  reference_iterations: int, selector_iterations: int, selector_batch_size: int,
-                 selector_lr: float = 0.01, selector_lr_decay: bool = True):
+                 selector_lr: float = 0.01, selector_lr_decay: bool = True, selector_epoch: str = "trained"):
         super().__init__()
-        self.selector_lr, self.selector_lr_decay = selector_lr, selector_lr_decay
+        self.selector_lr, self.selector_lr_decay, self.selector_epoch = selector_lr, selector_lr_decay, selector_epoch
         self.context, self.freeze_top = context, freeze_top
         self.reference_task, self.reference_iterations = reference_task, reference_iterations
         self.selector_iterations, self.selector_batch_size = selector_iterations, selector_batch_size
@@ -107,10 +108,19 @@ class MoEAdaptersPlugin(SupervisedPlugin):
             images = reference_images(self.context, self.reference_task, "train")
             self._fit(encoder, 0, images, self.reference_iterations, seed=self.context.seed * 1000 - 1)
         self._fit(encoder, t + 1, strategy.train_splits[t].x, self.selector_iterations,
-                  seed=self.context.seed * 1000 + t)
+                  seed=self.context.seed * 1000 + t, epoch=self._epoch_batches(t))
         set_route(encoder, t)
 
-    def _fit(self, encoder, slot: int, images, iterations: int, seed: int) -> None:
+    def _epoch_batches(self, t: int) -> Optional[int]:
+        """selector_epoch split: the batches of task t's whole train split, the few-shot script's
+        `num_batches = len(dataset.train_loader)` (few_shot_AutoEncoder.py:193), which restarts its 5-shot
+        loader (:199-200) and steps the lr decay (:211); trained: None, the batches of the images fitted."""
+        if self.selector_epoch == "trained":
+            return None
+        ctx = self.context
+        return -(-split_count(ctx.tasks[t], ctx.train_split, ctx.data_root, None, ctx.seed) // self.selector_batch_size)
+
+    def _fit(self, encoder, slot: int, images, iterations: int, seed: int, epoch: Optional[int] = None) -> None:
         count = len(images)
         per_epoch = -(-count // self.selector_batch_size)
         generator = torch.Generator().manual_seed(seed)
@@ -122,7 +132,8 @@ class MoEAdaptersPlugin(SupervisedPlugin):
                 index = order[k * self.selector_batch_size:(k + 1) * self.selector_batch_size]
                 yield encoder.normalize(gather(images, index, device))
 
-        loss = encoder.selector.fit_slot(slot, batches, per_epoch, iterations, self.selector_lr, self.selector_lr_decay)
+        loss = encoder.selector.fit_slot(slot, batches, epoch or per_epoch, iterations, self.selector_lr,
+                                         self.selector_lr_decay)
         log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)
 
     def training_forward(self, strategy) -> torch.Tensor:
@@ -143,8 +154,8 @@ class MoEAdaptersPlugin(SupervisedPlugin):
 def build(context: BuildContext, experts: int = 22, top_k: int = 2, freeze_top: int = 2, bottleneck: int = 64,
           extractor: str = "alexnet", threshold: float = 0.0655, reference_task: Optional[str] = None,
           reference_iterations: int = 1000, selector_iterations: int = 300, selector_batch_size: int = 64,
-          selector_lr: float = 0.01, selector_lr_decay: bool = True) -> list:
+          selector_lr: float = 0.01, selector_lr_decay: bool = True, selector_epoch: str = "trained") -> list:
     if top_k > experts or freeze_top > experts:
         raise ValueError(f"top_k ({top_k}) and freeze_top ({freeze_top}) must not exceed experts ({experts})")
     return [MoEAdaptersPlugin(context, freeze_top, reference_task, reference_iterations, selector_iterations,
-                              selector_batch_size, selector_lr, selector_lr_decay)]
+                              selector_batch_size, selector_lr, selector_lr_decay, selector_epoch)]

@@ -191,9 +191,11 @@ def official_finetune(model, task_id, frozen_list, lr, normalize, tokens, images
     return frozen
 
 
-def official_train_autoencoder(autoencoder, feature_extractor, batches, num_batches, total_iterations):
+def official_train_autoencoder(autoencoder, feature_extractor, batches, num_batches, total_iterations, init_lr=0.01):
     """AutoEncoder.py:155-189: Adam(lr 0.003, wd 1e-4), lr reset to 0.01 * 0.1 ** (epoch // 10) every
-    step; `batches` is the loader (cfbench's selector batches, so both sides see the same)."""
+    step; `batches` is the loader (cfbench's selector batches, so both sides see the same). The few-shot
+    chooser (few_shot_AutoEncoder.py:192-222) is the same loop with init_lr 0.003, its 5-shot loader and
+    num_batches = len(dataset.train_loader), the whole train split's (:193)."""
     optimizer_encoder = torch.optim.Adam(autoencoder.parameters(), lr=0.003, weight_decay=0.0001)
     for iteration in range(total_iterations + 1):
         if iteration % num_batches == 0:
@@ -206,7 +208,7 @@ def official_train_autoencoder(autoencoder, feature_extractor, batches, num_batc
         input_to_ae = feature_extractor(images)
         input_to_ae = input_to_ae.view(input_to_ae.size(0), -1)
         for param_group in optimizer_encoder.param_groups:  # exp_lr_scheduler(..., int(iteration/num_batches), 0.01)
-            param_group["lr"] = 0.01 * (0.1 ** (int(iteration / num_batches) // 10))
+            param_group["lr"] = init_lr * (0.1 ** (int(iteration / num_batches) // 10))
         optimizer_encoder.zero_grad()
         input_to_ae = torch.sigmoid(input_to_ae)
         loss = F.mse_loss(autoencoder(input_to_ae), input_to_ae)
@@ -354,3 +356,39 @@ def test_moe_adapters_resumed_after_its_first_task_is_the_uninterrupted_run(moe_
     cfg = _config(tmp_path, path)
     part = run_strategy(cfg.replace(strategies=["moe-adapters"]), "moe-adapters", tmp_path / "part", stop_after=1)
     assert_resumed_run_is_the_uninterrupted_one(full, part, ".moe.frozen")
+
+
+@pytest.mark.parametrize("epoch", [3, 2])
+def test_the_few_shot_selector_counts_epochs_of_the_whole_train_split(epoch):
+    """few_shot_AutoEncoder.py:192-222: a 5-shot loader of 2 batches while an epoch is num_batches of the
+    whole train loader (3 here): the loader starts over every 3 steps and whenever it runs out, and the lr
+    (0.003) steps down after 10 such epochs. fit_slot given that epoch trains the same autoencoder; given
+    the 5-shot loader's own 2 batches (the `trained` epoch) it does not."""
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Flatten(), nn.Linear(12, 8))
+    selector = TaskSelector(extractor, 8, 1, threshold=1.0, seed=0)
+    official = copy.deepcopy(selector.autoencoders[1]).requires_grad_(True)
+    images = torch.rand(24, 3, 2, 2)
+
+    def loader(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return lambda: iter(images[torch.randperm(24, generator=generator)].split(16))
+
+    selector.fit_slot(1, loader(5), epoch, 40, lr=0.003, decay=True)
+    official_train_autoencoder(official, extractor, loader(5), 3, 40, init_lr=0.003)
+    same = all(torch.equal(a, b) for a, b in zip(selector.autoencoders[1].state_dict().values(),
+                                                 official.state_dict().values()))
+    assert same == (epoch == 3)
+
+
+def test_mtil_fewshot_counts_the_selectors_epochs_over_the_whole_train_split():
+    from strategies.moe_adapters import MoEAdaptersPlugin
+    from tasks import split_count
+
+    params = resolve({"protocol": "mtil-fewshot"}).strategy_params["moe-adapters"]
+    assert (params["selector_lr"], params["selector_lr_decay"], params["selector_epoch"]) == (0.003, True, "split")
+    ctx = BuildContext(tasks=TASKS, train_split="trainval", seed=SEED)
+    plugin = MoEAdaptersPlugin(ctx, 2, None, 0, 300, 64, 0.003, True, "split")
+    assert [plugin._epoch_batches(t) for t in range(2)] == [-(-split_count(n, "trainval", None, None, SEED) // 64)
+                                                           for n in TASKS] == [20, 3]  # 1,258 and 140 images
+    assert MoEAdaptersPlugin(ctx, 2, None, 0, 300, 64)._epoch_batches(0) is None

@@ -75,9 +75,10 @@ class TaskSelector(nn.Module):
 
     def fit_slot(self, slot: int, batches: Callable[[], Iterator[torch.Tensor]], batches_per_epoch: int,
                  iterations: int, lr: float = 0.01, decay: bool = True, weight_decay: float = 1e-4) -> float:
-        """Trains autoencoder `slot` on normalised images from `batches()` (a fresh pass each time it
-        runs out); returns the last loss. decay false: `lr` throughout (the few-shot script's
-        autoencoders: few_shot_AutoEncoder.py:193, :211 count epochs of the whole train loader)."""
+        """Trains autoencoder `slot` on normalised images from `batches()`, a fresh pass every
+        `batches_per_epoch` steps and whenever one runs out (AutoEncoder.py / few_shot_AutoEncoder.py:
+        198-206); the lr steps down per 10 epochs of `batches_per_epoch` (decay false: `lr`
+        throughout). Returns the last loss."""
         model = self.autoencoders[slot].requires_grad_(True).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.003, weight_decay=weight_decay)
         stream, loss = iter(()), torch.zeros(())  # a fresh pass starts at step 0
