@@ -58,8 +58,8 @@ def noisy_top_k_gates(x: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tens
 
 def dispatch_combine(x: torch.Tensor, gates: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
     """sum_e gates[b, e] * expert_e(x[b]), each expert on its samples only, accumulated in float32.
-    Each expert's samples come in the order the official SparseDispatcher leaves them (model.py:44-48:
-    the rows of nonzero(gates) reordered by sort(0)'s permutation of the expert column, not batch
+    Each expert's samples come in the order the official SparseDispatcher leaves them (clip/model.py:58,
+    :67: the rows of nonzero(gates) reordered by sort(0)'s permutation of the expert column, not batch
     order): the experts' dropout draws then fall on the same samples as there."""
     pairs = torch.nonzero(gates)
     rows = pairs[pairs.sort(0).indices[:, 1], 0]
