@@ -4,7 +4,8 @@ towers 22 adapter experts beside the MLP, routed per sample by the current task'
 router (benchmark/models/adapters/moe.py cites the model code). Per task:
 - before training: the task's router is the one that trains and routes (task_id k ->
   router_list[k], clip/model.py:479-480); experts frozen by earlier tasks stay frozen
-  (finetune.py:84-114); the selector's autoencoder of the task is fitted on its training images
+  (finetune.py:84-114); the selector's autoencoder of the task is fitted on its training images,
+  augmented as the training is (AutoEncoder.py:153-159: train_preprocess)
   (300 steps; the reference slot, 1000 steps, before the first task: train_full_shot_router11_
   experts22_1000iters.sh:23-50);
 - the training step: logit_scale.exp() * cos(image, text of the task's classes, one template),
@@ -19,7 +20,7 @@ run's config; the official 128, args.py:12)."""
 from __future__ import annotations
 
 import logging
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,12 @@ class MoEAdaptersPlugin(SupervisedPlugin):
             layer.apply_frozen()
             layer.usage.zero_()
         selector = encoder.selector
+        augment = getattr(strategy, "train_augment", None)  # the official trains its autoencoders on train_preprocess
         if self.reference_task and not bool(selector.trained[0]):
             images = reference_images(self.context, self.reference_task, "train")
-            self._fit(encoder, 0, images, self.reference_iterations, seed=self.context.seed * 1000 - 1)
+            self._fit(encoder, 0, images, self.reference_iterations, seed=self.context.seed * 1000 - 1, augment=augment)
         self._fit(encoder, t + 1, strategy.train_splits[t].x, self.selector_iterations,
-                  seed=self.context.seed * 1000 + t, epoch=self._epoch_batches(t))
+                  seed=self.context.seed * 1000 + t, epoch=self._epoch_batches(t), augment=augment)
         set_route(encoder, t)
 
     def _epoch_batches(self, t: int) -> Optional[int]:
@@ -120,7 +122,11 @@ class MoEAdaptersPlugin(SupervisedPlugin):
         ctx = self.context
         return -(-split_count(ctx.tasks[t], ctx.train_split, ctx.data_root, None, ctx.seed) // self.selector_batch_size)
 
-    def _fit(self, encoder, slot: int, images, iterations: int, seed: int, epoch: Optional[int] = None) -> None:
+    def _fit(self, encoder, slot: int, images, iterations: int, seed: int, epoch: Optional[int] = None,
+             augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """Autoencoder `slot` on `images` in batches of a private permutation per pass, each batch through
+        the run's training augmentation (AutoEncoder.py:153-159 builds the task's dataset with
+        train_preprocess: RandomResizedCrop) with crop boxes drawn from `seed` alone."""
         count = len(images)
         per_epoch = -(-count // self.selector_batch_size)
         generator = torch.Generator().manual_seed(seed)
@@ -130,10 +136,13 @@ class MoEAdaptersPlugin(SupervisedPlugin):
             order = torch.randperm(count, generator=generator)
             for k in range(per_epoch):
                 index = order[k * self.selector_batch_size:(k + 1) * self.selector_batch_size]
-                yield encoder.normalize(gather(images, index, device))
+                x = gather(images, index, device)
+                yield encoder.normalize(augment(x) if augment is not None else x)
 
-        loss = encoder.selector.fit_slot(slot, batches, epoch or per_epoch, iterations, self.selector_lr,
-                                         self.selector_lr_decay)
+        with torch.random.fork_rng(devices=[]):  # the crops' draws: the training's RNG is left as it was
+            torch.manual_seed(seed)
+            loss = encoder.selector.fit_slot(slot, batches, epoch or per_epoch, iterations, self.selector_lr,
+                                             self.selector_lr_decay)
         log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)
 
     def training_forward(self, strategy) -> torch.Tensor:

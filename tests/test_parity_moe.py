@@ -392,3 +392,41 @@ def test_mtil_fewshot_counts_the_selectors_epochs_over_the_whole_train_split():
     assert [plugin._epoch_batches(t) for t in range(2)] == [-(-split_count(n, "trainval", None, None, SEED) // 64)
                                                            for n in TASKS] == [20, 3]  # 1,258 and 140 images
     assert MoEAdaptersPlugin(ctx, 2, None, 0, 300, 64)._epoch_batches(0) is None
+
+
+@pytest.mark.parametrize("augmented", [True, False])
+def test_the_selector_fits_on_augmented_batches_and_leaves_the_training_rng_alone(augmented):
+    """AutoEncoder.py:153-159 builds the selector's dataset with train_preprocess (RandomResizedCrop):
+    every autoencoder step sees fresh crops. cfbench crops each selector batch with the run's training
+    augmentation, its boxes drawn from the slot's seed alone; the global RNG the training draws from
+    is left as it was. Without the crops (the old behaviour) the autoencoder differs."""
+    from types import SimpleNamespace
+
+    from benchmark.run.augment import RandomResizedCropBatch
+    from strategies.moe_adapters import MoEAdaptersPlugin
+
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8))
+    selector = TaskSelector(extractor, 8, 1, threshold=1.0, seed=0)
+    official = copy.deepcopy(selector.autoencoders[1]).requires_grad_(True)
+    images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)
+    crop = RandomResizedCropBatch((0.5, 1.0))
+    encoder = SimpleNamespace(selector=selector, normalize=lambda x: x.float() / 255,
+                              parameters=lambda: iter([torch.zeros(1)]))
+    plugin = MoEAdaptersPlugin(BuildContext(tasks=("digits",), seed=0), 2, None, 0, 30, 16)
+    before = torch.get_rng_state()
+    plugin._fit(encoder, 1, images, 30, seed=7, augment=crop if augmented else None)
+    assert torch.equal(torch.get_rng_state(), before)
+
+    generator = torch.Generator().manual_seed(7)
+
+    def loader():  # the official loader: a shuffled pass, each sample through train_preprocess as it is read
+        order = torch.randperm(24, generator=generator)
+        return (crop(images[index]).float() / 255 for index in order.split(16))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        official_train_autoencoder(official, extractor, loader, 2, 30)
+    same = all(torch.equal(a, b) for a, b in zip(selector.autoencoders[1].state_dict().values(),
+                                                 official.state_dict().values()))
+    assert same == augmented
