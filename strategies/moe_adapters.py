@@ -126,7 +126,9 @@ class MoEAdaptersPlugin(SupervisedPlugin):
              augment: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         """Autoencoder `slot` on `images` in batches of a private permutation per pass, each batch through
         the run's training augmentation (AutoEncoder.py:153-159 builds the task's dataset with
-        train_preprocess: RandomResizedCrop) with crop boxes drawn from `seed` alone."""
+        train_preprocess: RandomResizedCrop) with crop boxes drawn from `seed` alone; with `once`, one view
+        per image of its own (the few-shot chooser stacks its own augmented pass, few_shot_AutoEncoder.py:
+        167-189)."""
         count = len(images)
         per_epoch = -(-count // self.selector_batch_size)
         generator = torch.Generator().manual_seed(seed)
@@ -137,10 +139,16 @@ class MoEAdaptersPlugin(SupervisedPlugin):
             for k in range(per_epoch):
                 index = order[k * self.selector_batch_size:(k + 1) * self.selector_batch_size]
                 x = gather(images, index, device)
-                yield encoder.normalize(augment(x) if augment is not None else x)
+                if views is not None:
+                    x = augment(x, boxes=views[index])
+                elif augment is not None:
+                    x = augment(x)
+                yield encoder.normalize(x)
 
         with torch.random.fork_rng(devices=[]):  # the crops' draws: the training's RNG is left as it was
             torch.manual_seed(seed)
+            views = augment.views(tuple(gather(images, slice(0, 1), "cpu").shape[1:]), count) \
+                if getattr(augment, "once", False) else None
             loss = encoder.selector.fit_slot(slot, batches, epoch or per_epoch, iterations, self.selector_lr,
                                              self.selector_lr_decay)
         log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)

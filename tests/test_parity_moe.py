@@ -394,12 +394,13 @@ def test_mtil_fewshot_counts_the_selectors_epochs_over_the_whole_train_split():
     assert MoEAdaptersPlugin(ctx, 2, None, 0, 300, 64)._epoch_batches(0) is None
 
 
-@pytest.mark.parametrize("augmented", [True, False])
-def test_the_selector_fits_on_augmented_batches_and_leaves_the_training_rng_alone(augmented):
+@pytest.mark.parametrize("mode", ["crops", "once", "none"])
+def test_the_selector_fits_on_augmented_batches_and_leaves_the_training_rng_alone(mode):
     """AutoEncoder.py:153-159 builds the selector's dataset with train_preprocess (RandomResizedCrop):
     every autoencoder step sees fresh crops. cfbench crops each selector batch with the run's training
-    augmentation, its boxes drawn from the slot's seed alone; the global RNG the training draws from
-    is left as it was. Without the crops (the old behaviour) the autoencoder differs."""
+    augmentation, its boxes drawn from the slot's seed alone; with `once` (the few-shot chooser stacks
+    one augmented pass, few_shot_AutoEncoder.py:167-189) each image keeps one view. The global RNG the
+    training draws from is left as it was. Without the crops (the old behaviour) the autoencoder differs."""
     from types import SimpleNamespace
 
     from benchmark.run.augment import RandomResizedCropBatch
@@ -410,23 +411,29 @@ def test_the_selector_fits_on_augmented_batches_and_leaves_the_training_rng_alon
     selector = TaskSelector(extractor, 8, 1, threshold=1.0, seed=0)
     official = copy.deepcopy(selector.autoencoders[1]).requires_grad_(True)
     images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)
-    crop = RandomResizedCropBatch((0.5, 1.0))
+    crop = RandomResizedCropBatch((0.5, 1.0), once=mode == "once")
     encoder = SimpleNamespace(selector=selector, normalize=lambda x: x.float() / 255,
                               parameters=lambda: iter([torch.zeros(1)]))
     plugin = MoEAdaptersPlugin(BuildContext(tasks=("digits",), seed=0), 2, None, 0, 30, 16)
     before = torch.get_rng_state()
-    plugin._fit(encoder, 1, images, 30, seed=7, augment=crop if augmented else None)
+    plugin._fit(encoder, 1, images, 30, seed=7, augment=None if mode == "none" else crop)
     assert torch.equal(torch.get_rng_state(), before)
 
     generator = torch.Generator().manual_seed(7)
-
-    def loader():  # the official loader: a shuffled pass, each sample through train_preprocess as it is read
-        order = torch.randperm(24, generator=generator)
-        return (crop(images[index]).float() / 255 for index in order.split(16))
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
+        if mode == "once":  # the stacked first pass: one box per image, drawn before training
+            views = crop.views((3, 8, 8), 24)
+            fresh = RandomResizedCropBatch((0.5, 1.0))
+            stacked = torch.cat([fresh(images[i:i + 1], boxes=views[i:i + 1]) for i in range(24)])
+
+        def loader():  # the official loader: a shuffled pass, each sample through train_preprocess as it is read
+            order = torch.randperm(24, generator=generator)
+            if mode == "once":
+                return (stacked[index].float() / 255 for index in order.split(16))
+            return (RandomResizedCropBatch((0.5, 1.0))(images[index]).float() / 255 for index in order.split(16))
+
         official_train_autoencoder(official, extractor, loader, 2, 30)
     same = all(torch.equal(a, b) for a, b in zip(selector.autoencoders[1].state_dict().values(),
                                                  official.state_dict().values()))
-    assert same == augmented
+    assert same == (mode != "none")

@@ -70,3 +70,50 @@ def test_compiled_encoder_trains_like_eager_with_ldifs_hooks():
     assert penalties["eager"] > 1e-6  # the hooks fed LDIFS real slices in both modes
     assert penalties["compiled"] == pytest.approx(penalties["eager"], rel=1e-2)
     assert torch.allclose(weights["compiled"], weights["eager"], atol=1e-4)
+
+
+@pytest.mark.parametrize("once", [True, False])
+def test_augment_once_gives_each_image_one_view_for_the_whole_task(once):
+    """train.augment.once (MoE-Adapters' few-shot data: its augmented loader's first pass stacked and
+    reused, finetune.py:39-64): every read of an image within a task is the same crop of it; without
+    once each read is a fresh crop. A plugin records the augmented batches and their positions."""
+    from avalanche.core import SupervisedPlugin
+
+    from benchmark.evaluation.multihead import MultiHeadClassifier
+    from benchmark.run.augment import RandomResizedCropBatch
+    from benchmark.run.runner import _silent_evaluator, make_optimizer
+    from benchmark.run.training import FastNaive
+    from tests.helpers import tiny_clip_vit
+
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    class Record(SupervisedPlugin):
+        def before_forward(self, strategy, **kwargs):
+            for i, x in zip(strategy.mb_sample_index.tolist(), strategy.mb_x):
+                seen.setdefault(i, []).append(x.clone())
+
+    g = torch.Generator().manual_seed(0)
+    split = tasks.TensorSplit(torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g),
+                              torch.arange(12) % 3)
+    model = MultiHeadClassifier(tiny_clip_vit(layers=1))
+    model.ensure_head(0, 3)
+    torch.manual_seed(1)
+    FastNaive(model=model, optimizer=make_optimizer(model, "sgd", 0.0, 0.0), criterion=torch.nn.CrossEntropyLoss(),
+              train_mb_size=5, train_epochs=3, plugins=[Record()], evaluator=_silent_evaluator(), train_splits=[split],
+              train_augment=RandomResizedCropBatch((0.3, 1.0), once=once)
+              ).train(_benchmark([split]).train_stream[0], eval_streams=[])
+    assert sorted(seen) == list(range(12)) and all(len(reads) == 3 for reads in seen.values())
+    same = [all(torch.equal(reads[0], r) for r in reads[1:]) for reads in seen.values()]
+    assert all(same) if once else not any(same)
+    assert not any(torch.equal(seen[i][0], split.x[i]) for i in seen)  # crops, not the images
+
+
+def test_a_run_with_one_view_per_image_resumes_exactly(tmp_path):
+    from tests.helpers import assert_resumed_run_is_the_uninterrupted_one
+
+    cfg = tiny_config(tmp_path, {"eval_only": [], "model": {"image_size": 32}, "figures": False,
+                                 "train": {"max_train_per_class": 6, "augment": {"kind": "rrc", "once": True}}})
+    full = run_strategy(cfg, "ft", tmp_path / "full")
+    part = run_strategy(cfg, "ft", tmp_path / "part", stop_after=1)
+    assert "once: true" in (full / "config.yaml").read_text()
+    assert_resumed_run_is_the_uninterrupted_one(full, part, "heads")

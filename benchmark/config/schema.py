@@ -38,6 +38,7 @@ class AugmentConfig:
     kind: Literal["none", "rrc"] = "none"   # rrc: torchvision RandomResizedCrop, bicubic, back to the input size
     scale: tuple[float, float] = (0.9, 1.0)       # crop area as a fraction of the image
     ratio: tuple[float, float] = (0.75, 4 / 3)    # crop aspect ratio range (torchvision's default)
+    once: bool = False  # one view per training image, drawn as its task starts and reused at every step
 
     def check(self, where: str) -> None:
         lo, hi = self.scale

@@ -14,6 +14,7 @@ from avalanche.training import Naive
 from torch.nn.parallel import DistributedDataParallel
 
 from tasks import TensorSplit
+from tasks.compact import gather
 
 from .. import progress
 from ..distributed import all_reduce_sum, shard, shard_weight, world
@@ -105,6 +106,9 @@ class FastNaive(Naive):
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps,
                                         self.device, self.ranks)
+        if getattr(self.train_augment, "once", False):  # each image's one view for this task, the same on every rank
+            images = self.train_splits[t].x
+            self._views = self.train_augment.views(tuple(gather(images, slice(0, 1), "cpu").shape[1:]), len(images))
 
     def make_optimizer(self, **kwargs) -> None:
         """Called before each task: fresh optimizer state over the parameters that train (a frozen
@@ -126,7 +130,9 @@ class FastNaive(Naive):
             return
         total = self.dataloader.global_size
         self.shard_weight = shard_weight(total, self.ranks)
-        if self.train_augment is not None and self.ranks.active:  # the whole batch's crop boxes, this shard's crops
+        if getattr(self.train_augment, "once", False):  # each sample's own view, whichever rank reads it
+            self.mbatch[0] = self.train_augment(self.mbatch[0], boxes=self._views[self.mb_sample_index.cpu()])
+        elif self.train_augment is not None and self.ranks.active:  # the whole batch's crop boxes, this shard's crops
             self.mbatch[0] = self.train_augment(self.mbatch[0], total, shard(total, self.ranks))
         elif self.train_augment is not None:
             self.mbatch[0] = self.train_augment(self.mbatch[0])
