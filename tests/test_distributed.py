@@ -265,3 +265,13 @@ def test_what_cannot_run_over_several_processes_is_refused_before_any_starts(per
     check_batchnorm(ModelConfig(freeze_bn=False), 1, tiny_clip_rn())
     check_batchnorm(ModelConfig(freeze_bn=False), 2, tiny_clip_vit(2))
     check_batchnorm(ModelConfig(freeze_bn=True), 2, tiny_clip_rn())
+
+
+def test_two_gloo_ranks_give_each_image_its_one_view_as_one_process(perturbed_clip, tmp_path):
+    """augment.once under DDP: every rank draws the task's table of views alike and crops its own
+    samples by their positions in the split, so the run equals one process. Tried: boxes taken by
+    position in the minibatch (the shard's, not the split's) fails it."""
+    checkpoint, configs = perturbed_clip
+    config = _config(tmp_path, checkpoint, "once", augment={"kind": "rrc", "scale": [0.5, 1.0], "once": True})
+    one, two = _one_and_two(config, tmp_path, configs, ["ft"])
+    _assert_same_run(one / "ft-s0", two / "ft-s0")
