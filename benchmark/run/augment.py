@@ -34,7 +34,7 @@ class RandomResizedCropBatch:
 
     def views(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
         """`once`: (count, 4) boxes, one per image of a split in order, for images of `shape` (C, H, W)."""
-        return torch.tensor(self.crop_boxes(torch.empty(0).new_empty(shape), count), dtype=torch.long)
+        return torch.tensor(self.crop_boxes(torch.empty((1, *shape)), count), dtype=torch.long)
 
     def crop_boxes(self, x: torch.Tensor, count: Optional[int] = None) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) for `count` samples of x's size (default len(x)), drawn
@@ -62,5 +62,5 @@ class RandomResizedCropBatch:
 def build_augment(settings) -> Optional[RandomResizedCropBatch]:
     """The augmentation an AugmentConfig names (None for `none`)."""
     if settings.kind == "rrc":
-        return RandomResizedCropBatch(settings.scale, settings.ratio, getattr(settings, "once", False))
+        return RandomResizedCropBatch(settings.scale, settings.ratio, settings.once)
     return None
