@@ -36,8 +36,8 @@ setting. Table 3's iCaRL row is not fine-tuning's, so the loss was on: `weight` 
 as lwf.sh and ZSCL.sh pass them (--image_loss --text_loss).
 
 cfbench keeps the memory as positions in the images each task trains on (its `train.split` as
-capped by `train.max_train_per_class`: cached, un-augmented), so the checkpoint holds a few integer tensors, and reads the
-images back from the cache. Teacher image features are cached per exemplar within a task (the
+capped by `train.max_train_per_class`: cached, un-augmented), so the checkpoint holds a few
+integer tensors, and reads the images back from the cache. Teacher image features are cached per exemplar within a task (the
 teacher is frozen and exemplars are not augmented, as in ZSCL). Herding features are extracted in
 batches (the official: one image at a time) and not after the last task (the official builds a
 memory nothing uses).
