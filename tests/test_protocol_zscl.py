@@ -374,3 +374,25 @@ def test_the_few_shot_protocols_print_their_shots_and_iterations(capsys):
     assert printed["strategy_params"]["diki"]["val_per_class"] == 4 and printed["eval"]["batch_size"] == 256
     assert tasks.SEQUENCES["mtil-fs-diki"].tasks == ("aircraft", "caltech101_coop", "cifar100", "dtd_coop", "flowers_coop",
                                                      "food101_coop", "cars_coop", "sun397_coop")
+
+
+def test_a_reference_set_the_run_also_evaluates_is_named_in_the_log(tiny_clip_checkpoint, tmp_path):
+    """ZSCL distils on its reference task's training images: when the run also evaluates that dataset
+    (the default photo_patches beside the demo's eval-only photo_patches), its cells there measure a
+    dataset ZSCL learns from, and the log says so; a reference the run does not evaluate is not named."""
+    from benchmark.config.plan import evaluated_references
+    from benchmark.run.runner import run_strategy
+    from tests.helpers import tiny_config
+
+    assert evaluated_references({"zscl": {"reference_task": "imagenet"}, "lora": {}}, ("cars", "svhn")) == []
+    (line,) = evaluated_references({"moe-adapters": {"reference_task": "svhn"}}, ("cars", "svhn"))
+    assert line.startswith("moe-adapters reads the training images of svhn") and "reference_task" in line
+    path, _ = tiny_clip_checkpoint
+    cfg = tiny_config(tmp_path, {
+        "tasks": ["digits"], "eval_only": ["photo_patches"], "strategies": ["zscl"],
+        "model": {"name": "cfbench-tiny-vit", "pretrained": path, "image_size": None},
+        "train": {"batch_size": 8, "iterations": 2, "max_train_per_class": 4},
+        "eval": {"probe_max_per_class": 2, "test_max_per_class": 2},
+        "strategy_params": {"zscl": {"ref_batch_size": 4}}, "figures": False})
+    log = (run_strategy(cfg, "zscl", tmp_path / "run") / "log.txt").read_text()
+    assert "zscl reads the training images of photo_patches, which this run also evaluates" in log

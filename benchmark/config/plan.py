@@ -108,6 +108,15 @@ def lp_init_split(cfg: RunConfig) -> tuple[str, Optional[int]]:
     return cfg.train.split, train_cap
 
 
+def evaluated_references(params: dict[str, dict], evaluated: tuple[str, ...]) -> list[str]:
+    """A line for each strategy part whose `reference_task` (ZSCL's distillation images, the MoE selector's
+    reference slot) is also a dataset the run evaluates: its cells there are not transfer to unseen data."""
+    return [f"{name} reads the training images of {p['reference_task']}, which this run also evaluates: its "
+            f"{p['reference_task']} cells measure a dataset it learns from, not transfer (set "
+            f"strategy_params.{name}.reference_task to a dataset the run does not evaluate)"
+            for name, p in params.items() if p.get("reference_task") in evaluated]
+
+
 def choose_cache_format(cfg: RunConfig, trained: tuple[str, ...], eval_names: tuple[str, ...]) -> str:
     """cache_format as set, or for auto: raw while every split of the run fits cache_budget_gb as
     uint8 squares, else compact."""

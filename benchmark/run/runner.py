@@ -31,7 +31,8 @@ from tasks.loading import load_split
 
 from ..config import RunConfig, dump_config, experiment_digest
 from ..config.deviations import protocol_deviations, summary
-from ..config.plan import RunPlan, check_text_needs, choose_cache_format, lp_init_split, make_plan, split_specs
+from ..config.plan import (RunPlan, check_text_needs, choose_cache_format, evaluated_references, lp_init_split,
+                           make_plan, split_specs)
 from ..config.templates import task_class_names, task_templates
 from ..distributed import barrier, once, rank_environment, world
 from ..errors import CfbenchError, ResumeRefused
@@ -109,6 +110,8 @@ def run_strategy(cfg: RunConfig, strategy: str, run_dir: Path, resume: bool = Fa
                 started()
             if not resume and ranks.writer:
                 log.info("%s", summary(cfg, deviations))
+                for line in evaluated_references(params, trained + eval_only):
+                    log.warning("%s", line)
                 atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
                 atomic_write_json(run_dir / DEVIATIONS, [d.to_dict() for d in deviations])
             try:
