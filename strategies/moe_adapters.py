@@ -147,8 +147,7 @@ class MoEAdaptersPlugin(SupervisedPlugin):
 
         with torch.random.fork_rng(devices=[]):  # the crops' draws: the training's RNG is left as it was
             torch.manual_seed(seed)
-            views = augment.views(tuple(gather(images, slice(0, 1), "cpu").shape[1:]), count) \
-                if getattr(augment, "once", False) else None
+            views = augment.views(images) if getattr(augment, "once", False) else None
             loss = encoder.selector.fit_slot(slot, batches, epoch or per_epoch, iterations, self.selector_lr,
                                              self.selector_lr_decay)
         log.info("MoE-Adapters selector: slot %d fitted (%d steps, last loss %.4f)", slot, iterations, loss)

@@ -423,7 +423,7 @@ def test_the_selector_fits_on_augmented_batches_and_leaves_the_training_rng_alon
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
         if mode == "once":  # the stacked first pass: one box per image, drawn before training
-            views = crop.views((3, 8, 8), 24)
+            views = crop.views(images)
             fresh = RandomResizedCropBatch((0.5, 1.0))
             stacked = torch.cat([fresh(images[i:i + 1], boxes=views[i:i + 1]) for i in range(24)])
 

@@ -22,6 +22,8 @@ import torch
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
 
+from tasks.compact import ImageStore, gather
+
 
 class RandomResizedCropBatch:
     def __init__(self, scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (0.75, 4 / 3),
@@ -32,9 +34,10 @@ class RandomResizedCropBatch:
         return (f"RandomResizedCrop(scale={self.scale}, ratio={tuple(round(r, 4) for r in self.ratio)}, bicubic"
                 f"{', once' if self.once else ''})")
 
-    def views(self, shape: tuple[int, ...], count: int) -> torch.Tensor:
-        """`once`: (count, 4) boxes, one per image of a split in order, for images of `shape` (C, H, W)."""
-        return torch.tensor(self.crop_boxes(torch.empty((1, *shape)), count), dtype=torch.long)
+    def views(self, images: "torch.Tensor | ImageStore") -> torch.Tensor:
+        """`once`: (len(images), 4) boxes, one per image of a split (a tensor or a cache store), in order."""
+        template = gather(images, slice(0, 1), "cpu")  # the size is all get_params reads
+        return torch.tensor(self.crop_boxes(template, len(images)), dtype=torch.long)
 
     def crop_boxes(self, x: torch.Tensor, count: Optional[int] = None) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) for `count` samples of x's size (default len(x)), drawn

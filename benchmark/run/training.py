@@ -14,7 +14,6 @@ from avalanche.training import Naive
 from torch.nn.parallel import DistributedDataParallel
 
 from tasks import TensorSplit
-from tasks.compact import gather
 
 from .. import progress
 from ..distributed import all_reduce_sum, shard, shard_weight, world
@@ -107,8 +106,7 @@ class FastNaive(Naive):
         self.dataloader = TensorBatches(self.train_splits[t], t, self.train_mb_size, shuffle, pin, self.train_steps,
                                         self.device, self.ranks)
         if getattr(self.train_augment, "once", False):  # each image's one view for this task, the same on every rank
-            images = self.train_splits[t].x
-            self._views = self.train_augment.views(tuple(gather(images, slice(0, 1), "cpu").shape[1:]), len(images))
+            self._views = self.train_augment.views(self.train_splits[t].x)
 
     def make_optimizer(self, **kwargs) -> None:
         """Called before each task: fresh optimizer state over the parameters that train (a frozen
